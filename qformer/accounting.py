@@ -1,0 +1,23 @@
+"""Parameter accounting on the meta device: no memory, no weights, no download."""
+
+from __future__ import annotations
+
+import torch
+
+from qformer.config import Blip2Config
+from qformer.stage1 import Stage1Model
+
+
+def stage1_parameter_counts(config: Blip2Config) -> dict[str, int]:
+    """Trainable / frozen / total parameters of the stage-1 model, built on the meta device."""
+    with torch.device("meta"):
+        model = Stage1Model(_without_weights(config))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return {"trainable": trainable, "frozen": frozen, "total": trainable + frozen}
+
+
+def _without_weights(config: Blip2Config) -> Blip2Config:
+    data = config.to_dict()
+    data["vision_config"]["weights_path"] = None  # shapes only: never read a weights file here
+    return Blip2Config.from_dict(data)

@@ -1,0 +1,92 @@
+"""Initialise the Q-Former from a local BERT folder (bert-base-uncased in the paper) and load its tokenizer.
+
+No hub: the folder must hold `config.json`, `model.safetensors` or `pytorch_model.bin`, and `vocab.txt`.
+LAVIS's Q-Former has no token-type embeddings, so BERT's are not used. The query FFN of every layer
+starts as a copy of BERT's FFN, and cross-attention stays randomly initialised, as in the paper.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from qformer.config import QFormerConfig
+from qformer.convert import LAYER_TO_BERT
+from qformer.vision import load_state_dict_file
+
+DEC_TOKEN = "[DEC]"
+
+
+def load_tokenizer(path: str | Path):
+    """BERT's tokenizer from a local folder, plus the `[DEC]` token (ITG's BOS)."""
+    from transformers import BertTokenizerFast
+
+    path = Path(path)
+    if not (path / "vocab.txt").is_file() and not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer (vocab.txt or tokenizer.json) in {path}")
+    tokenizer = BertTokenizerFast.from_pretrained(str(path), local_files_only=True, truncation_side="right")
+    if DEC_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"bos_token": DEC_TOKEN})
+    return tokenizer
+
+
+def qformer_config_from_bert(path: str | Path, **overrides) -> QFormerConfig:
+    """A Q-Former config whose BERT dimensions come from `path/config.json` (vocabulary + [DEC])."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"BERT config not found: {config_file}")
+    bert = json.loads(config_file.read_text())
+    fields = {name: bert[name] for name in QFormerConfig.__dataclass_fields__ if name in bert}
+    fields["vocab_size"] = bert["vocab_size"] + 1  # [DEC]
+    fields.update(overrides)
+    return QFormerConfig(**fields)
+
+
+def _bert_weights(path: Path) -> dict[str, Tensor]:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            state = load_state_dict_file(path / name)
+            return {k.removeprefix("bert."): v for k, v in state.items()}
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
+
+
+@torch.no_grad()
+def init_from_bert(model, path: str | Path) -> list[str]:
+    """Copy BERT's weights from folder `path` into `model` (a Stage1Model). Returns the keys BERT did not fill."""
+    bert = _bert_weights(Path(path))
+    layers = sum(1 for k in bert if k.endswith("attention.self.query.weight"))
+    if layers != model.config.qformer_config.num_hidden_layers:
+        raise ValueError(f"{path} has {layers} layers, qformer_config.num_hidden_layers is {model.config.qformer_config.num_hidden_layers}")
+    ours = model.state_dict()
+    source = {
+        "qformer.embeddings.word_embeddings.weight": "embeddings.word_embeddings.weight",
+        "qformer.embeddings.position_embeddings.weight": "embeddings.position_embeddings.weight",
+        "qformer.embeddings.norm.weight": "embeddings.LayerNorm.weight",
+        "qformer.embeddings.norm.bias": "embeddings.LayerNorm.bias",
+        "lm_head.dense.weight": "cls.predictions.transform.dense.weight",
+        "lm_head.dense.bias": "cls.predictions.transform.dense.bias",
+        "lm_head.norm.weight": "cls.predictions.transform.LayerNorm.weight",
+        "lm_head.norm.bias": "cls.predictions.transform.LayerNorm.bias",
+        "lm_head.bias": "cls.predictions.bias",
+    }
+    for key in ours:
+        parts = key.split(".")
+        if key.startswith("qformer.layers.") and parts[3] in ("self_attn", "text_ffn", "query_ffn"):
+            module = ".".join(parts[3:5]).replace("query_ffn", "text_ffn")  # the query FFN copies BERT's FFN
+            source[key] = f"encoder.layer.{parts[2]}.{LAYER_TO_BERT[module]}.{parts[5]}"
+    not_filled = []
+    for key, bert_key in source.items():
+        if bert_key not in bert:
+            not_filled.append(key)
+            continue
+        value, target = bert[bert_key], ours[key]
+        if value.shape != target.shape:
+            if key.endswith(("word_embeddings.weight", "lm_head.bias")) and value.shape[1:] == target.shape[1:]:
+                target[: value.shape[0]] = value  # vocabulary + [DEC]: the new row keeps its fresh init
+                continue
+            raise ValueError(f"{path}: {bert_key} has shape {tuple(value.shape)}, Q-Former {key} needs {tuple(target.shape)}")
+        target.copy_(value)
+    return sorted(set(not_filled) | {k for k in ours if k not in source and not k.startswith("visual_encoder.")})

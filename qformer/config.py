@@ -1,0 +1,186 @@
+"""Architecture configs: one dataclass per part, field names as in transformers' `Blip2*Config`.
+
+A config is data. Presets are named instances (`preset("vitg")`), and files are read strictly:
+an unknown key or a value of the wrong type fails with the dotted field name and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file or dict does not describe a valid config."""
+
+
+@dataclass
+class QFormerConfig:
+    """The BERT-style Q-Former (`Blip2QFormerConfig`). Defaults: bert-base + [DEC], ViT-g features."""
+
+    vocab_size: int = 30523  # bert-base-uncased (30522) + [DEC]
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    cross_attention_frequency: int = 2  # cross-attention in layers 0, f, 2f, ...
+    encoder_hidden_size: int = 1408  # width of the image features the queries attend to
+
+
+@dataclass
+class VisionConfig:
+    """The frozen timm image encoder.
+
+    `drop_last_blocks=1` is the paper's choice: the Q-Former sees the second-to-last block's tokens,
+    without the final norm. `precision="auto"` keeps the weights in fp16 on CUDA and fp32 on CPU.
+    """
+
+    model_name: str = "eva_giant_patch14_clip_224"
+    image_size: int = 224
+    drop_last_blocks: int = 1
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16
+    weights_path: str | None = None  # local .safetensors / .pth / .bin; None = random init
+    model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
+
+
+@dataclass
+class Blip2Config:
+    """The whole BLIP-2 model (`Blip2Config`): image encoder, Q-Former and heads."""
+
+    vision_config: VisionConfig = field(default_factory=VisionConfig)
+    qformer_config: QFormerConfig = field(default_factory=QFormerConfig)
+    num_query_tokens: int = 32
+    image_text_hidden_size: int = 256  # ITC projection width
+    max_text_length: int = 32  # tokens per caption in stage 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "Blip2Config":
+        return _build(cls, data, source, prefix="")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Blip2Config":
+        return cls.from_dict(read_mapping(path), source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = self.to_dict()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            path.write_text(yaml.safe_dump(text, sort_keys=False))
+        else:
+            path.write_text(json.dumps(text, indent=2) + "\n")
+
+
+PRESETS: dict[str, Blip2Config] = {
+    # The paper: EVA ViT-g/14 without its last block (39 x 1408 wide) + bert-base Q-Former, 32 queries.
+    "vitg": Blip2Config(
+        vision_config=VisionConfig(model_name="eva_giant_patch14_clip_224", precision="auto"),
+        qformer_config=QFormerConfig(encoder_hidden_size=1408),
+    ),
+    # The paper's smaller encoder: CLIP ViT-L/14 without its last block (23 x 1024 wide).
+    "vitl": Blip2Config(
+        vision_config=VisionConfig(model_name="vit_large_patch14_clip_224"),
+        qformer_config=QFormerConfig(encoder_hidden_size=1024),
+    ),
+    # A few-hundred-kilobyte model for tests and the CPU demo.
+    "tiny": Blip2Config(
+        vision_config=VisionConfig(
+            model_name="vit_tiny_patch16_224",
+            image_size=32,
+            precision="fp32",
+            model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2},
+        ),
+        qformer_config=QFormerConfig(
+            vocab_size=30523,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            encoder_hidden_size=32,
+        ),
+        num_query_tokens=8,
+        image_text_hidden_size=16,
+    ),
+}
+
+
+def preset(name: str) -> Blip2Config:
+    """A fresh copy of a named preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return Blip2Config.from_dict(PRESETS[name].to_dict(), source=f"preset {name!r}")
+
+
+def read_mapping(path: str | Path) -> dict:
+    """Read a JSON or YAML file that must hold a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as error:  # yaml and json raise different types
+        raise ConfigError(f"cannot parse {path}: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _build(cls: type, data: Any, source: str, prefix: str):
+    """Build dataclass `cls` from `data`, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: field {prefix.rstrip('.') or '<root>'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown field(s) {', '.join(prefix + k for k in unknown)}; "
+            f"known fields: {', '.join(sorted(known))}"
+        )
+    values = {}
+    for name, value in data.items():
+        values[name] = _check_value(hints[name], value, source, prefix + name)
+    return cls(**values)
+
+
+def _check_value(hint: Any, value: Any, source: str, name: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, name + ".")
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else (hint,)
+    for kind in allowed:
+        kind = typing.get_origin(kind) or kind
+        if kind is type(None) and value is None:
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, bool):
+            continue
+        if kind is not type(None) and isinstance(value, kind):
+            return value
+    expected = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ConfigError(f"{source}: field {name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+_UnionType = type(int | None)

@@ -1,0 +1,188 @@
+"""The Querying Transformer: a BERT encoder whose first Q positions are learned queries.
+
+Queries and text share every self-attention layer; only the queries cross-attend to the image
+(every `cross_attention_frequency`-th layer) and only the queries use their own feed-forward weights.
+What each position may see is decided by one boolean attention mask (see `qformer.masks`), so one
+forward serves all four stage-1 modes: queries only (ITC image side), text only (ITC text side),
+queries + text bidirectional (ITM), and causal text over cached query keys/values (ITG).
+
+Shapes: B batch, Q queries, L text tokens, T = Q + L, N image tokens, D hidden, H heads, Dh = D / H.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qformer.config import QFormerConfig
+
+KeyValue = tuple[Tensor, Tensor]  # (B, H, Q, Dh) each
+
+
+class AttentionBlock(nn.Module):
+    """BERT attention with its post-norm residual: norm(x + dropout(out_proj(attend(x, context))))."""
+
+    def __init__(self, config: QFormerConfig, context_size: int):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(context_size, config.hidden_size)
+        self.value = nn.Linear(context_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn_dropout = config.attention_probs_dropout_prob
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, -1).transpose(1, 2)  # (B, H, T, Dh)
+
+    def forward(
+        self,
+        x: Tensor,  # (B, T, D)
+        context: Tensor | None = None,  # (B, N, Dc); None = self-attention
+        mask: Tensor | None = None,  # bool (B, 1, T, S), True = may attend
+        past: KeyValue | None = None,  # keys/values prepended to this call's own (self-attention only)
+    ) -> tuple[Tensor, KeyValue]:
+        source = x if context is None else context
+        q = self._heads(self.query(x))  # (B, H, T, Dh)
+        k = self._heads(self.key(source))  # (B, H, S, Dh)
+        v = self._heads(self.value(source))
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        dropout = self.attn_dropout if self.training else 0.0
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        attended = attended.transpose(1, 2).flatten(2)  # (B, T, D)
+        return self.norm(x + self.dropout(self.out_proj(attended))), (k, v)
+
+
+class FeedForward(nn.Module):
+    """BERT feed-forward with its post-norm residual."""
+
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        if config.hidden_act != "gelu":
+            raise ValueError(f"qformer_config.hidden_act: only 'gelu' is supported, got {config.hidden_act!r}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
+
+
+class QFormerLayer(nn.Module):
+    def __init__(self, config: QFormerConfig, has_cross_attention: bool):
+        super().__init__()
+        self.self_attn = AttentionBlock(config, config.hidden_size)
+        self.cross_attn = AttentionBlock(config, config.encoder_hidden_size) if has_cross_attention else None
+        self.text_ffn = FeedForward(config)
+        self.query_ffn = FeedForward(config)
+
+    def forward(
+        self,
+        x: Tensor,  # (B, T, D), the first num_queries positions are queries
+        num_queries: int,
+        mask: Tensor | None,  # bool (B, 1, T, P + T)
+        image_embeds: Tensor | None,  # (B, N, Dv)
+        past: KeyValue | None,  # (B, H, P, Dh) cached query keys/values
+    ) -> tuple[Tensor, KeyValue]:
+        x, (k, v) = self.self_attn(x, mask=mask, past=past)
+        queries, text = x[:, :num_queries], x[:, num_queries:]
+        if num_queries > 0:
+            if self.cross_attn is not None:
+                if image_embeds is None:
+                    raise ValueError("queries need image_embeds in a cross-attention layer")
+                queries, _ = self.cross_attn(queries, context=image_embeds)
+            queries = self.query_ffn(queries)
+        if text.shape[1] > 0:
+            text = self.text_ffn(text)
+        # Keys/values of the query positions only: the ITG pass appends its text to them.
+        start = 0 if past is None else past[0].shape[2]
+        query_kv = (k[:, :, : start + num_queries], v[:, :, : start + num_queries])
+        return torch.cat([queries, text], dim=1), query_kv
+
+
+class TextEmbeddings(nn.Module):
+    """Word + absolute position embeddings for the text; the norm covers [queries ; text]."""
+
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, query_embeds: Tensor | None, input_ids: Tensor | None) -> Tensor:
+        parts = [] if query_embeds is None else [query_embeds]  # (B, Q, D), no position embedding
+        if input_ids is not None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # text starts at 0
+            parts.append(self.word_embeddings(input_ids) + self.position_embeddings(positions))  # (B, L, D)
+        return self.dropout(self.norm(torch.cat(parts, dim=1)))  # (B, T, D)
+
+
+@dataclass
+class QFormerOutput:
+    last_hidden_state: Tensor  # (B, T, D)
+    query_kv: list[KeyValue]  # per layer, keys/values of the query positions (B, H, Q, Dh)
+
+
+class QFormer(nn.Module):
+    """Learned queries + BERT encoder with query-only cross-attention and query-only FFNs."""
+
+    def __init__(self, config: QFormerConfig, num_query_tokens: int):
+        super().__init__()
+        self.config = config
+        self.query_tokens = nn.Parameter(torch.zeros(1, num_query_tokens, config.hidden_size))  # (1, Q, D)
+        self.embeddings = TextEmbeddings(config)
+        self.layers = nn.ModuleList(
+            QFormerLayer(config, has_cross_attention=i % config.cross_attention_frequency == 0)
+            for i in range(config.num_hidden_layers)
+        )
+        self.apply(self._init_weights)
+        nn.init.normal_(self.query_tokens, std=config.initializer_range)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """BERT's initialisation: N(0, 0.02) weights, zero biases, unit norms."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.query_tokens.shape[1]
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,  # (B, L)
+        attention_mask: Tensor | None = None,  # bool (B, 1, T, P + T) from qformer.masks; None = all visible
+        image_embeds: Tensor | None = None,  # (B, N, Dv); needed when queries are in the input
+        use_queries: bool = True,
+        past_query_kv: list[KeyValue] | None = None,  # from an earlier query pass; P = its Q
+    ) -> QFormerOutput:
+        """Run queries and/or text through the encoder.
+
+        With `use_queries` the learned queries come first; `past_query_kv` lets text attend to the
+        queries of an earlier pass (ITG) without recomputing them.
+        """
+        if not use_queries and input_ids is None:
+            raise ValueError("QFormer.forward needs queries, text or both")
+        batch = input_ids.shape[0] if input_ids is not None else image_embeds.shape[0]
+        query_embeds = self.query_tokens.expand(batch, -1, -1) if use_queries else None
+        num_queries = self.num_query_tokens if use_queries else 0
+        x = self.embeddings(query_embeds, input_ids)  # (B, T, D)
+        query_kv = []
+        for i, layer in enumerate(self.layers):
+            past = past_query_kv[i] if past_query_kv is not None else None
+            x, kv = layer(x, num_queries, attention_mask, image_embeds, past)
+            query_kv.append(kv)
+        return QFormerOutput(last_hidden_state=x, query_kv=query_kv)

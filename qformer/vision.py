@@ -1,0 +1,95 @@
+"""The frozen image encoder: any timm ViT, its last block(s) and final norm dropped, never trained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from qformer.config import VisionConfig
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Tensors from a .safetensors file or a torch checkpoint, loaded without running pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cannot read weights from {path}: {error}") from error
+    for key in ("state_dict", "model", "module"):  # common wrappers
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, Tensor) for v in checkpoint.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return checkpoint
+
+
+class FrozenImageEncoder(nn.Module):
+    """A timm ViT in permanent eval mode with no gradients, returning patch tokens (B, N, width) in fp32."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        if config.precision not in (*_DTYPES, "auto"):
+            raise ValueError(f"vision_config.precision must be auto, fp32, fp16 or bf16, got {config.precision!r}")
+        self.config = config
+        self.model = timm.create_model(
+            config.model_name, pretrained=False, num_classes=0, img_size=config.image_size, **config.model_kwargs
+        )
+        if config.weights_path is not None:
+            self._load_weights(config.weights_path)
+        depth = len(self.model.blocks)
+        if not 0 <= config.drop_last_blocks < depth:
+            raise ValueError(f"vision_config.drop_last_blocks must be in [0, {depth}), got {config.drop_last_blocks}")
+        # timm's own pruning: keep blocks up to the last one we use, drop the final norm and head.
+        self.model.prune_intermediate_layers(indices=[depth - 1 - config.drop_last_blocks], prune_norm=True)
+        self.requires_grad_(False)
+        self.eval()
+        if config.precision != "auto":
+            self.model.to(_DTYPES[config.precision])
+
+    @property
+    def width(self) -> int:
+        return self.model.embed_dim
+
+    def train(self, mode: bool = True) -> "FrozenImageEncoder":
+        """Frozen means frozen: dropout and drop-path stay off whatever the parent module does."""
+        return super().train(False)
+
+    def _load_weights(self, path: str) -> None:
+        state = load_state_dict_file(path)
+        filter_fn = getattr(__import__(type(self.model).__module__, fromlist=["_"]), "checkpoint_filter_fn", None)
+        if filter_fn is not None:  # timm converts original (e.g. EVA / OpenAI CLIP) key names itself
+            state = filter_fn(state, self.model)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        # The head and final norms are removed right after loading, so their keys do not matter.
+        unused = ("head.", "fc_norm.", "norm.", "attn_pool.")
+        missing = [k for k in missing if not k.startswith(unused)]
+        unexpected = [k for k in unexpected if not k.startswith(unused)]
+        if missing or unexpected:
+            raise ValueError(
+                f"{path} does not fit timm model {self.config.model_name!r}: "
+                f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+                f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
+            )
+
+    def _compute_dtype(self, device: torch.device) -> torch.dtype:
+        if self.config.precision == "auto":
+            return torch.float16 if device.type == "cuda" else torch.float32
+        return _DTYPES[self.config.precision]
+
+    @torch.no_grad()
+    def forward(self, pixel_values: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, N, width)
+        dtype = self._compute_dtype(pixel_values.device)
+        if self.model.patch_embed.proj.weight.dtype != dtype:
+            self.model.to(dtype)  # "auto": cast once, after the module has moved to its device
+        return self.model.forward_features(pixel_values.to(dtype)).float()

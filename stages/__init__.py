@@ -1,0 +1,1 @@
+"""Training stages (Lightning modules, data, CLI) built on the `qformer` model library."""
