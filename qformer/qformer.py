@@ -105,7 +105,8 @@ class QFormerLayer(nn.Module):
         # Keys/values of the query positions only: the ITG pass appends its text to them.
         start = 0 if past is None else past[0].shape[2]
         query_kv = (k[:, :, : start + num_queries], v[:, :, : start + num_queries])
-        return torch.cat([queries, text], dim=1), query_kv
+        x = queries if text.shape[1] == 0 else text if num_queries == 0 else torch.cat([queries, text], dim=1)
+        return x, query_kv
 
 
 class TextEmbeddings(nn.Module):
@@ -123,7 +124,8 @@ class TextEmbeddings(nn.Module):
         if input_ids is not None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # text starts at 0
             parts.append(self.word_embeddings(input_ids) + self.position_embeddings(positions))  # (B, L, D)
-        return self.dropout(self.norm(torch.cat(parts, dim=1)))  # (B, T, D)
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return self.dropout(self.norm(x))  # (B, T, D)
 
 
 @dataclass
