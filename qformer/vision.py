@@ -71,8 +71,10 @@ class FrozenImageEncoder(nn.Module):
         if filter_fn is not None:  # timm converts original (e.g. EVA / OpenAI CLIP) key names itself
             state = filter_fn(state, self.model)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
-        # The head and final norms are removed right after loading, so their keys do not matter.
-        unused = ("head.", "fc_norm.", "norm.", "attn_pool.")
+        # The head, final norms and dropped blocks are removed right after loading: their keys do not matter.
+        depth = len(self.model.blocks)
+        dropped = tuple(f"blocks.{i}." for i in range(depth - self.config.drop_last_blocks, depth))
+        unused = ("head.", "fc_norm.", "norm.", "attn_pool.", *dropped)
         missing = [k for k in missing if not k.startswith(unused)]
         unexpected = [k for k in unexpected if not k.startswith(unused)]
         if missing or unexpected:

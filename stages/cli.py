@@ -37,6 +37,43 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_stage1(argv: list[str]) -> int:
+    """`qformer stage1 {fit,validate} --config FILE ...`: LightningCLI over Stage1Module + CaptionDataModule."""
+    from pytorch_lightning.cli import LightningCLI
+
+    from stages.data import CaptionDataModule
+    from stages.stage1 import Stage1Module
+
+    LightningCLI(
+        Stage1Module,
+        CaptionDataModule,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "qformer stage1"},
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A Lightning checkpoint -> a self-describing export folder (trainable weights, config, tokenizer)."""
+    from qformer.export import save_stage1
+    from stages.stage1 import Stage1Module
+
+    module = Stage1Module.load_from_checkpoint(args.checkpoint, map_location="cpu")
+    out = save_stage1(module.model, module.tokenizer, args.out)
+    print(f"exported stage-1 model to {out}")
+    return 0
+
+
+def cmd_make_data(args: argparse.Namespace) -> int:
+    """Write the built-in synthetic image-caption dataset."""
+    from stages.synthetic import make_dataset
+
+    counts = make_dataset(args.folder, args.num_images, args.seed, args.image_size)
+    print(f"wrote {sum(counts.values())} images to {args.folder}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qformer", description="BLIP-2 Q-Former two-stage trainer")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -46,10 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", default="vitg", help="named config (vitg, vitl, tiny)")
     source.add_argument("--config", help="a model config file (JSON or YAML)")
     info.set_defaults(func=cmd_info)
+
+    commands.add_parser("stage1", help="stage-1 training: qformer stage1 {fit,validate} --config FILE", add_help=False)
+
+    export = commands.add_parser("export", help="write a model folder from a training checkpoint")
+    export.add_argument("checkpoint")
+    export.add_argument("--out", required=True, help="output folder")
+    export.set_defaults(func=cmd_export)
+
+    make_data = commands.add_parser("make-data", help="write the built-in synthetic dataset")
+    make_data.add_argument("folder")
+    make_data.add_argument("--num-images", type=int, default=1000)
+    make_data.add_argument("--seed", type=int, default=0)
+    make_data.add_argument("--image-size", type=int, default=64)
+    make_data.set_defaults(func=cmd_make_data)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["stage1"]:
+        return run_stage1(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

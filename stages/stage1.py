@@ -1,0 +1,155 @@
+"""Stage 1 as a thin LightningModule around `qformer.Stage1Model` and `qformer.losses`."""
+
+from __future__ import annotations
+
+import logging
+
+import pytorch_lightning as pl
+import torch
+
+from qformer.bert import init_from_bert, load_tokenizer
+from qformer.config import PRESETS, Blip2Config, preset
+from qformer.export import FROZEN_PREFIX
+from qformer.losses import stage1_losses
+from qformer.stage1 import Stage1Model
+from stages.distributed import all_gather_with_grad, world
+from stages.optim import configure_adamw
+
+log = logging.getLogger(__name__)
+
+
+def resolve_config(config: str) -> Blip2Config:
+    """A preset name (vitg, vitl, tiny) or a JSON/YAML model config file."""
+    return preset(config) if config in PRESETS else Blip2Config.from_file(config)
+
+
+class TrainingSkeleton(pl.LightningModule):
+    """What both stages share: the optimiser/schedule, trainable-only checkpoints and skipped-image reports."""
+
+    def __init__(self):
+        super().__init__()
+        self.skipped: list[str] = []
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return configure_adamw(
+            self.model, hp.lr, hp.min_lr, hp.weight_decay, hp.warmup_steps, int(self.trainer.estimated_stepping_batches)
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """A frozen encoder with a weights file is rebuilt from it, so it is not copied into every checkpoint.
+
+        A randomly initialised one (no file) is kept: it could not be rebuilt.
+        """
+        if self.model.config.vision_config.weights_path is None:
+            return
+        frozen = "model." + FROZEN_PREFIX
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        frozen = "model." + FROZEN_PREFIX
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            if key.startswith(frozen):
+                state.setdefault(key, value)
+
+    def setup(self, stage: str) -> None:
+        data = getattr(self.trainer, "datamodule", None)
+        if data is None:
+            return
+        if getattr(data, "tokenizer", None) is None:
+            data.tokenizer = self.tokenizer
+        image_size = self.model.config.vision_config.image_size
+        if data.hparams.image_size != image_size:
+            raise ValueError(f"data.image_size is {data.hparams.image_size} but the model's vision_config.image_size is {image_size}")
+
+    def count_skipped(self, batch: dict) -> None:
+        self.skipped.extend(batch.get("skipped", []))
+
+    def _report_skipped(self, split: str) -> None:
+        count = torch.tensor(float(len(self.skipped)), device=self.device)
+        self.log(f"{split}/skipped_images", count, reduce_fx="sum", sync_dist=True)
+        if self.skipped:
+            shown = ", ".join(self.skipped[:5]) + (" ..." if len(self.skipped) > 5 else "")
+            log.warning("%s epoch %d: skipped %d unreadable image sample(s) on rank %d: %s", split, self.current_epoch, len(self.skipped), world()[0], shown)
+        self.skipped = []
+
+    def on_train_epoch_end(self) -> None:
+        self._report_skipped("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._report_skipped("val")
+
+
+class Stage1Module(TrainingSkeleton):
+    """Stage-1 representation learning: ITC + ITM + ITG against a frozen image encoder.
+
+    Args:
+        config: model preset (vitg, vitl, tiny) or a JSON/YAML model config file.
+        vision_weights: local weights file for the image encoder (overrides the config's `weights_path`).
+        bert: local BERT folder (bert-base-uncased in the paper): initialises the Q-Former, gives the tokenizer.
+        tokenizer: BERT tokenizer folder, when the Q-Former starts from scratch instead of from `bert`.
+        lr: peak learning rate.
+        min_lr: learning rate at the end of the cosine decay.
+        weight_decay: AdamW decay of the weight matrices.
+        warmup_steps: linear warmup, in optimizer steps.
+    """
+
+    def __init__(
+        self,
+        config: str = "tiny",
+        vision_weights: str | None = None,
+        bert: str | None = None,
+        tokenizer: str | None = None,
+        lr: float = 1e-4,
+        min_lr: float = 1e-5,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 2000,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if tokenizer is None and bert is None:
+            raise ValueError("model.tokenizer or model.bert: a local BERT tokenizer folder is needed")
+        self.tokenizer = load_tokenizer(tokenizer or bert)
+        model_config = resolve_config(config)
+        if vision_weights is not None:
+            model_config.vision_config.weights_path = vision_weights
+        if model_config.qformer_config.vocab_size != len(self.tokenizer):
+            log.info("qformer_config.vocab_size set to the tokenizer's %d", len(self.tokenizer))
+            model_config.qformer_config.vocab_size = len(self.tokenizer)
+        self.model = Stage1Model(model_config)
+        if bert is not None:
+            not_filled = init_from_bert(self.model, bert)
+            log.info("initialised from BERT %s; %d tensors start fresh", bert, len(not_filled))
+
+    def _losses(self, batch: dict):
+        rank, _ = world()
+        return stage1_losses(
+            self.model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["image_ids"],
+            self.tokenizer.bos_token_id, all_gather_with_grad, rank,
+        )
+
+    def training_step(self, batch: dict, batch_idx: int):
+        self.count_skipped(batch)
+        if "input_ids" not in batch:  # every sample of this batch was unreadable
+            return None
+        with torch.no_grad():
+            self.model.temp.clamp_(0.001, 0.5)
+        losses = self._losses(batch)
+        size = len(batch["input_ids"])
+        for name in ("itc", "itm", "itg"):
+            self.log(f"train/loss_{name}", getattr(losses, name), batch_size=size, prog_bar=True)
+        self.log("train/loss", losses.total, batch_size=size)
+        self.log("train/temp", self.model.temp.detach(), batch_size=size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        return losses.total
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.count_skipped(batch)
+        if "input_ids" not in batch:
+            return
+        losses = self._losses(batch)
+        size = len(batch["input_ids"])
+        for name in ("itc", "itm", "itg"):
+            self.log(f"val/loss_{name}", getattr(losses, name), batch_size=size, sync_dist=True)
+        self.log("val/loss", losses.total, batch_size=size, sync_dist=True)

@@ -1,0 +1,113 @@
+"""A seeded generator of small synthetic scenes with captions, in the format the data module reads.
+
+Each image shows one or two objects (colour, shape, size, left/right). Every caption names every
+object's colour and shape, so a caption identifies its image's content and retrieval is meaningful.
+The folder gets `images/*.png`, `train.json` (one caption per entry, LAVIS style), `val.json` and
+`test.json` (a list of captions per image, with the objects), and a BERT `vocab.txt` covering the captions.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 50, 170),
+    "orange": (245, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, color, cx: float, cy: float, r: float) -> None:
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+
+
+def _scene(rng: random.Random) -> list[dict]:
+    count = rng.choice((1, 2))
+    objects = [{"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "size": rng.choice(SIZES)} for _ in range(count)]
+    if count == 2 and objects[0]["color"] == objects[1]["color"] and objects[0]["shape"] == objects[1]["shape"]:
+        objects[1]["color"] = next(c for c in COLORS if c != objects[0]["color"])
+    return objects  # left to right
+
+
+def _render(objects: list[dict], rng: random.Random, size: int) -> Image.Image:
+    shade = rng.randint(200, 250)
+    image = Image.new("RGB", (size, size), (shade, shade, shade - rng.randint(0, 30)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(size // 4):  # light texture so the background is never a constant
+        x, y = rng.randrange(size), rng.randrange(size)
+        draw.point((x, y), fill=(shade - 25, shade - 25, shade - 25))
+    slots = [size / 2] if len(objects) == 1 else [size * 0.27, size * 0.73]
+    for obj, cx in zip(objects, slots):
+        r = size * (0.12 if obj["size"] == "small" else 0.2)
+        cy = size / 2 + rng.uniform(-size * 0.15, size * 0.15)
+        _draw(draw, obj["shape"], COLORS[obj["color"]], cx + rng.uniform(-size * 0.05, size * 0.05), cy, r)
+    return image
+
+
+def captions_for(objects: list[dict]) -> list[str]:
+    def name(o, with_size=True):
+        return f"{o['size'] + ' ' if with_size else ''}{o['color']} {o['shape']}"
+
+    if len(objects) == 1:
+        o = objects[0]
+        return [
+            f"a {name(o)}",
+            f"a picture of a {name(o, False)}",
+            f"there is a {name(o)} in the image",
+            f"a {name(o, False)} on a plain background",
+            f"one {o['size']} {o['shape']} that is {o['color']}",
+        ]
+    a, b = objects
+    return [
+        f"a {name(a)} to the left of a {name(b)}",
+        f"a {name(b)} to the right of a {name(a)}",
+        f"a {name(a, False)} and a {name(b, False)}",
+        f"two shapes a {name(a, False)} on the left and a {name(b, False)} on the right",
+        f"a picture of a {name(a, False)} next to a {name(b, False)}",
+    ]
+
+
+def write_vocab(folder: Path, captions: list[str]) -> None:
+    words = sorted({w for c in captions for w in c.split()})
+    (folder / "vocab.txt").write_text("\n".join(SPECIAL_TOKENS + words) + "\n")
+
+
+def make_dataset(folder: str | Path, num_images: int = 1000, seed: int = 0, image_size: int = 64, val_fraction: float = 0.1, test_fraction: float = 0.1) -> dict:
+    """Write the dataset; returns {"train": n, "val": n, "test": n} image counts."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    n_val, n_test = int(num_images * val_fraction), int(num_images * test_fraction)
+    n_train = num_images - n_val - n_test
+    splits = {"train": [], "val": [], "test": []}
+    all_captions = []
+    for i in range(num_images):
+        objects = _scene(rng)
+        path = f"images/{i:06d}.png"
+        _render(objects, rng, image_size).save(folder / path)
+        captions = captions_for(objects)
+        all_captions += captions
+        split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
+        splits[split].append({"image": path, "caption": captions, "image_id": i, "objects": objects})
+    train = [{"image": e["image"], "caption": c, "image_id": e["image_id"]} for e in splits["train"] for c in e["caption"]]
+    (folder / "train.json").write_text(json.dumps(train, indent=1))
+    for split in ("val", "test"):
+        (folder / f"{split}.json").write_text(json.dumps(splits[split], indent=1))
+    write_vocab(folder, all_captions)
+    return {split: len(entries) for split, entries in splits.items()}
