@@ -78,3 +78,17 @@ def test_checkpoint_keeps_a_random_encoder_but_drops_a_file_backed_one(trained, 
     assert not any(k.startswith("model.visual_encoder.") for k in state["state_dict"])
     module.on_load_checkpoint(state)  # and loading puts the rebuilt encoder back
     module.load_state_dict(state["state_dict"], strict=True)
+
+
+def test_validate_subcommand_reads_a_checkpoint(trained):
+    checkpoint = next((trained / "runs").rglob("*.ckpt"))
+    data = trained / "data"
+    argv = [
+        "stage1", "validate", "--config", str(CONFIG), "--ckpt_path", str(checkpoint),
+        "--model.tokenizer", str(data),
+        "--data.train", str(data / "train.json"), "--data.val", str(data / "val.json"),
+        "--data.image_root", str(data), "--trainer.default_root_dir", str(trained / "validate"),
+        "--trainer.enable_progress_bar", "false",
+    ]
+    assert main(argv) == 0
+    assert list((trained / "validate").rglob("metrics.csv"))
