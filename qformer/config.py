@@ -55,14 +55,31 @@ class VisionConfig:
 
 
 @dataclass
+class LanguageModelConfig:
+    """The frozen stage-2 language model: a local transformers folder, or a config to build (random) weights from.
+
+    `precision="auto"` keeps fp32 on CPU; on CUDA it is bf16 for encoder-decoder models (FlanT5 overflows in
+    fp16) and fp16 for decoder-only ones. fp16 is refused for encoder-decoder models.
+    """
+
+    path: str | None = None  # folder with config.json + weights (+ tokenizer), loaded with from_pretrained
+    config: dict | None = None  # transformers config as a dict (with "model_type"), when there is no folder
+    tokenizer: str | None = None  # tokenizer folder, when it is not inside `path`
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16
+    eos_text: str | None = None  # appended to decoder-only targets; None = "\n" (as LAVIS does for OPT)
+    max_text_length: int = 32
+
+
+@dataclass
 class Blip2Config:
-    """The whole BLIP-2 model (`Blip2Config`): image encoder, Q-Former and heads."""
+    """The whole BLIP-2 model (`Blip2Config`): image encoder, Q-Former, heads and (stage 2) the language model."""
 
     vision_config: VisionConfig = field(default_factory=VisionConfig)
     qformer_config: QFormerConfig = field(default_factory=QFormerConfig)
     num_query_tokens: int = 32
     image_text_hidden_size: int = 256  # ITC projection width
     max_text_length: int = 32  # tokens per caption in stage 1
+    language_model: LanguageModelConfig | None = None  # stage 2 only
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -170,6 +187,8 @@ def _check_value(hint: Any, value: Any, source: str, name: str):
         return _build(hint, value, source, name + ".")
     allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else (hint,)
     for kind in allowed:
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            return _build(kind, value, source, name + ".")
         kind = typing.get_origin(kind) or kind
         if kind is type(None) and value is None:
             return value

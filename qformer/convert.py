@@ -170,6 +170,30 @@ def stage1_from_hf(
     return state, check_complete(state, our_keys)
 
 
+# --- stage-2 model <-> transformers' Blip2ForConditionalGeneration -----------------------------------
+def stage2_key_to_hf(key: str) -> str:
+    if key.startswith("language_model.model."):
+        return "language_model." + key[len("language_model.model.") :]
+    if key.startswith("language_projection."):
+        return key
+    hf_key = stage1_key_to_hf(key)
+    if hf_key is None or hf_key.startswith("embeddings."):
+        raise KeyError(f"stage-2 key {key!r} has no transformers counterpart")
+    return hf_key
+
+
+def stage2_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our stage-2 state dict -> `Blip2ForConditionalGeneration` state dict."""
+    hf, vision = {}, {}
+    for key, value in state.items():
+        if key.startswith("visual_encoder.model."):
+            vision[key[len("visual_encoder.model.") :]] = value
+        else:
+            hf[stage2_key_to_hf(key)] = value
+    hf.update({"vision_model." + k: v for k, v in vision_to_hf(vision).items()})
+    return hf
+
+
 def check_complete(state: dict[str, Tensor], our_keys: list[str], may_miss: Callable[[str], bool] | None = None) -> list[str]:
     """Our keys missing from `state`: those allowed by `STAGE1_NOT_IN_HF` / `may_miss` are returned, others fail."""
     missing = [k for k in our_keys if k not in state]
@@ -180,8 +204,11 @@ def check_complete(state: dict[str, Tensor], our_keys: list[str], may_miss: Call
     return missing
 
 
-def hf_config(config, visual_encoder):
-    """A transformers `Blip2Config` describing our stage-1 model (vision tower read off the timm model)."""
+def hf_config(config, visual_encoder, text_config=None, image_token_index=None):
+    """A transformers `Blip2Config` describing our model (vision tower read off the timm model).
+
+    Stage 2 passes the LM's `text_config`; transformers then puts the soft prompts at `image_token_index` tokens.
+    """
     import dataclasses
 
     import transformers
@@ -198,11 +225,14 @@ def hf_config(config, visual_encoder):
         layer_norm_eps=block.norm1.eps,
         qkv_bias=True,
     )
-    qformer = transformers.Blip2QFormerConfig(**dataclasses.asdict(config.qformer_config), use_qformer_text_input=True)
+    qformer = transformers.Blip2QFormerConfig(
+        **dataclasses.asdict(config.qformer_config), use_qformer_text_input=text_config is None
+    )
     return transformers.Blip2Config(
         vision_config=vision.to_dict(),
         qformer_config=qformer.to_dict(),
+        text_config=None if text_config is None else text_config.to_dict(),
         num_query_tokens=config.num_query_tokens,
         image_text_hidden_size=config.image_text_hidden_size,
-        image_token_index=None,
+        image_token_index=image_token_index,
     )

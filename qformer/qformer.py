@@ -77,11 +77,11 @@ class FeedForward(nn.Module):
 
 
 class QFormerLayer(nn.Module):
-    def __init__(self, config: QFormerConfig, has_cross_attention: bool):
+    def __init__(self, config: QFormerConfig, has_cross_attention: bool, with_text: bool = True):
         super().__init__()
         self.self_attn = AttentionBlock(config, config.hidden_size)
         self.cross_attn = AttentionBlock(config, config.encoder_hidden_size) if has_cross_attention else None
-        self.text_ffn = FeedForward(config)
+        self.text_ffn = FeedForward(config) if with_text else None
         self.query_ffn = FeedForward(config)
 
     def forward(
@@ -110,12 +110,16 @@ class QFormerLayer(nn.Module):
 
 
 class TextEmbeddings(nn.Module):
-    """Word + absolute position embeddings for the text; the norm covers [queries ; text]."""
+    """Word + absolute position embeddings for the text; the norm covers [queries ; text].
 
-    def __init__(self, config: QFormerConfig):
+    Without text (stage 2 uses only the query path) just the norm remains.
+    """
+
+    def __init__(self, config: QFormerConfig, with_text: bool = True):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        if with_text:
+            self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -135,15 +139,18 @@ class QFormerOutput:
 
 
 class QFormer(nn.Module):
-    """Learned queries + BERT encoder with query-only cross-attention and query-only FFNs."""
+    """Learned queries + BERT encoder with query-only cross-attention and query-only FFNs.
 
-    def __init__(self, config: QFormerConfig, num_query_tokens: int):
+    `with_text=False` builds the query path alone (stage 2): no word/position embeddings, no text FFNs.
+    """
+
+    def __init__(self, config: QFormerConfig, num_query_tokens: int, with_text: bool = True):
         super().__init__()
         self.config = config
         self.query_tokens = nn.Parameter(torch.zeros(1, num_query_tokens, config.hidden_size))  # (1, Q, D)
-        self.embeddings = TextEmbeddings(config)
+        self.embeddings = TextEmbeddings(config, with_text)
         self.layers = nn.ModuleList(
-            QFormerLayer(config, has_cross_attention=i % config.cross_attention_frequency == 0)
+            QFormerLayer(config, has_cross_attention=i % config.cross_attention_frequency == 0, with_text=with_text)
             for i in range(config.num_hidden_layers)
         )
         self.apply(self._init_weights)

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import timm
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from qformer.config import VisionConfig
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from qformer.frozen import Frozen
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
@@ -34,13 +33,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     return checkpoint
 
 
-class FrozenImageEncoder(nn.Module):
+class FrozenImageEncoder(Frozen):
     """A timm ViT in permanent eval mode with no gradients, returning patch tokens (B, N, width) in fp32."""
 
     def __init__(self, config: VisionConfig):
-        super().__init__()
-        if config.precision not in (*_DTYPES, "auto"):
-            raise ValueError(f"vision_config.precision must be auto, fp32, fp16 or bf16, got {config.precision!r}")
+        super().__init__(config.precision, "vision_config.precision", cuda_dtype=torch.float16)
         self.config = config
         self.model = timm.create_model(
             config.model_name, pretrained=False, num_classes=0, img_size=config.image_size, **config.model_kwargs
@@ -52,18 +49,11 @@ class FrozenImageEncoder(nn.Module):
             raise ValueError(f"vision_config.drop_last_blocks must be in [0, {depth}), got {config.drop_last_blocks}")
         # timm's own pruning: keep blocks up to the last one we use, drop the final norm and head.
         self.model.prune_intermediate_layers(indices=[depth - 1 - config.drop_last_blocks], prune_norm=True)
-        self.requires_grad_(False)
-        self.eval()
-        if config.precision != "auto":
-            self.model.to(_DTYPES[config.precision])
+        self.freeze()
 
     @property
     def width(self) -> int:
         return self.model.embed_dim
-
-    def train(self, mode: bool = True) -> "FrozenImageEncoder":
-        """Frozen means frozen: dropout and drop-path stay off whatever the parent module does."""
-        return super().train(False)
 
     def _load_weights(self, path: str) -> None:
         state = load_state_dict_file(path)
@@ -84,14 +74,7 @@ class FrozenImageEncoder(nn.Module):
                 f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
             )
 
-    def _compute_dtype(self, device: torch.device) -> torch.dtype:
-        if self.config.precision == "auto":
-            return torch.float16 if device.type == "cuda" else torch.float32
-        return _DTYPES[self.config.precision]
-
     @torch.no_grad()
     def forward(self, pixel_values: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, N, width)
-        dtype = self._compute_dtype(pixel_values.device)
-        if self.model.patch_embed.proj.weight.dtype != dtype:
-            self.model.to(dtype)  # "auto": cast once, after the module has moved to its device
+        dtype = self.compute_dtype(pixel_values.device)
         return self.model.forward_features(pixel_values.to(dtype)).float()

@@ -1,0 +1,222 @@
+"""The stage-2 model: the stage-1 query path, one linear projection, and a frozen language model.
+
+The 32 query outputs, projected to the LM's width, are soft visual prompts placed before the text:
+* decoder-only (OPT, any causal LM): `[soft prompts ; embed(BOS + prompt + text + eos_text)]`, loss on the text only;
+* encoder-decoder (FlanT5, any seq2seq LM): encoder `[soft prompts ; embed(prefix)]`, decoder target = suffix.
+
+Shapes: B batch, Q queries, L tokens, H the LM's embedding width.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from qformer.config import Blip2Config, LanguageModelConfig
+from qformer.frozen import Frozen
+from qformer.qformer import QFormer
+from qformer.vision import FrozenImageEncoder
+
+IGNORE = -100
+DEFAULT_EOS_TEXT = "\n"  # LAVIS ends OPT captions with a newline and stops generating there
+VQA_PROMPTS = {"decoder": "Question: {} Answer:", "encoder_decoder": "Question: {} Short answer:"}
+CAPTION_PROMPT = "a photo of"
+
+
+class FrozenLanguageModel(Frozen):
+    """A transformers causal or seq2seq LM, from a local folder or a config; frozen, in its own precision."""
+
+    def __init__(self, config: LanguageModelConfig):
+        import transformers
+
+        if (config.path is None) == (config.config is None):
+            raise ValueError("language_model: give exactly one of path (a local folder) or config (a dict)")
+        if config.path is not None:
+            hf_config = transformers.AutoConfig.from_pretrained(config.path, local_files_only=True)
+        else:
+            config_dict = dict(config.config)
+            if "model_type" not in config_dict:
+                raise ValueError("language_model.config needs a 'model_type' (e.g. 'opt' or 't5')")
+            hf_config = transformers.AutoConfig.for_model(**config_dict)
+        encoder_decoder = bool(getattr(hf_config, "is_encoder_decoder", False))
+        if encoder_decoder and config.precision == "fp16":
+            raise ValueError("language_model.precision: fp16 overflows in T5-style models; use bf16 or fp32")
+        super().__init__(config.precision, "language_model.precision", torch.bfloat16 if encoder_decoder else torch.float16)
+        auto = transformers.AutoModelForSeq2SeqLM if encoder_decoder else transformers.AutoModelForCausalLM
+        if config.path is not None:
+            self.model = auto.from_pretrained(config.path, local_files_only=True)
+        else:
+            self.model = auto.from_config(hf_config)
+        self.is_encoder_decoder = encoder_decoder
+        self.freeze()
+
+    @property
+    def width(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
+
+    def embed(self, input_ids: Tensor) -> Tensor:  # (B, L) -> (B, L, H)
+        return self.model.get_input_embeddings()(input_ids)
+
+
+def load_lm_tokenizer(config: LanguageModelConfig):
+    from transformers import AutoTokenizer
+
+    source = config.tokenizer or config.path
+    if source is None:
+        raise ValueError("language_model.tokenizer: a tokenizer folder is needed when the LM is built from a config")
+    return AutoTokenizer.from_pretrained(source, local_files_only=True)
+
+
+class Stage2Model(nn.Module):
+    def __init__(self, config: Blip2Config, language_model: FrozenLanguageModel | None = None):
+        super().__init__()
+        if config.language_model is None:
+            raise ValueError("stage 2 needs config.language_model")
+        self.config = config
+        qc = config.qformer_config
+        self.visual_encoder = FrozenImageEncoder(config.vision_config)
+        self.ln_vision = nn.LayerNorm(self.visual_encoder.width)
+        self.qformer = QFormer(qc, config.num_query_tokens, with_text=False)
+        self.language_model = language_model or FrozenLanguageModel(config.language_model)
+        self.language_projection = nn.Linear(qc.hidden_size, self.language_model.width)
+        self.qformer._init_weights(self.language_projection)
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.language_model.is_encoder_decoder
+
+    def soft_prompts(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, Q, H_lm) in the LM's dtype."""
+        image_embeds = self.ln_vision(self.visual_encoder(pixel_values))
+        query_output = self.qformer(image_embeds=image_embeds).last_hidden_state  # (B, Q, D)
+        dtype = self.language_model.compute_dtype(pixel_values.device)
+        return self.language_projection(query_output).to(dtype)
+
+    def _with_prompts(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        prompts = self.soft_prompts(pixel_values)  # (B, Q, H)
+        embeds = torch.cat([prompts, self.language_model.embed(input_ids)], dim=1)  # (B, Q + L, H)
+        ones = torch.ones(prompts.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
+        return embeds, torch.cat([ones, attention_mask], dim=1)
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,  # decoder-only: BOS + prompt + text + eos; encoder-decoder: prefix
+        attention_mask: Tensor,
+        labels: Tensor,  # decoder-only: aligned with input_ids, IGNORE outside the text; else: the target ids
+        decoder_attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """The LM's own cross-entropy with soft visual prompts in front."""
+        embeds, mask = self._with_prompts(pixel_values, input_ids, attention_mask)
+        lm = self.language_model.model
+        if self.is_encoder_decoder:
+            return lm(inputs_embeds=embeds, attention_mask=mask, labels=labels, decoder_attention_mask=decoder_attention_mask).loss
+        query_labels = torch.full(embeds.shape[:1] + (embeds.shape[1] - labels.shape[1],), IGNORE, device=labels.device)
+        return lm(inputs_embeds=embeds, attention_mask=mask, labels=torch.cat([query_labels, labels], dim=1)).loss
+
+    @torch.no_grad()
+    def generate(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, **generate_kwargs) -> Tensor:
+        """Token ids generated after [soft prompts ; prompt] by the LM's own `generate` (new tokens only).
+
+        For decoder-only LMs a batch of prompts must be left-padded.
+        """
+        embeds, mask = self._with_prompts(pixel_values, input_ids, attention_mask)
+        return self.language_model.model.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+# --- text batches -----------------------------------------------------------------------------------
+@dataclass
+class TextBatch:
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    decoder_attention_mask: Tensor | None = None
+
+    def as_kwargs(self) -> dict:
+        kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels}
+        if self.decoder_attention_mask is not None:
+            kwargs["decoder_attention_mask"] = self.decoder_attention_mask
+        return kwargs
+
+
+def decoder_only_batch(tokenizer, texts: list[str], prompt: str = "", eos_text: str = DEFAULT_EOS_TEXT, max_length: int = 32) -> TextBatch:
+    """`prompt + text + eos_text` right-padded; labels only on the text and eos (not BOS, prompt or padding)."""
+    tokenizer.padding_side = "right"
+    tokens = tokenizer([prompt + t + eos_text for t in texts], padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    prompt_length = len(tokenizer(prompt)["input_ids"])  # BOS + prompt
+    labels = tokens["input_ids"].masked_fill(tokens["attention_mask"] == 0, IGNORE)
+    labels[:, :prompt_length] = IGNORE
+    return TextBatch(tokens["input_ids"], tokens["attention_mask"], labels)
+
+
+def encoder_decoder_batch(tokenizer, prefixes: list[str], targets: list[str], max_length: int = 32) -> TextBatch:
+    """Prefixes to the encoder (after the soft prompts), targets to the decoder; padding ignored."""
+    source = tokenizer(prefixes, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    target = tokenizer(targets, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    labels = target["input_ids"].masked_fill(target["attention_mask"] == 0, IGNORE)
+    return TextBatch(source["input_ids"], source["attention_mask"], labels, target["attention_mask"])
+
+
+def split_caption(caption: str, rng: random.Random) -> tuple[str, str]:
+    """The paper's prefix language modelling: cut at a random word between the first and the middle."""
+    words = caption.split()
+    if len(words) < 2:
+        return "", caption
+    cut = rng.randint(1, max(1, len(words) // 2))
+    return " ".join(words[:cut]), " ".join(words[cut:])
+
+
+def prompt_batch(tokenizer, prompts: list[str], encoder_decoder: bool) -> dict:
+    """Prompts for generation: left-padded for decoder-only LMs so every row ends where generation starts."""
+    tokenizer.padding_side = "right" if encoder_decoder else "left"
+    tokens = tokenizer(prompts, padding="longest", return_tensors="pt")
+    tokenizer.padding_side = "right"
+    return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+
+def decode_generated(tokenizer, ids: Tensor, eos_text: str | None) -> list[str]:
+    """Generated ids -> text, cut at `eos_text` and stripped."""
+    texts = [t.lstrip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    if eos_text:
+        texts = [t.split(eos_text)[0] for t in texts]
+    return [t.strip() for t in texts]
+
+
+def generate_text(
+    model: Stage2Model,
+    tokenizer,
+    pixel_values: Tensor,
+    prompts: list[str],
+    num_beams: int = 5,
+    max_new_tokens: int = 30,
+    min_new_tokens: int = 1,
+    length_penalty: float = 1.0,
+    repetition_penalty: float = 1.0,
+    top_p: float | None = None,
+    temperature: float = 1.0,
+) -> list[str]:
+    """Captions or answers for a batch of images, one prompt each; beam search, or nucleus sampling with `top_p`."""
+    batch = {k: v.to(pixel_values.device) for k, v in prompt_batch(tokenizer, prompts, model.is_encoder_decoder).items()}
+    kwargs = dict(
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        length_penalty=length_penalty,
+        repetition_penalty=repetition_penalty,
+        do_sample=top_p is not None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if top_p is not None:
+        kwargs.update(top_p=top_p, temperature=temperature)
+    eos_text = None
+    if not model.is_encoder_decoder:
+        eos_text = model.config.language_model.eos_text or DEFAULT_EOS_TEXT
+        kwargs["eos_token_id"] = tokenizer(eos_text, add_special_tokens=False)["input_ids"][0]
+    ids = model.generate(pixel_values, **batch, **kwargs)
+    return decode_generated(tokenizer, ids, eos_text)
