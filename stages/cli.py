@@ -37,32 +37,118 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_stage1(argv: list[str]) -> int:
-    """`qformer stage1 {fit,validate} --config FILE ...`: LightningCLI over Stage1Module + CaptionDataModule."""
+def run_stage(stage: str, argv: list[str]) -> int:
+    """`qformer stage1|stage2 {fit,validate} --config FILE ...`: LightningCLI over the stage's module + CaptionDataModule."""
     from pytorch_lightning.cli import LightningCLI
 
     from stages.data import CaptionDataModule
     from stages.stage1 import Stage1Module
+    from stages.stage2 import Stage2Module
 
-    LightningCLI(
-        Stage1Module,
-        CaptionDataModule,
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "qformer stage1"},
-    )
+    module = Stage1Module if stage == "stage1" else Stage2Module
+    LightningCLI(module, CaptionDataModule, args=argv, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": f"qformer {stage}"})
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """A Lightning checkpoint -> a self-describing export folder (trainable weights, config, tokenizer)."""
-    from qformer.export import save_stage1
-    from stages.stage1 import Stage1Module
+    """A Lightning checkpoint of either stage -> a self-describing export folder."""
+    import torch
 
-    module = Stage1Module.load_from_checkpoint(args.checkpoint, map_location="cpu")
-    out = save_stage1(module.model, module.tokenizer, args.out)
-    print(f"exported stage-1 model to {out}")
+    from qformer.export import save_stage1, save_stage2
+    from stages.stage1 import Stage1Module
+    from stages.stage2 import Stage2Module
+
+    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    if "stage1" in checkpoint.get("hyper_parameters", {}):
+        module = Stage2Module.load_from_checkpoint(args.checkpoint, map_location="cpu")
+        out = save_stage2(module.model, module.lm_tokenizer, args.out)
+    else:
+        module = Stage1Module.load_from_checkpoint(args.checkpoint, map_location="cpu")
+        out = save_stage1(module.model, module.tokenizer, args.out)
+    print(f"exported to {out}")
     return 0
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def _image_paths(inputs: list[str]) -> list:
+    from pathlib import Path
+
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths.append(item)  # a missing file is reported when it is read
+    return paths
+
+
+def _generate_for_images(args, paths, prompt_for) -> tuple[list[dict], int]:
+    """Run generation over readable images in batches; unreadable ones are reported and counted."""
+    import torch
+
+    from qformer.export import load_stage2
+    from qformer.stage2 import generate_text
+    from stages.data import eval_transform, load_rgb
+
+    model, tokenizer = load_stage2(args.model)
+    device = torch.device(args.device)
+    model.to(device)
+    transform = eval_transform(model.config.vision_config.image_size)
+    prompt = prompt_for(model)
+    results, failed, batch = [], 0, []
+
+    def flush():
+        if batch:
+            pixels = torch.stack([b[1] for b in batch]).to(device)
+            texts = generate_text(model, tokenizer, pixels, [prompt] * len(batch), **args.generation)
+            results.extend({"image": str(p), "text": t} for (p, _), t in zip(batch, texts))
+            batch.clear()
+
+    for path in paths:
+        try:
+            batch.append((path, transform(load_rgb(path))))
+        except (OSError, ValueError, SyntaxError) as error:
+            failed += 1
+            print(f"{path}: cannot read image: {error}", file=sys.stderr)
+        if len(batch) == args.batch_size:
+            flush()
+    flush()
+    return results, failed
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    """One caption per image (beam search by default), printed as `path<TAB>caption` or JSON."""
+    import json
+
+    args.generation = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                           length_penalty=args.length_penalty, repetition_penalty=args.repetition_penalty, top_p=args.top_p)
+    results, failed = _generate_for_images(args, _image_paths(args.images), lambda model: args.prompt)
+    if args.json:
+        print(json.dumps([{"image": r["image"], "caption": r["text"]} for r in results], indent=2))
+    else:
+        for r in results:
+            print(f"{r['image']}\t{r['text']}")
+    if failed:
+        print(f"{failed} image(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    """Zero-shot visual question answering with the paper's prompt for the LM's family."""
+    from qformer.stage2 import VQA_PROMPTS
+
+    def prompt_for(model) -> str:
+        template = args.prompt_template or VQA_PROMPTS["encoder_decoder" if model.is_encoder_decoder else "decoder"]
+        return template.format(args.question)
+
+    args.generation = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=1, length_penalty=args.length_penalty)
+    args.batch_size = 1
+    results, failed = _generate_for_images(args, [args.image], prompt_for)
+    for r in results:
+        print(r["text"])
+    return 1 if failed else 0
 
 
 def cmd_make_data(args: argparse.Namespace) -> int:
@@ -85,6 +171,33 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     commands.add_parser("stage1", help="stage-1 training: qformer stage1 {fit,validate} --config FILE", add_help=False)
+    commands.add_parser("stage2", help="stage-2 training: qformer stage2 {fit,validate} --config FILE --model.stage1 DIR", add_help=False)
+
+    caption = commands.add_parser("caption", help="caption images with a stage-2 model")
+    caption.add_argument("images", nargs="+", help="image files or folders")
+    caption.add_argument("--model", required=True, help="stage-2 export folder")
+    caption.add_argument("--prompt", default="a photo of", help='text the caption continues ("" for none)')
+    caption.add_argument("--num-beams", type=int, default=5)
+    caption.add_argument("--max-new-tokens", type=int, default=30)
+    caption.add_argument("--min-new-tokens", type=int, default=8)
+    caption.add_argument("--length-penalty", type=float, default=1.0)
+    caption.add_argument("--repetition-penalty", type=float, default=1.0)
+    caption.add_argument("--top-p", type=float, default=None, help="nucleus sampling instead of beam search")
+    caption.add_argument("--batch-size", type=int, default=8)
+    caption.add_argument("--device", default="cpu")
+    caption.add_argument("--json", action="store_true", help="print a JSON list instead of path<TAB>caption lines")
+    caption.set_defaults(func=cmd_caption)
+
+    ask = commands.add_parser("ask", help="answer a question about an image (zero-shot VQA)")
+    ask.add_argument("image")
+    ask.add_argument("question")
+    ask.add_argument("--model", required=True, help="stage-2 export folder")
+    ask.add_argument("--prompt-template", default=None, help='default: "Question: {} Answer:" (OPT), "Question: {} Short answer:" (T5)')
+    ask.add_argument("--num-beams", type=int, default=5)
+    ask.add_argument("--max-new-tokens", type=int, default=10)
+    ask.add_argument("--length-penalty", type=float, default=-1.0)
+    ask.add_argument("--device", default="cpu")
+    ask.set_defaults(func=cmd_ask)
 
     export = commands.add_parser("export", help="write a model folder from a training checkpoint")
     export.add_argument("checkpoint")
@@ -102,8 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["stage1"]:
-        return run_stage1(argv[1:])
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars: noise on the command line
+    if argv[:1] in (["stage1"], ["stage2"]):
+        return run_stage(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

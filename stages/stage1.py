@@ -9,7 +9,7 @@ import torch
 
 from qformer.bert import init_from_bert, load_tokenizer
 from qformer.config import PRESETS, Blip2Config, preset
-from qformer.export import FROZEN_PREFIX
+from qformer.export import FROZEN_PREFIX, LM_PREFIX
 from qformer.losses import stage1_losses
 from qformer.stage1 import Stage1Model
 from stages.distributed import all_gather_with_grad, world
@@ -36,18 +36,25 @@ class TrainingSkeleton(pl.LightningModule):
             self.model, hp.lr, hp.min_lr, hp.weight_decay, hp.warmup_steps, int(self.trainer.estimated_stepping_batches)
         )
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """A frozen encoder with a weights file is rebuilt from it, so it is not copied into every checkpoint.
+    def _rebuildable_prefixes(self) -> tuple[str, ...]:
+        """Frozen towers that are rebuilt from their own files, so not copied into every checkpoint.
 
-        A randomly initialised one (no file) is kept: it could not be rebuilt.
+        A randomly initialised tower (no file) is kept: it could not be rebuilt.
         """
-        if self.model.config.vision_config.weights_path is None:
-            return
-        frozen = "model." + FROZEN_PREFIX
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
+        config = self.model.config
+        prefixes = []
+        if config.vision_config.weights_path is not None:
+            prefixes.append("model." + FROZEN_PREFIX)
+        if config.language_model is not None and config.language_model.path is not None:
+            prefixes.append("model." + LM_PREFIX)
+        return tuple(prefixes)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        drop = self._rebuildable_prefixes()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not (drop and k.startswith(drop))}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        frozen = "model." + FROZEN_PREFIX
+        frozen = ("model." + FROZEN_PREFIX, "model." + LM_PREFIX)
         state = checkpoint["state_dict"]
         for key, value in self.state_dict().items():
             if key.startswith(frozen):

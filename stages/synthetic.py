@@ -3,7 +3,8 @@
 Each image shows one or two objects (colour, shape, size, left/right). Every caption names every
 object's colour and shape, so a caption identifies its image's content and retrieval is meaningful.
 The folder gets `images/*.png`, `train.json` (one caption per entry, LAVIS style), `val.json` and
-`test.json` (a list of captions per image, with the objects), and a BERT `vocab.txt` covering the captions.
+`test.json` (a list of captions per image, with the objects), a BERT `vocab.txt` covering the captions,
+and word-level tokenizers for small decoder-only and T5-style language models (`lm_tokenizer_*`).
 """
 
 from __future__ import annotations
@@ -110,4 +111,32 @@ def make_dataset(folder: str | Path, num_images: int = 1000, seed: int = 0, imag
     for split in ("val", "test"):
         (folder / f"{split}.json").write_text(json.dumps(splits[split], indent=1))
     write_vocab(folder, all_captions)
+    write_lm_tokenizer(folder / "lm_tokenizer_decoder", all_captions, encoder_decoder=False)
+    write_lm_tokenizer(folder / "lm_tokenizer_t5", all_captions, encoder_decoder=True)
     return {split: len(entries) for split, entries in splits.items()}
+
+
+def write_lm_tokenizer(folder: str | Path, captions: list[str], encoder_decoder: bool) -> Path:
+    """A word-level tokenizer for the demo's small language models, saved as a transformers folder.
+
+    Decoder-only (OPT-like): ids <pad>=1, </s>=2 doubles as BOS (prepended); encoder-decoder (T5-like):
+    <pad>=0 (also the decoder start), </s>=1 appended to every sequence.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    specials = ["<pad>", "</s>", "<unk>"] if encoder_decoder else ["<unk>", "<pad>", "</s>"]
+    words = sorted({w for c in captions for w in c.split()} | {"question", "answer", "short", ":", "?", "what", "is", "the", "color", "of", "shape", "a", "photo"})
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    eos = vocab["</s>"]
+    template = "$A </s>" if encoder_decoder else "</s> $A"
+    tokenizer.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("</s>", eos)])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                      bos_token=None if encoder_decoder else "</s>")
+    folder.mkdir(parents=True, exist_ok=True)
+    wrapped.save_pretrained(str(folder))
+    return folder

@@ -1,0 +1,98 @@
+"""Stage 2 as a thin LightningModule around `qformer.Stage2Model`, on the same skeleton as stage 1."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import torch
+
+from qformer.bert import load_tokenizer
+from qformer.config import LanguageModelConfig
+from qformer.export import load_stage1_into_stage2, read_config, read_export_info
+from qformer.stage2 import Stage2Model, decoder_only_batch, encoder_decoder_batch, load_lm_tokenizer, split_caption
+from stages.stage1 import TrainingSkeleton
+
+log = logging.getLogger(__name__)
+
+
+class Stage2Module(TrainingSkeleton):
+    """Stage-2 generative learning: the stage-1 Q-Former feeds a frozen language model through one projection.
+
+    Args:
+        stage1: a stage-1 export folder (`qformer export`); its Q-Former query path and ln_vision are loaded.
+        lm_path: local transformers folder of the frozen LM (OPT, FlanT5, any causal or seq2seq LM).
+        lm_config: a transformers config dict to build the LM from instead (random weights; tests and demos).
+        lm_tokenizer: the LM's tokenizer folder, when it is not inside `lm_path`.
+        lm_precision: auto (bf16 for T5-style, fp16 for decoder-only on GPU; fp32 on CPU), fp32, fp16 or bf16.
+        prompt: decoder-only: text before every caption, excluded from the loss; encoder-decoder: the encoder
+            text, with the whole caption as target. Empty (the paper's pre-training): decoder-only trains on the
+            caption, encoder-decoder splits each caption at a random word into prefix and suffix.
+        eos_text: appended to decoder-only targets (default "\\n", as LAVIS does for OPT).
+        max_text_length: LM tokens per text.
+        lr, min_lr, weight_decay, warmup_steps: AdamW and the warmup + cosine schedule (per optimizer step).
+        split_seed: seed of the prefix/suffix split.
+    """
+
+    def __init__(
+        self,
+        stage1: str,
+        lm_path: str | None = None,
+        lm_config: dict | None = None,
+        lm_tokenizer: str | None = None,
+        lm_precision: str = "auto",
+        prompt: str = "",
+        eos_text: str | None = None,
+        max_text_length: int = 32,
+        lr: float = 1e-4,
+        min_lr: float = 5e-5,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 2000,
+        split_seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if read_export_info(stage1).get("stage") != 1:
+            raise ValueError(f"model.stage1: {stage1} is not a stage-1 export")
+        config = read_config(stage1)
+        config.language_model = LanguageModelConfig(
+            path=lm_path, config=lm_config, tokenizer=lm_tokenizer, precision=lm_precision, eos_text=eos_text,
+            max_text_length=max_text_length,
+        )
+        self.model = Stage2Model(config)
+        unused = load_stage1_into_stage2(self.model, stage1)
+        log.info("loaded the stage-1 Q-Former from %s (%d stage-1-only tensors not used)", stage1, len(unused))
+        self.lm_tokenizer = load_lm_tokenizer(config.language_model)
+        self.tokenizer = load_tokenizer(f"{stage1}/tokenizer")  # the data module's caption collation
+        self.split_rng = random.Random(split_seed)
+
+    def text_batch(self, captions: list[str]):
+        hp, tokenizer = self.hparams, self.lm_tokenizer
+        if not self.model.is_encoder_decoder:
+            eos = self.model.config.language_model.eos_text or "\n"
+            return decoder_only_batch(tokenizer, captions, hp.prompt, eos, hp.max_text_length)
+        if hp.prompt:
+            prefixes, targets = [hp.prompt] * len(captions), captions
+        else:
+            prefixes, targets = zip(*(split_caption(c, self.split_rng) for c in captions))
+        return encoder_decoder_batch(tokenizer, list(prefixes), list(targets), hp.max_text_length)
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        text = {k: v.to(self.device) for k, v in self.text_batch(batch["captions"]).as_kwargs().items()}
+        return self.model(batch["pixel_values"], **text)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        self.count_skipped(batch)
+        if "pixel_values" not in batch:
+            return None
+        loss = self._loss(batch)
+        size = len(batch["pixel_values"])
+        self.log("train/loss_lm", loss, batch_size=size, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.count_skipped(batch)
+        if "pixel_values" not in batch:
+            return
+        self.log("val/loss_lm", self._loss(batch), batch_size=len(batch["pixel_values"]), sync_dist=True)

@@ -1,0 +1,169 @@
+"""Stage 2: label masking, loading the stage-1 Q-Former, freezing, CPU training, caption/ask commands."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from qformer.bert import load_tokenizer
+from qformer.config import LanguageModelConfig, preset
+from qformer.export import load_stage2, save_stage1
+from qformer.stage1 import Stage1Model
+from qformer.stage2 import IGNORE, Stage2Model, decoder_only_batch, encoder_decoder_batch, split_caption
+from stages.cli import main
+from stages.stage2 import Stage2Module
+from stages.synthetic import make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+OPT = dict(model_type="opt", vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+           word_embed_proj_dim=32, max_position_embeddings=128, bos_token_id=2, eos_token_id=2, pad_token_id=1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    make_dataset(folder, num_images=60, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def stage1_export(data, tmp_path_factory):
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(data)
+    config = preset("tiny")
+    config.qformer_config.vocab_size = len(tokenizer)
+    return save_stage1(Stage1Model(config), tokenizer, tmp_path_factory.mktemp("stage1"))
+
+
+def lm_tokenizer(data, kind):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(data / f"lm_tokenizer_{kind}"), local_files_only=True)
+
+
+def test_decoder_only_labels(data):
+    tok = lm_tokenizer(data, "decoder")
+    batch = decoder_only_batch(tok, ["a red circle", "a blue square to the left of a red circle"], prompt="a photo of ", eos_text="</s>")
+    ids, labels = batch.input_ids, batch.labels
+    words = lambda row: tok.convert_ids_to_tokens(ids[row])  # noqa: E731
+    assert words(0)[:8] == ["</s>", "a", "photo", "of", "a", "red", "circle", "</s>"]  # BOS, prompt, text, eos
+    # labels: not BOS, not the prompt, not padding; the text and the closing eos are
+    assert labels[0, :4].tolist() == [IGNORE] * 4
+    assert labels[0, 4:8].tolist() == ids[0, 4:8].tolist()
+    assert labels[0, 8:].tolist() == [IGNORE] * (ids.shape[1] - 8)  # padding
+    assert (batch.attention_mask[0, 8:] == 0).all() and (labels[1] != IGNORE).sum() == 11
+
+
+def test_encoder_decoder_labels(data):
+    tok = lm_tokenizer(data, "t5")
+    batch = encoder_decoder_batch(tok, ["a red", "a"], ["circle", "blue square"])
+    assert tok.convert_ids_to_tokens(batch.input_ids[0]) == ["a", "red", "</s>"]
+    assert tok.convert_ids_to_tokens(batch.labels[1]) == ["blue", "square", "</s>"]
+    assert batch.labels[0].tolist()[2:] == [IGNORE]  # padding of the shorter target
+    assert batch.labels[0, :2].tolist() == tok(["circle"])["input_ids"][0]
+
+
+def test_split_caption_between_first_word_and_middle():
+    rng = random.Random(0)
+    cuts = set()
+    for _ in range(200):
+        prefix, suffix = split_caption("a small red circle to the left of a square", rng)
+        assert f"{prefix} {suffix}" == "a small red circle to the left of a square"
+        cuts.add(len(prefix.split()))
+    assert cuts == {1, 2, 3, 4, 5}
+    assert split_caption("circle", rng) == ("", "circle")
+
+
+@pytest.mark.parametrize(
+    "lm,hidden,expected",
+    [("opt", 2560, 107_133_696), ("opt", 4096, 108_314_880), ("t5", 2048, 106_739_968), ("t5", 4096, 108_314_880)],
+)
+def test_paper_stage2_trainable_parameters_on_meta_device(lm, hidden, expected):
+    config = preset("vitg")
+    lm_config = dict(model_type="opt", hidden_size=hidden, word_embed_proj_dim=hidden, num_hidden_layers=1, num_attention_heads=32)
+    if lm == "t5":
+        lm_config = dict(model_type="t5", d_model=hidden, num_layers=1, vocab_size=32128)
+    config.language_model = LanguageModelConfig(config=lm_config)
+    with torch.device("meta"):
+        model = Stage2Model(config)
+    assert model.trainable_parameters() == expected  # LAVIS log (OPT-2.7B) and LAVIS's structure recounted
+
+
+def test_stage1_weights_loaded_and_one_step_trains_only_the_bridge(stage1_export, data):
+    module = Stage2Module(str(stage1_export), lm_config=OPT, lm_tokenizer=str(data / "lm_tokenizer_decoder"), lm_precision="fp32", eos_text="</s>")
+    model = module.model
+    exported = load_file(str(stage1_export / "model.safetensors"))
+    for key in ("qformer.query_tokens", "qformer.layers.0.cross_attn.key.weight", "qformer.layers.1.query_ffn.fc2.weight", "ln_vision.weight"):
+        assert torch.equal(model.state_dict()[key], exported[key]), key
+    assert not any(".text_ffn." in k or "word_embeddings" in k for k in model.state_dict())
+
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("language_model.", "visual_encoder."))}
+    bridge = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("qformer.", "language_projection."))}
+    model.train()
+    assert not model.language_model.training and not model.visual_encoder.training
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss = module._loss({"pixel_values": torch.randn(4, 3, 32, 32), "captions": ["a red circle"] * 4})
+    loss.backward()
+    optimizer.step()
+    for key, value in model.state_dict().items():
+        if key in frozen:
+            assert torch.equal(value, frozen[key]), key
+    assert not torch.equal(model.language_projection.weight, bridge["language_projection.weight"])
+    assert not torch.equal(model.qformer.query_tokens, bridge["qformer.query_tokens"])
+    assert all(p.grad is None for p in model.language_model.parameters())
+
+
+def test_stage2_rejects_a_wrong_stage1_folder(tmp_path, data):
+    with pytest.raises(FileNotFoundError, match="qformer_export.json"):
+        Stage2Module(str(tmp_path), lm_config=OPT, lm_tokenizer=str(data / "lm_tokenizer_decoder"))
+
+
+def test_t5_refuses_fp16():
+    config = preset("tiny")
+    config.language_model = LanguageModelConfig(config=dict(model_type="t5", d_model=16, num_layers=1), precision="fp16")
+    with pytest.raises(ValueError, match="fp16 overflows"):
+        Stage2Model(config)
+
+
+@pytest.mark.parametrize("config_name", ["tiny.yaml", "tiny_t5.yaml"])
+def test_cpu_fit_loss_decreases_and_caption_command_works(config_name, stage1_export, data, tmp_path, capsys):
+    root = tmp_path / "runs"
+    kind = "t5" if "t5" in config_name else "decoder"
+    argv = [
+        "stage2", "fit", "--config", str(ROOT / "configs" / "stage2" / config_name), "--model.stage1", str(stage1_export),
+        "--model.lm_tokenizer", str(data / f"lm_tokenizer_{kind}"),
+        "--data.train", str(data / "train.json"), "--data.val", str(data / "val.json"), "--data.image_root", str(data),
+        "--trainer.default_root_dir", str(root), "--trainer.max_steps", "60", "--trainer.log_every_n_steps", "5",
+        "--trainer.enable_progress_bar", "false",
+    ]
+    assert main(argv) == 0
+    import csv
+
+    with open(next(root.rglob("metrics.csv"))) as f:
+        losses = [float(r["train/loss_lm"]) for r in csv.DictReader(f) if r.get("train/loss_lm")]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
+
+    export = tmp_path / "export"
+    assert main(["export", str(next(root.rglob("*.ckpt"))), "--out", str(export)]) == 0
+    model, _ = load_stage2(export)
+    assert model.is_encoder_decoder == (kind == "t5")
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(images / "rgb.png")
+    Image.new("L", (50, 40), 90).save(images / "gray.png")
+    Image.new("RGBA", (50, 40), (0, 0, 255, 128)).save(images / "rgba.png")
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    capsys.readouterr()
+    code = main(["caption", "--model", str(export), str(images), "--json", "--num-beams", "2", "--max-new-tokens", "5", "--min-new-tokens", "1", "--prompt", ""])
+    out = capsys.readouterr()
+    assert code == 1  # one unreadable file
+    captions = json.loads(out.out)
+    assert sorted(Path(c["image"]).name for c in captions) == ["gray.png", "rgb.png", "rgba.png"]
+    assert all(isinstance(c["caption"], str) for c in captions)
+    assert "corrupt.jpg" in out.err
+    assert main(["ask", str(images / "rgb.png"), "what color is the shape?", "--model", str(export)]) == 0
