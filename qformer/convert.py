@@ -236,3 +236,25 @@ def hf_config(config, visual_encoder, text_config=None, image_token_index=None):
         image_text_hidden_size=config.image_text_hidden_size,
         image_token_index=image_token_index,
     )
+
+
+def to_hf_retrieval(model):
+    """Our Stage1Model -> an equal `Blip2ForImageTextRetrieval` (same weights), plus the keys it cannot hold."""
+    import transformers
+
+    state, dropped = stage1_to_hf(model.state_dict())
+    hf = transformers.Blip2ForImageTextRetrieval(hf_config(model.config, model.visual_encoder))
+    hf.load_state_dict(state, strict=True)
+    hf.vision_model.post_layernorm.eps = model.ln_vision.eps  # LAVIS's ln_vision eps (transformers reuses the ViT's)
+    return hf.eval(), dropped
+
+
+def to_hf_generation(model, image_token_index: int):
+    """Our Stage2Model -> an equal `Blip2ForConditionalGeneration` (same weights)."""
+    import transformers
+
+    lm_config = model.language_model.model.config
+    hf = transformers.Blip2ForConditionalGeneration(hf_config(model.config, model.visual_encoder, lm_config, image_token_index))
+    hf.load_state_dict(stage2_to_hf(model.state_dict()), strict=True)
+    hf.vision_model.post_layernorm.eps = model.ln_vision.eps
+    return hf.eval()

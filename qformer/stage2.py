@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qformer.config import Blip2Config, LanguageModelConfig
@@ -106,7 +107,7 @@ class Stage2Model(nn.Module):
         pixel_values: Tensor,
         input_ids: Tensor,  # decoder-only: BOS + prompt + text + eos; encoder-decoder: prefix
         attention_mask: Tensor,
-        labels: Tensor,  # decoder-only: aligned with input_ids, IGNORE outside the text; else: the target ids
+        labels: Tensor,  # decoder-only: aligned with input_ids, IGNORE outside the text (always on BOS); else: targets
         decoder_attention_mask: Tensor | None = None,
     ) -> Tensor:
         """The LM's own cross-entropy with soft visual prompts in front."""
@@ -114,8 +115,10 @@ class Stage2Model(nn.Module):
         lm = self.language_model.model
         if self.is_encoder_decoder:
             return lm(inputs_embeds=embeds, attention_mask=mask, labels=labels, decoder_attention_mask=decoder_attention_mask).loss
-        query_labels = torch.full(embeds.shape[:1] + (embeds.shape[1] - labels.shape[1],), IGNORE, device=labels.device)
-        return lm(inputs_embeds=embeds, attention_mask=mask, labels=torch.cat([query_labels, labels], dim=1)).loss
+        # Logits only where a text token is predicted: the LM head never runs on the query positions.
+        L = labels.shape[1]
+        logits = lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=L).logits[:, -L:]  # (B, L, V)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
     @torch.no_grad()
     def generate(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, **generate_kwargs) -> Tensor:

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-import transformers
 
-from qformer.convert import hf_config, stage1_from_hf, stage1_to_hf
+from qformer.convert import stage1_from_hf, to_hf_retrieval
 from qformer.stage1 import Stage1Model
 
 pytestmark = pytest.mark.parity
@@ -12,11 +11,9 @@ pytestmark = pytest.mark.parity
 
 def build_pair(config):
     ours = Stage1Model(config).eval()
-    state, dropped = stage1_to_hf(ours.state_dict())
-    theirs = transformers.Blip2ForImageTextRetrieval(hf_config(config, ours.visual_encoder)).eval()
-    theirs.load_state_dict(state, strict=True)
-    # LAVIS's ln_vision is a plain LayerNorm (eps 1e-5); transformers reuses the vision eps (1e-6) for it.
-    theirs.vision_model.post_layernorm.eps = ours.ln_vision.eps
+    # LAVIS's ln_vision is a plain LayerNorm (eps 1e-5); transformers reuses the vision eps (1e-6) for its
+    # post_layernorm, so the conversion sets it to ours to compare like with like.
+    theirs, dropped = to_hf_retrieval(ours)
     assert sorted(dropped) == sorted(k for k in ours.state_dict() if k == "temp" or k.startswith("lm_head."))
     return ours, theirs
 

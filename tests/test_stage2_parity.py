@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-import transformers
 
 from qformer.config import LanguageModelConfig, preset
-from qformer.convert import hf_config, stage2_to_hf
+from qformer.convert import to_hf_generation
 from qformer.stage2 import IGNORE, Stage2Model
 
 pytestmark = pytest.mark.parity
@@ -27,11 +26,7 @@ def build_pair(lm: str):
     with torch.no_grad():  # a non-trivial projection and ln_vision, not the init values
         ours.language_projection.weight.normal_(0, 0.5)
         ours.ln_vision.weight.normal_(1, 0.1)
-    hf_conf = hf_config(config, ours.visual_encoder, ours.language_model.model.config, IMAGE_TOKEN)
-    theirs = transformers.Blip2ForConditionalGeneration(hf_conf).eval()
-    theirs.load_state_dict(stage2_to_hf(ours.state_dict()), strict=True)
-    theirs.vision_model.post_layernorm.eps = ours.ln_vision.eps  # see test_parity.py
-    return ours, theirs
+    return ours, to_hf_generation(ours, IMAGE_TOKEN)
 
 
 def with_image_tokens(ids, mask, Q):
