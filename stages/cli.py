@@ -160,6 +160,60 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_json(path: str | None, data) -> None:
+    if path:
+        import json
+        from pathlib import Path
+
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`qformer eval retrieval|caption|vqa`: the paper's evaluations; sharded when launched with torchrun."""
+    from pathlib import Path
+
+    import torch
+
+    from qformer.export import load_stage1, load_stage2
+    from stages import evaluate as ev
+
+    rank, world = ev.init_distributed(args.device)
+    device = ev.device_for(args.device, rank)
+    show = not args.no_progress
+    if args.task == "retrieval":
+        model, tokenizer = load_stage1(args.model)
+        data = ev.EvalSet.load(args.data, args.images)
+        scores, i2t, t2i = ev.evaluate_retrieval(model.to(device), tokenizer, data, args.k_test, args.itc_only, args.batch_size, rank, world, show)
+        if args.save_scores and rank == 0:
+            torch.save({"score_i2t": i2t.cpu(), "score_t2i": t2i.cpu()}, args.save_scores)
+        title = f"retrieval on {args.data} ({'ITC only' if args.itc_only else f'ITC top-{args.k_test} + ITM re-rank'})"
+    elif args.task == "caption":
+        model, tokenizer = load_stage2(args.model)
+        data = ev.EvalSet.load(args.data, args.images)
+        generation = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
+        scores, captions, notices = ev.evaluate_captions(model.to(device), tokenizer, data, args.prompt, args.batch_size, generation, rank, world, show)
+        for notice in notices:
+            print(f"note: {notice}", file=sys.stderr)
+        if args.predictions and rank == 0:
+            _write_json(args.predictions, [{"image_id": k, "caption": v} for k, v in captions.items()])
+        title = f"captioning on {args.data}"
+    else:
+        from qformer.stage2 import VQA_PROMPTS
+
+        model, tokenizer = load_stage2(args.model)
+        questions = ev.load_questions(args.data)
+        prompt = args.prompt_template or VQA_PROMPTS["encoder_decoder" if model.is_encoder_decoder else "decoder"]
+        generation = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=1, length_penalty=args.length_penalty)
+        scores, predictions = ev.evaluate_vqa(model.to(device), tokenizer, questions, Path(args.images), prompt, args.batch_size, generation, show)
+        if args.predictions:
+            _write_json(args.predictions, predictions)
+        title = f"zero-shot VQA on {args.data} (prompt {prompt!r})"
+    if rank == 0:
+        ev.print_scores(title, scores)
+        _write_json(args.json, scores)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qformer", description="BLIP-2 Q-Former two-stage trainer")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -203,6 +257,34 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint")
     export.add_argument("--out", required=True, help="output folder")
     export.set_defaults(func=cmd_export)
+
+    evaluation = commands.add_parser("eval", help="retrieval, captioning or zero-shot VQA evaluation")
+    tasks = evaluation.add_subparsers(dest="task", required=True)
+    for task, text in (("retrieval", "image-text retrieval (stage-1 model)"), ("caption", "captioning metrics (stage-2 model)"), ("vqa", "zero-shot VQAv2 accuracy (stage-2 model)")):
+        sub = tasks.add_parser(task, help=text)
+        sub.add_argument("--model", required=True, help="export folder")
+        sub.add_argument("--data", required=True, help="annotation file" if task != "vqa" else "question file")
+        sub.add_argument("--images", required=True, help="image root folder")
+        sub.add_argument("--batch-size", type=int, default=64)
+        sub.add_argument("--device", default="cpu")
+        sub.add_argument("--json", help="also write the scores to this JSON file")
+        sub.add_argument("--no-progress", action="store_true")
+        sub.set_defaults(func=cmd_eval)
+        if task == "retrieval":
+            sub.add_argument("--k-test", type=int, default=128, help="candidates re-ranked with ITM per query")
+            sub.add_argument("--itc-only", action="store_true", help="rank by ITC similarity alone")
+            sub.add_argument("--save-scores", help="torch file with both score matrices (-100 outside each top-k)")
+        else:
+            sub.add_argument("--num-beams", type=int, default=5)
+            sub.add_argument("--predictions", help="write the generated texts to this JSON file")
+        if task == "caption":
+            sub.add_argument("--prompt", default="a photo of")
+            sub.add_argument("--max-new-tokens", type=int, default=30)
+            sub.add_argument("--min-new-tokens", type=int, default=8)
+        if task == "vqa":
+            sub.add_argument("--prompt-template", default=None, help='default: "Question: {} Answer:" (OPT), "Question: {} Short answer:" (T5)')
+            sub.add_argument("--max-new-tokens", type=int, default=10)
+            sub.add_argument("--length-penalty", type=float, default=-1.0)
 
     make_data = commands.add_parser("make-data", help="write the built-in synthetic dataset")
     make_data.add_argument("folder")

@@ -1,0 +1,126 @@
+"""Image-text retrieval scores as LAVIS computes them (`compute_sim_matrix`), at COCO scale and shardable.
+
+1. image features (query outputs) and text features ([CLS]) are computed once each, in fixed chunks;
+2. ITC similarity = max over queries of the cosine, for every image-text pair;
+3. for every image its top-k texts, and for every text its top-k images, are re-scored with
+   ITM positive logit + ITC similarity; every other entry is -100.
+
+Only the (images x texts) score matrices are held, never an ITM matrix: the re-rank runs k pairs per row,
+`batch_size` pairs at a time. Work is split over processes by `rank` / `world` (chunk c and row r go to
+rank c % world / r % world) and put together by `reduce_sum`, a sum over processes (identity for one).
+Every entry is computed by exactly one process and the others add exact zeros, so any number of
+processes gives the same bits as one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qformer.stage1 import Stage1Model
+
+ReduceSum = Callable[[Tensor], Tensor]
+NOT_RANKED = -100.0
+
+
+def no_reduce(x: Tensor) -> Tensor:
+    return x
+
+
+@dataclass
+class RetrievalFeatures:
+    image_embeds: Tensor  # (I, N, Dv) ln_vision outputs, for the ITM re-rank
+    image_feats: Tensor  # (I, Q, E)
+    text_feat: Tensor  # (T, E)
+    input_ids: Tensor  # (T, L)
+    attention_mask: Tensor  # (T, L)
+
+
+def _owned(count: int, rank: int, world: int) -> list[int]:
+    return list(range(rank, count, world))
+
+
+@torch.no_grad()
+def compute_features(
+    model: Stage1Model,
+    load_chunk: Callable[[int], Tensor],  # chunk index -> pixel batch; chunks in a fixed order
+    chunk_sizes: list[int],  # images per chunk (fixed boundaries, whatever the number of processes)
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    text_chunk: int = 256,
+    rank: int = 0,
+    world: int = 1,
+    reduce_sum: ReduceSum = no_reduce,
+    progress: Callable[[Iterable], Iterable] = lambda x: x,
+) -> RetrievalFeatures:
+    """Features of all images and texts; each process computes its chunks, `reduce_sum` shares them."""
+    device = next(model.parameters()).device
+    sizes = chunk_sizes
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    embeds = feats = None
+    for c in progress(_owned(len(sizes), rank, world)):
+        image_embeds = model.encode_image(load_chunk(c).to(device))  # (b, N, Dv)
+        image_feats = model.image_feats(model.query_forward(image_embeds).last_hidden_state)  # (b, Q, E)
+        if embeds is None:
+            embeds = image_embeds.new_zeros(sum(sizes), *image_embeds.shape[1:])
+            feats = image_feats.new_zeros(sum(sizes), *image_feats.shape[1:])
+        embeds[starts[c] : starts[c] + sizes[c]] = image_embeds
+        feats[starts[c] : starts[c] + sizes[c]] = image_feats
+    if embeds is None:  # this process owns no image chunk: contribute zeros of the right shape
+        probe = model.encode_image(load_chunk(0)[:1].to(device))
+        embeds = probe.new_zeros(sum(sizes), *probe.shape[1:])
+        feats = probe.new_zeros(sum(sizes), model.qformer.num_query_tokens, model.vision_proj.out_features)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    text_feat = torch.zeros(len(input_ids), model.text_proj.out_features, device=device)
+    for c in _owned((len(input_ids) + text_chunk - 1) // text_chunk, rank, world):
+        rows = slice(c * text_chunk, (c + 1) * text_chunk)
+        text_feat[rows] = model.text_feat(input_ids[rows], attention_mask[rows])
+    return RetrievalFeatures(reduce_sum(embeds), reduce_sum(feats), reduce_sum(text_feat), input_ids, attention_mask)
+
+
+@torch.no_grad()
+def itc_similarity(image_feats: Tensor, text_feat: Tensor, chunk: int = 1024) -> Tensor:
+    """(I, Q, E), (T, E) -> (I, T): max over queries of the cosine, a chunk of images at a time."""
+    return torch.cat([Stage1Model.itc_similarity(image_feats[i : i + chunk], text_feat) for i in range(0, len(image_feats), chunk)])
+
+
+@torch.no_grad()
+def rerank(
+    model: Stage1Model,
+    features: RetrievalFeatures,
+    sim: Tensor,  # (I, T) ITC similarity
+    k: int,
+    batch_size: int = 128,
+    rank: int = 0,
+    world: int = 1,
+    reduce_sum: ReduceSum = no_reduce,
+    progress: Callable[[Iterable], Iterable] = lambda x: x,
+) -> tuple[Tensor, Tensor]:
+    """ITM re-rank of each row's top-k: (score_i2t (I, T), score_t2i (T, I)), NOT_RANKED elsewhere."""
+    I, T = sim.shape
+    k_i2t, k_t2i = min(k, T), min(k, I)
+    pairs = []  # (image index, text index, direction 0 = i2t / 1 = t2i)
+    for i in _owned(I, rank, world):
+        pairs += [(i, t, 0) for t in sim[i].topk(k_i2t).indices.tolist()]
+    for t in _owned(T, rank, world):
+        pairs += [(i, t, 1) for i in sim[:, t].topk(k_t2i).indices.tolist()]
+    device = sim.device
+    scores = torch.zeros(2, I, T, device=device)  # [i2t, t2i], both indexed (image, text)
+    filled = torch.zeros(2, I, T, device=device)
+    for start in progress(range(0, len(pairs), batch_size)):
+        chunk = torch.tensor(pairs[start : start + batch_size], device=device)
+        images, texts, direction = chunk[:, 0], chunk[:, 1], chunk[:, 2]
+        logits = model.itm_logits(features.image_embeds[images], features.input_ids[texts], features.attention_mask[texts])
+        scores[direction, images, texts] = logits[:, 1].float() + sim[images, texts]
+        filled[direction, images, texts] = 1.0
+    scores, filled = reduce_sum(scores), reduce_sum(filled)
+    scores = scores.masked_fill(filled == 0, NOT_RANKED)
+    return scores[0], scores[1].T
+
+
+def itc_only_scores(sim: Tensor) -> tuple[Tensor, Tensor]:
+    """Ranking by ITC alone (`--itc-only`): the similarity itself, both ways."""
+    return sim, sim.T
