@@ -39,14 +39,29 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def run_stage(stage: str, argv: list[str]) -> int:
     """`qformer stage1|stage2 {fit,validate} --config FILE ...`: LightningCLI over the stage's module + CaptionDataModule."""
+    import importlib.util
+
     from pytorch_lightning.cli import LightningCLI
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
     from stages.data import CaptionDataModule
     from stages.stage1 import Stage1Module
     from stages.stage2 import Stage2Module
 
+    class QFormerCLI(LightningCLI):
+        def instantiate_classes(self) -> None:
+            """Unless --trainer.logger says otherwise: CSV logs always, TensorBoard too when it is installed."""
+            super().instantiate_classes()
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            if config.trainer.logger in (None, True):
+                csv = CSVLogger(self.trainer.default_root_dir)
+                loggers = [csv]
+                if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+                    loggers.append(TensorBoardLogger(self.trainer.default_root_dir, version=csv.version))
+                self.trainer.loggers = loggers
+
     module = Stage1Module if stage == "stage1" else Stage2Module
-    LightningCLI(module, CaptionDataModule, args=argv, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": f"qformer {stage}"})
+    QFormerCLI(module, CaptionDataModule, args=argv, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": f"qformer {stage}"})
     return 0
 
 

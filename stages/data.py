@@ -146,7 +146,7 @@ class CaptionDataset(Dataset):
             if self.strict:
                 raise OSError(f"cannot read image {path}: {error}") from error
             return {"skipped": str(path), "reason": str(error)}
-        return {"pixel_values": pixels, "caption": caption, "image_id": image_index}
+        return {"pixel_values": pixels, "caption": caption, "image_id": image_index, "sample_id": i}
 
 
 class Collate:
@@ -167,14 +167,16 @@ class Collate:
         if not good:
             return batch
         good = [good[i % len(good)] for i in range(len(samples))]
+        # Fixed-length padding, as LAVIS: every rank's text has the same shape, which the ITM gather needs.
         text = self.tokenizer(
-            [s["caption"] for s in good], padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+            [s["caption"] for s in good], padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         batch.update(
             pixel_values=torch.stack([s["pixel_values"] for s in good]),
             input_ids=text["input_ids"],
             attention_mask=text["attention_mask"],
             image_ids=torch.tensor([s["image_id"] for s in good]),
+            sample_ids=torch.tensor([s["sample_id"] for s in good]),
             captions=[s["caption"] for s in good],
         )
         return batch

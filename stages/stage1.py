@@ -88,6 +88,16 @@ class TrainingSkeleton(pl.LightningModule):
         self._report_skipped("val")
 
 
+def first_occurrences(ids: torch.Tensor) -> torch.Tensor:
+    """Indices of the first occurrence of each distinct id, in order of first appearance."""
+    seen, keep = set(), []
+    for position, value in enumerate(ids.tolist()):
+        if value not in seen:
+            seen.add(value)
+            keep.append(position)
+    return torch.tensor(keep, dtype=torch.long, device=ids.device)
+
+
 class Stage1Module(TrainingSkeleton):
     """Stage-1 representation learning: ITC + ITM + ITG against a frozen image encoder.
 
@@ -100,6 +110,9 @@ class Stage1Module(TrainingSkeleton):
         min_lr: learning rate at the end of the cosine decay.
         weight_decay: AdamW decay of the weight matrices.
         warmup_steps: linear warmup, in optimizer steps.
+        val_retrieval: retrieval recall on the validation split each validation: "itc" (ITC ranking, fast),
+            "itm" (ITC top-k re-ranked with ITM, as the paper evaluates) or "off".
+        val_k_test: candidates re-ranked per query with val_retrieval="itm".
     """
 
     def __init__(
@@ -112,9 +125,14 @@ class Stage1Module(TrainingSkeleton):
         min_lr: float = 1e-5,
         weight_decay: float = 0.05,
         warmup_steps: int = 2000,
+        val_retrieval: str = "itc",
+        val_k_test: int = 16,
     ):
         super().__init__()
         self.save_hyperparameters()
+        if val_retrieval not in ("itc", "itm", "off"):
+            raise ValueError(f"model.val_retrieval must be itc, itm or off, got {val_retrieval!r}")
+        self.val_outputs: list[dict] = []
         if tokenizer is None and bert is None:
             raise ValueError("model.tokenizer or model.bert: a local BERT tokenizer folder is needed")
         self.tokenizer = load_tokenizer(tokenizer or bert)
@@ -160,3 +178,63 @@ class Stage1Module(TrainingSkeleton):
         for name in ("itc", "itm", "itg"):
             self.log(f"val/loss_{name}", getattr(losses, name), batch_size=size, sync_dist=True)
         self.log("val/loss", losses.total, batch_size=size, sync_dist=True)
+        if self.hparams.val_retrieval != "off":
+            image_embeds = self.model.encode_image(batch["pixel_values"])
+            self.val_outputs.append(
+                {
+                    "image_ids": batch["image_ids"],
+                    "sample_ids": batch["sample_ids"],
+                    "image_feats": self.model.image_feats(self.model.query_forward(image_embeds).last_hidden_state),
+                    "text_feat": self.model.text_feat(batch["input_ids"], batch["attention_mask"]),
+                    "image_embeds": image_embeds if self.hparams.val_retrieval == "itm" else image_embeds[:, :0],
+                    "input_ids": batch["input_ids"],
+                    "attention_mask": batch["attention_mask"],
+                }
+            )
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self.hparams.val_retrieval != "off" and self.val_outputs:
+            for name, value in self._validation_recalls().items():
+                self.log(f"val/{name}", value, sync_dist=True)  # the same value on every rank
+        self.val_outputs = []
+
+    @torch.no_grad()
+    def _validation_recalls(self) -> dict[str, float]:
+        """Retrieval recall over the whole validation split, gathered from every rank (same result on each)."""
+        from qformer.retrieval import RetrievalFeatures, itc_only_scores, itc_similarity, rerank
+        from stages.evaluate import reduce_sum
+        from stages.metrics import retrieval_recalls
+
+        length = max(o["input_ids"].shape[1] for o in self.val_outputs)  # pad text to one length to concatenate
+        pad = lambda t: torch.nn.functional.pad(t, (0, length - t.shape[1]))  # noqa: E731
+        local = {k: torch.cat([pad(o[k]) if k in ("input_ids", "attention_mask") else o[k] for o in self.val_outputs]) for k in self.val_outputs[0]}
+        everything = {k: self.all_gather(v).flatten(0, 1) if self.trainer.world_size > 1 else v for k, v in local.items()}
+        texts = first_occurrences(everything["sample_ids"])  # DistributedSampler pads with repeats
+        images = first_occurrences(everything["image_ids"][texts])
+        image_row = {int(everything["image_ids"][texts][i]): row for row, i in enumerate(images.tolist())}
+        txt2img = [image_row[int(i)] for i in everything["image_ids"][texts]]
+        img2txt = [[] for _ in images]
+        for t, i in enumerate(txt2img):
+            img2txt[i].append(t)
+        text_feat = everything["text_feat"][texts]
+        image_feats = everything["image_feats"][texts][images]
+        sim = itc_similarity(image_feats, text_feat)
+        if self.hparams.val_retrieval == "itc":
+            score_i2t, score_t2i = itc_only_scores(sim)
+        else:
+            features = RetrievalFeatures(everything["image_embeds"][texts][images], image_feats, text_feat,
+                                         everything["input_ids"][texts], everything["attention_mask"][texts])
+            score_i2t, score_t2i = rerank(self.model, features, sim, self.hparams.val_k_test, rank=self.global_rank,
+                                          world=self.trainer.world_size, reduce_sum=reduce_sum)
+        recalls = retrieval_recalls(score_i2t.cpu(), score_t2i.cpu(), img2txt, txt2img)
+        return {k: v for k, v in recalls.items() if k.startswith(("txt_r", "img_r", "r_mean"))}
+
+    def configure_callbacks(self):
+        """Track the best checkpoint by validation recall when there is a validation split."""
+        data = getattr(self.trainer, "datamodule", None)
+        if self.hparams.val_retrieval == "off" or data is None or getattr(data.hparams, "val", None) is None:
+            return []
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        return [ModelCheckpoint(monitor="val/r_mean", mode="max", save_last=True, filename="best-{step}-{val/r_mean:.2f}", auto_insert_metric_name=False)]

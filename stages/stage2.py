@@ -32,6 +32,8 @@ class Stage2Module(TrainingSkeleton):
         max_text_length: LM tokens per text.
         lr, min_lr, weight_decay, warmup_steps: AdamW and the warmup + cosine schedule (per optimizer step).
         split_seed: seed of the prefix/suffix split.
+        val_caption: caption every validation image and log BLEU-4 and CIDEr (val/bleu4, val/cider).
+        val_num_beams, val_max_new_tokens: generation settings for those captions.
     """
 
     def __init__(
@@ -49,9 +51,14 @@ class Stage2Module(TrainingSkeleton):
         weight_decay: float = 0.05,
         warmup_steps: int = 2000,
         split_seed: int = 0,
+        val_caption: bool = True,
+        val_num_beams: int = 3,
+        val_max_new_tokens: int = 20,
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.val_captions: dict = {}
+        self.val_references: dict = {}
         if read_export_info(stage1).get("stage") != 1:
             raise ValueError(f"model.stage1: {stage1} is not a stage-1 export")
         config = read_config(stage1)
@@ -96,3 +103,50 @@ class Stage2Module(TrainingSkeleton):
         if "pixel_values" not in batch:
             return
         self.log("val/loss_lm", self._loss(batch), batch_size=len(batch["pixel_values"]), sync_dist=True)
+        if self.hparams.val_caption:
+            self._caption_new_images(batch)
+
+    @torch.no_grad()
+    def _caption_new_images(self, batch: dict) -> None:
+        from qformer.stage2 import generate_text
+
+        image_ids = batch["image_ids"].tolist()
+        for image_id, caption in zip(image_ids, batch["captions"]):
+            self.val_references.setdefault(image_id, set()).add(caption)
+        new = [n for n, i in enumerate(image_ids) if i not in self.val_captions and i not in image_ids[:n]]
+        if not new:
+            return
+        prompt = self.hparams.prompt if not self.model.is_encoder_decoder or self.hparams.prompt else ""
+        texts = generate_text(self.model, self.lm_tokenizer, batch["pixel_values"][new], [prompt] * len(new),
+                              num_beams=self.hparams.val_num_beams, max_new_tokens=self.hparams.val_max_new_tokens)
+        self.val_captions.update({image_ids[n]: t for n, t in zip(new, texts)})
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self.hparams.val_caption and self.val_captions:
+            from stages.metrics import caption_metrics
+
+            captions, references = self.val_captions, self.val_references
+            if self.trainer.world_size > 1:  # every rank scores the union, so every rank logs the same value
+                import torch.distributed as dist
+
+                parts = [None] * self.trainer.world_size
+                dist.all_gather_object(parts, (captions, references))
+                captions = {k: v for c, _ in parts for k, v in c.items()}
+                references = {}
+                for _, r in parts:
+                    for k, v in r.items():
+                        references.setdefault(k, set()).update(v)
+            scores, _ = caption_metrics(captions, {k: sorted(v) for k, v in references.items()}, tokenizer="python", meteor="off")
+            self.log("val/bleu4", scores["bleu4"], sync_dist=True)  # the same value on every rank
+            self.log("val/cider", scores["cider"], sync_dist=True)
+        self.val_captions, self.val_references = {}, {}
+
+    def configure_callbacks(self):
+        """Track the best checkpoint by validation CIDEr when there is a validation split."""
+        data = getattr(self.trainer, "datamodule", None)
+        if not self.hparams.val_caption or data is None or getattr(data.hparams, "val", None) is None:
+            return []
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        return [ModelCheckpoint(monitor="val/cider", mode="max", save_last=True, filename="best-{step}-{val/cider:.1f}", auto_insert_metric_name=False)]

@@ -92,3 +92,10 @@ def test_validate_subcommand_reads_a_checkpoint(trained):
     ]
     assert main(argv) == 0
     assert list((trained / "validate").rglob("metrics.csv"))
+
+
+def test_validation_logs_retrieval_recall_and_tracks_the_best_checkpoint(trained):
+    recalls = logged(trained, "val/r_mean")
+    assert recalls and all(0 <= r <= 100 for r in recalls)
+    assert logged(trained, "val/txt_r1") and logged(trained, "val/img_r10")
+    assert list((trained / "runs").rglob("best-*.ckpt"))

@@ -146,6 +146,8 @@ def test_cpu_fit_loss_decreases_and_caption_command_works(config_name, stage1_ex
     with open(next(root.rglob("metrics.csv"))) as f:
         losses = [float(r["train/loss_lm"]) for r in csv.DictReader(f) if r.get("train/loss_lm")]
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
+    with open(next(root.rglob("metrics.csv"))) as f:
+        assert [r["val/cider"] for r in csv.DictReader(f) if r.get("val/cider")]  # caption validation ran
 
     export = tmp_path / "export"
     assert main(["export", str(next(root.rglob("*.ckpt"))), "--out", str(export)]) == 0
@@ -167,3 +169,20 @@ def test_cpu_fit_loss_decreases_and_caption_command_works(config_name, stage1_ex
     assert all(isinstance(c["caption"], str) for c in captions)
     assert "corrupt.jpg" in out.err
     assert main(["ask", str(images / "rgb.png"), "what color is the shape?", "--model", str(export)]) == 0
+
+    questions = [{"question_id": n, "image": e["image"], "question": "what color is the shape?", "answer": [e["objects"][0]["color"]] * 10}
+                 for n, e in enumerate(json.loads((data / "test.json").read_text()))]
+    questions.append({"question_id": 99, "image": "images/missing.png", "question": "what?", "answer": ["x"] * 10})
+    (tmp_path / "questions.json").write_text(json.dumps(questions))
+    scores_file = tmp_path / "vqa.json"
+    assert main(["eval", "vqa", "--model", str(export), "--data", str(tmp_path / "questions.json"), "--images", str(data),
+                 "--json", str(scores_file), "--no-progress", "--num-beams", "2"]) == 0
+    scores = json.loads(scores_file.read_text())
+    assert scores["questions"] == len(questions) - 1 and scores["skipped_images"] == 1 and 0 <= scores["accuracy"] <= 100
+    assert main(["eval", "caption", "--model", str(export), "--data", str(data / "test.json"), "--images", str(data),
+                 "--json", str(tmp_path / "cap.json"), "--predictions", str(tmp_path / "preds.json"), "--no-progress",
+                 "--num-beams", "2", "--max-new-tokens", "5", "--min-new-tokens", "1", "--prompt", ""]) == 0
+    caption_scores = json.loads((tmp_path / "cap.json").read_text())
+    assert {"bleu4", "cider", "rouge_l"} <= set(caption_scores)
+    predictions = json.loads((tmp_path / "preds.json").read_text())
+    assert len(predictions) == caption_scores["images"] and {"image_id", "caption"} == set(predictions[0])
