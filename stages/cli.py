@@ -229,6 +229,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: stage 1, stage 2 and evaluation end to end on built-in synthetic data."""
+    from stages.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(out=args.out, lm=args.lm, seed=args.seed, num_images=args.num_images, lm_steps=args.lm_steps,
+                            stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps)
+    run_demo(settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qformer", description="BLIP-2 Q-Former two-stage trainer")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -238,6 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", default="vitg", help="named config (vitg, vitl, tiny)")
     source.add_argument("--config", help="a model config file (JSON or YAML)")
     info.set_defaults(func=cmd_info)
+
+    from stages.demo import DemoSettings
+
+    defaults = DemoSettings()
+    demo = commands.add_parser("demo", help="run stage 1, stage 2 and evaluation end to end on built-in data (CPU, ~10 min)")
+    demo.add_argument("--out", default=defaults.out, help="folder for data, configs, runs, exports and results")
+    demo.add_argument("--lm", choices=["opt", "t5"], default=defaults.lm, help="decoder-only (OPT) or encoder-decoder (T5) LM")
+    demo.add_argument("--seed", type=int, default=defaults.seed)
+    demo.add_argument("--num-images", type=int, default=defaults.num_images)
+    demo.add_argument("--lm-steps", type=int, default=defaults.lm_steps)
+    demo.add_argument("--stage1-steps", type=int, default=defaults.stage1_steps)
+    demo.add_argument("--stage2-steps", type=int, default=defaults.stage2_steps)
+    demo.set_defaults(func=cmd_demo)
 
     commands.add_parser("stage1", help="stage-1 training: qformer stage1 {fit,validate} --config FILE", add_help=False)
     commands.add_parser("stage2", help="stage-2 training: qformer stage2 {fit,validate} --config FILE --model.stage1 DIR", add_help=False)

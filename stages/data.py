@@ -103,8 +103,8 @@ def load_rgb(path: str | Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def train_transform(image_size: int, hflip: bool = True) -> T.Compose:
-    steps = [T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC)]
+def train_transform(image_size: int, hflip: bool = True, crop_scale: tuple[float, float] = (0.5, 1.0)) -> T.Compose:
+    steps = [T.RandomResizedCrop(image_size, scale=crop_scale, interpolation=T.InterpolationMode.BICUBIC)]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
     return T.Compose(steps + [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
@@ -194,6 +194,7 @@ class CaptionDataModule(pl.LightningDataModule):
         max_length: text tokens per caption.
         max_words: captions are cut to this many words before tokenizing (LAVIS: 50).
         hflip: random horizontal flips in training (turn off when captions say left/right).
+        crop_scale: RandomResizedCrop's area range in training (LAVIS: 0.5 to 1; [1, 1] when captions say small/large).
         strict: fail on the first unreadable image instead of skipping it.
     """
 
@@ -209,6 +210,7 @@ class CaptionDataModule(pl.LightningDataModule):
         max_length: int = 32,
         max_words: int = 50,
         hflip: bool = True,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
         strict: bool = False,
     ):
         super().__init__()
@@ -221,7 +223,7 @@ class CaptionDataModule(pl.LightningDataModule):
             from qformer.bert import load_tokenizer
 
             self.tokenizer = load_tokenizer(hp.tokenizer_dir)
-        self.train_set = CaptionDataset(load_annotations(hp.train), hp.image_root, train_transform(hp.image_size, hp.hflip), hp.max_words, hp.strict)
+        self.train_set = CaptionDataset(load_annotations(hp.train), hp.image_root, train_transform(hp.image_size, hp.hflip, tuple(hp.crop_scale)), hp.max_words, hp.strict)
         self.val_set = None
         if hp.val is not None:
             self.val_set = CaptionDataset(load_annotations(hp.val), hp.image_root, eval_transform(hp.image_size), hp.max_words, hp.strict)

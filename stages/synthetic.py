@@ -1,7 +1,8 @@
 """A seeded generator of small synthetic scenes with captions, in the format the data module reads.
 
 Each image shows one or two objects (colour, shape, size, left/right). Every caption names every
-object's colour and shape, so a caption identifies its image's content and retrieval is meaningful.
+object's size, colour and shape in order, and within the val and test splits no two images have the same
+content, so each caption identifies exactly one image and retrieval recall is meaningful.
 The folder gets `images/*.png`, `train.json` (one caption per entry, LAVIS style), `val.json` and
 `test.json` (a list of captions per image, with the objects), a BERT `vocab.txt` covering the captions,
 and word-level tokenizers for small decoder-only and T5-style language models (`lm_tokenizer_*`).
@@ -62,26 +63,31 @@ def _render(objects: list[dict], rng: random.Random, size: int) -> Image.Image:
 
 
 def captions_for(objects: list[dict]) -> list[str]:
-    def name(o, with_size=True):
-        return f"{o['size'] + ' ' if with_size else ''}{o['color']} {o['shape']}"
+    """Five differently worded captions, each naming every object's size, colour and shape (and their order)."""
+    def name(o):
+        return f"{o['size']} {o['color']} {o['shape']}"
 
     if len(objects) == 1:
         o = objects[0]
         return [
             f"a {name(o)}",
-            f"a picture of a {name(o, False)}",
             f"there is a {name(o)} in the image",
-            f"a {name(o, False)} on a plain background",
+            f"a picture of one {name(o)}",
+            f"a {name(o)} on a plain background",
             f"one {o['size']} {o['shape']} that is {o['color']}",
         ]
     a, b = objects
     return [
         f"a {name(a)} to the left of a {name(b)}",
         f"a {name(b)} to the right of a {name(a)}",
-        f"a {name(a, False)} and a {name(b, False)}",
-        f"two shapes a {name(a, False)} on the left and a {name(b, False)} on the right",
-        f"a picture of a {name(a, False)} next to a {name(b, False)}",
+        f"a {name(a)} and a {name(b)} on its right",
+        f"two shapes a {name(a)} on the left and a {name(b)} on the right",
+        f"a picture of a {name(a)} next to a {name(b)} on the right",
     ]
+
+
+def content_key(objects: list[dict]) -> tuple:
+    return tuple((o["size"], o["color"], o["shape"]) for o in objects)
 
 
 def write_vocab(folder: Path, captions: list[str]) -> None:
@@ -97,14 +103,19 @@ def make_dataset(folder: str | Path, num_images: int = 1000, seed: int = 0, imag
     n_val, n_test = int(num_images * val_fraction), int(num_images * test_fraction)
     n_train = num_images - n_val - n_test
     splits = {"train": [], "val": [], "test": []}
+    seen = {"val": set(), "test": set()}  # in the evaluation splits every image's content is unique
     all_captions = []
     for i in range(num_images):
+        split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
         objects = _scene(rng)
+        while split in seen and content_key(objects) in seen[split]:
+            objects = _scene(rng)
+        if split in seen:
+            seen[split].add(content_key(objects))
         path = f"images/{i:06d}.png"
         _render(objects, rng, image_size).save(folder / path)
         captions = captions_for(objects)
         all_captions += captions
-        split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
         splits[split].append({"image": path, "caption": captions, "image_id": i, "objects": objects})
     train = [{"image": e["image"], "caption": c, "image_id": e["image_id"]} for e in splits["train"] for c in e["caption"]]
     (folder / "train.json").write_text(json.dumps(train, indent=1))
