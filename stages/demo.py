@@ -38,7 +38,7 @@ class DemoSettings:
     num_images: int = 2500  # 10% test, 10% val, the rest train
     image_size: int = 48
     lm_steps: int = 600
-    stage1_steps: int = 1500
+    stage1_steps: int = 1100
     stage2_steps: int = 800
     batch_size: int = 48
     num_beams: int = 3
@@ -49,7 +49,7 @@ class DemoSettings:
 
 
 def model_config(settings: DemoSettings, vocab_size: int) -> dict:
-    """The demo's architecture: a small frozen ViT and a small Q-Former (16 queries)."""
+    """The demo's architecture: a small frozen ViT and a small Q-Former (8 queries)."""
     return {
         "vision_config": {
             "model_name": "vit_tiny_patch16_224",
@@ -70,9 +70,9 @@ def model_config(settings: DemoSettings, vocab_size: int) -> dict:
             "hidden_dropout_prob": 0.0,
             "attention_probs_dropout_prob": 0.0,
         },
-        "num_query_tokens": 16,
+        "num_query_tokens": 8,
         "image_text_hidden_size": 64,
-        "max_text_length": 24,
+        "max_text_length": 20,
     }
 
 
@@ -85,11 +85,28 @@ def lm_config(settings: DemoSettings, vocab_size: int) -> dict:
 
 
 # --- the stand-in LLM -------------------------------------------------------------------------------------
-def pretrain_language_model(settings: DemoSettings, data: Path, out: Path) -> Path:
-    """Train the small LM on caption text alone (what a pretrained LLM would know), save it as a local folder."""
+def context_embeddings(model, tokenizer, objects_batch: list[list[dict]], slots: int, noise: float) -> torch.Tensor:
+    """The pre-training context: each object's size, colour and shape words, left to right, as (B, slots, H) embeddings."""
+    embed = model.get_input_embeddings()
+    rows = []
+    for objects in objects_batch:
+        words = [w for o in objects for w in (o["size"], o["color"], o["shape"])]
+        ids = tokenizer.convert_tokens_to_ids(words) + [tokenizer.pad_token_id] * (slots - len(words))
+        rows.append(ids[:slots])
+    context = embed(torch.tensor(rows))
+    return context + noise * context.detach().std() * torch.randn_like(context)
+
+
+def pretrain_language_model(settings: DemoSettings, data: Path, out: Path, slots: int) -> Path:
+    """Train the small LM on caption text (what a pretrained LLM would know), save it as a local folder.
+
+    Each caption follows a context of `slots` embeddings holding its objects' words, so that, like a real
+    LLM, the stand-in learns to use information given in its context; stage 2 then puts the soft visual
+    prompts in that place.
+    """
     import transformers
 
-    from qformer.stage2 import decoder_only_batch, encoder_decoder_batch, split_caption
+    from qformer.stage2 import IGNORE, decoder_only_batch, encoder_decoder_batch
 
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
@@ -98,21 +115,27 @@ def pretrain_language_model(settings: DemoSettings, data: Path, out: Path) -> Pa
     config = transformers.AutoConfig.for_model(**lm_config(settings, len(tokenizer)))
     auto = transformers.AutoModelForSeq2SeqLM if settings.encoder_decoder else transformers.AutoModelForCausalLM
     model = auto.from_config(config)
-    captions = [e["caption"] for e in json.loads((data / "train.json").read_text())]
+    samples = json.loads((data / "train.json").read_text())
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=settings.lm_steps, pct_start=0.1)
     losses = []
     model.train()
     for _ in tqdm(range(settings.lm_steps), desc="LM pre-training on caption text", file=sys.stderr):
-        texts = rng.sample(captions, 64)
+        batch_samples = rng.sample(samples, 64)
+        texts = [s["caption"] for s in batch_samples]
+        context = context_embeddings(model, tokenizer, [s["objects"] for s in batch_samples], slots, noise=0.3)
+        ones = torch.ones(len(texts), slots, dtype=torch.long)
         if settings.encoder_decoder:
-            prefixes, targets = zip(*(split_caption(t, rng) for t in texts))
-            batch = encoder_decoder_batch(tokenizer, list(prefixes), list(targets), 32).as_kwargs()
-            loss = model(**batch).loss
+            batch = encoder_decoder_batch(tokenizer, [CAPTION_PROMPT] * len(texts), texts, 32)
+            embeds = torch.cat([context, model.get_input_embeddings()(batch.input_ids)], 1)
+            loss = model(inputs_embeds=embeds, attention_mask=torch.cat([ones, batch.attention_mask], 1), labels=batch.labels,
+                         decoder_attention_mask=batch.decoder_attention_mask).loss
         else:
             prompts = [f"{CAPTION_PROMPT} " if rng.random() < 0.5 else "" for _ in texts]
             batch = decoder_only_batch(tokenizer, [p + t for p, t in zip(prompts, texts)], eos_text="</s>", max_length=32)
-            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+            embeds = torch.cat([context, model.get_input_embeddings()(batch.input_ids)], 1)
+            labels = torch.cat([torch.full((len(texts), slots), IGNORE), batch.labels], 1)
+            loss = model(inputs_embeds=embeds, attention_mask=torch.cat([ones, batch.attention_mask], 1), labels=labels).loss
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -132,21 +155,21 @@ def write_configs(settings: DemoSettings, out: Path, data: Path, vocab_size: int
     (configs / "model.json").write_text(json.dumps(model_config(settings, vocab_size), indent=2) + "\n")
     data_section = {
         "train": str(data / "train.json"), "val": str(data / "val.json"), "image_root": str(data),
-        "image_size": settings.image_size, "batch_size": settings.batch_size, "num_workers": 0, "max_length": 24,
+        "image_size": settings.image_size, "batch_size": settings.batch_size, "num_workers": 0, "max_length": 20,
         "hflip": False, "crop_scale": [1.0, 1.0],  # captions say left/right and small/large
     }
     trainer = {"accelerator": "cpu", "devices": 1, "precision": "32", "log_every_n_steps": 25, "gradient_clip_val": 1.0,
                "enable_model_summary": False, "num_sanity_val_steps": 0}
     stage1 = {
         "seed_everything": settings.seed,
-        "trainer": {**trainer, "max_steps": settings.stage1_steps, "default_root_dir": str(out / "runs" / "stage1"), "check_val_every_n_epoch": 4},
-        "model": {"config": str(configs / "model.json"), "tokenizer": str(data), "lr": 2e-3, "min_lr": 1e-4,
+        "trainer": {**trainer, "max_steps": settings.stage1_steps, "default_root_dir": str(out / "runs" / "stage1"), "check_val_every_n_epoch": 2},
+        "model": {"config": str(configs / "model.json"), "tokenizer": str(data), "lr": 3e-3, "min_lr": 1e-4,
                   "weight_decay": 0.05, "warmup_steps": 100, "val_retrieval": "itc"},
         "data": data_section,
     }
     stage2 = {
         "seed_everything": settings.seed,
-        "trainer": {**trainer, "max_steps": settings.stage2_steps, "default_root_dir": str(out / "runs" / "stage2"), "check_val_every_n_epoch": 4},
+        "trainer": {**trainer, "max_steps": settings.stage2_steps, "default_root_dir": str(out / "runs" / "stage2"), "check_val_every_n_epoch": 2},
         "model": {"stage1": str(out / "exports" / "stage1"), "lm_path": str(lm_folder), "lm_precision": "fp32",
                   "prompt": CAPTION_PROMPT if settings.encoder_decoder else f"{CAPTION_PROMPT} ", "eos_text": "</s>",
                   "max_text_length": 32, "lr": 2e-3, "min_lr": 1e-4, "weight_decay": 0.05, "warmup_steps": 100,
@@ -250,8 +273,8 @@ def _run(argv: list[str], capture: bool = False) -> str:
 
 
 def _checkpoint(run_dir: Path) -> Path:
-    best = sorted(run_dir.rglob("best-*.ckpt"))
-    return best[-1] if best else sorted(run_dir.rglob("last.ckpt"))[-1]
+    """The final weights (the short demo runs validate rarely, so "best" would often be an early one)."""
+    return sorted(run_dir.rglob("last.ckpt"))[-1]
 
 
 def run_demo(settings: DemoSettings) -> dict:
@@ -274,7 +297,8 @@ def run_demo(settings: DemoSettings) -> dict:
     _run(["make-data", str(data), "--num-images", str(settings.num_images), "--seed", str(settings.seed), "--image-size", "64"])
     phase("data")
 
-    lm_folder = pretrain_language_model(settings, data, out)
+    num_queries = model_config(settings, 0)["num_query_tokens"]
+    lm_folder = pretrain_language_model(settings, data, out, slots=num_queries)
     phase("lm_pretraining")
 
     vocab_size = len(load_tokenizer(data))
@@ -323,7 +347,8 @@ def run_demo(settings: DemoSettings) -> dict:
         "caption": caption,
         "seconds": seconds,
         "encoder": ENCODER,
-        "lm": f"{'T5' if settings.encoder_decoder else 'OPT'} architecture ({lm_config(settings, vocab_size)}), pre-trained here on the training captions' text for {settings.lm_steps} steps, then frozen",
+        "lm": f"{'T5' if settings.encoder_decoder else 'OPT'} architecture ({lm_config(settings, vocab_size)}), pre-trained here for "
+              f"{settings.lm_steps} steps on the training captions' text after a context of their objects' words, then frozen",
         "data": {split: len(json.loads((data / f'{split}.json').read_text())) for split in ("val", "test")} | {"train_captions": len(json.loads((data / 'train.json').read_text()))},
         "chance_r1": 100 / len(entries),
         "examples": examples,

@@ -117,7 +117,7 @@ def make_dataset(folder: str | Path, num_images: int = 1000, seed: int = 0, imag
         captions = captions_for(objects)
         all_captions += captions
         splits[split].append({"image": path, "caption": captions, "image_id": i, "objects": objects})
-    train = [{"image": e["image"], "caption": c, "image_id": e["image_id"]} for e in splits["train"] for c in e["caption"]]
+    train = [{"image": e["image"], "caption": c, "image_id": e["image_id"], "objects": e["objects"]} for e in splits["train"] for c in e["caption"]]
     (folder / "train.json").write_text(json.dumps(train, indent=1))
     for split in ("val", "test"):
         (folder / f"{split}.json").write_text(json.dumps(splits[split], indent=1))
