@@ -52,6 +52,7 @@ class VisionConfig:
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
     weights_path: str | None = None  # local .safetensors / .pth / .bin; None = random init
     model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
+    ln_vision_eps: float = 1e-5  # LAVIS's ln_vision; models imported from transformers use its 1e-6
 
 
 @dataclass

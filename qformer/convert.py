@@ -258,3 +258,57 @@ def to_hf_generation(model, image_token_index: int):
     hf.load_state_dict(stage2_to_hf(model.state_dict()), strict=True)
     hf.vision_model.post_layernorm.eps = model.ln_vision.eps
     return hf.eval()
+
+
+# --- LAVIS (Blip2Qformer / Blip2OPT / Blip2T5) --------------------------------------------------------
+# LAVIS keys with no counterpart of ours, dropped on import: the ITG decoder weight is tied to the word
+# embeddings and its bias is `cls.predictions.bias` again; position_ids is a buffer; the frozen LMs are
+# loaded from their own folder.
+LAVIS_IGNORED = re.compile(
+    r"Qformer\.cls\.predictions\.decoder\.(weight|bias)|Qformer\.bert\.embeddings\.position_ids|(opt|t5)_model\..*"
+)
+
+
+def lavis_key(key: str) -> str:
+    """Our key (either stage) -> LAVIS's key (`Blip2Qformer`, `Blip2OPT`, `Blip2T5`; EVA names = timm's)."""
+    fixed = {
+        "qformer.query_tokens": "query_tokens",
+        "qformer.embeddings.word_embeddings.weight": "Qformer.bert.embeddings.word_embeddings.weight",
+        "qformer.embeddings.position_embeddings.weight": "Qformer.bert.embeddings.position_embeddings.weight",
+        "qformer.embeddings.norm.weight": "Qformer.bert.embeddings.LayerNorm.weight",
+        "qformer.embeddings.norm.bias": "Qformer.bert.embeddings.LayerNorm.bias",
+        "lm_head.dense.weight": "Qformer.cls.predictions.transform.dense.weight",
+        "lm_head.dense.bias": "Qformer.cls.predictions.transform.dense.bias",
+        "lm_head.norm.weight": "Qformer.cls.predictions.transform.LayerNorm.weight",
+        "lm_head.norm.bias": "Qformer.cls.predictions.transform.LayerNorm.bias",
+        "lm_head.bias": "Qformer.cls.predictions.bias",
+    }
+    if key in fixed:
+        return fixed[key]
+    if key.startswith("visual_encoder.model."):
+        return "visual_encoder." + key[len("visual_encoder.model.") :]
+    if key.startswith(("vision_proj.", "text_proj.", "itm_head.", "ln_vision.")) or key == "temp":
+        return key
+    layer_key = qformer_layer_key(key, "Qformer.bert.encoder.layer.")
+    if layer_key is None:
+        raise KeyError(f"key {key!r} has no LAVIS counterpart")
+    return layer_key
+
+
+def from_lavis(lavis_state: dict[str, Tensor], our_keys: list[str], projection: str | None = None) -> tuple[dict[str, Tensor], list[str]]:
+    """LAVIS state dict -> (our state dict, LAVIS keys dropped as documented). Unknown keys fail by name.
+
+    `projection` is LAVIS's name of the stage-2 projection (`opt_proj` or `t5_proj`), our `language_projection`.
+    """
+    to_ours = {lavis_key(k): k for k in our_keys if not k.startswith(("language_projection.", "language_model."))}
+    if projection is not None:
+        to_ours.update({f"{projection}.weight": "language_projection.weight", f"{projection}.bias": "language_projection.bias"})
+    state, dropped = {}, []
+    for key, value in lavis_state.items():
+        if key in to_ours:
+            state[to_ours[key]] = value
+        elif LAVIS_IGNORED.fullmatch(key):
+            dropped.append(key)
+        else:
+            raise KeyError(f"LAVIS key {key!r} has no counterpart in our model (is this a BLIP-2 checkpoint of this stage?)")
+    return state, dropped

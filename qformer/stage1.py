@@ -40,7 +40,7 @@ class Stage1Model(nn.Module):
                 f"qformer_config.encoder_hidden_size is {qc.encoder_hidden_size} but the image encoder "
                 f"{config.vision_config.model_name!r} is {self.visual_encoder.width} wide"
             )
-        self.ln_vision = nn.LayerNorm(self.visual_encoder.width)  # trainable, unlike the encoder
+        self.ln_vision = nn.LayerNorm(self.visual_encoder.width, eps=config.vision_config.ln_vision_eps)  # trainable, unlike the encoder
         self.qformer = QFormer(qc, config.num_query_tokens)
         self.vision_proj = nn.Linear(qc.hidden_size, config.image_text_hidden_size)
         self.text_proj = nn.Linear(qc.hidden_size, config.image_text_hidden_size)

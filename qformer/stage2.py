@@ -79,7 +79,7 @@ class Stage2Model(nn.Module):
         self.config = config
         qc = config.qformer_config
         self.visual_encoder = FrozenImageEncoder(config.vision_config)
-        self.ln_vision = nn.LayerNorm(self.visual_encoder.width)
+        self.ln_vision = nn.LayerNorm(self.visual_encoder.width, eps=config.vision_config.ln_vision_eps)
         self.qformer = QFormer(qc, config.num_query_tokens, with_text=False)
         self.language_model = language_model or FrozenLanguageModel(config.language_model)
         self.language_projection = nn.Linear(qc.hidden_size, self.language_model.width)

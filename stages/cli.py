@@ -239,6 +239,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    """`qformer import lavis|hf`: convert a LAVIS or transformers BLIP-2 checkpoint into an export folder."""
+    import json
+
+    from qformer import interop
+
+    if args.source == "lavis":
+        vision_config = json.loads(args.vision_config) if args.vision_config else None
+        notes = interop.import_lavis(args.checkpoint, args.out, args.stage, args.vision_weights, args.lm, args.bert,
+                                     vision_config, args.num_heads)
+    else:
+        notes = interop.import_hf(args.checkpoint, args.out)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"imported {args.checkpoint} into {args.out}")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    """Our export folder -> a transformers Blip2ForImageTextRetrieval / Blip2ForConditionalGeneration folder."""
+    from qformer.interop import export_hf
+
+    for note in export_hf(args.folder, args.out):
+        print(f"note: {note}")
+    print(f"wrote a transformers BLIP-2 folder to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qformer", description="BLIP-2 Q-Former two-stage trainer")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -323,6 +351,28 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--prompt-template", default=None, help='default: "Question: {} Answer:" (OPT), "Question: {} Short answer:" (T5)')
             sub.add_argument("--max-new-tokens", type=int, default=10)
             sub.add_argument("--length-penalty", type=float, default=-1.0)
+
+    importer = commands.add_parser("import", help="convert a LAVIS or transformers BLIP-2 checkpoint into an export folder")
+    sources = importer.add_subparsers(dest="source", required=True)
+    lavis = sources.add_parser("lavis", help="a LAVIS blip2 / blip2_feature_extractor / blip2_opt / blip2_t5 .pth")
+    lavis.add_argument("checkpoint")
+    lavis.add_argument("--out", required=True)
+    lavis.add_argument("--stage", type=int, choices=[1, 2], help="check that the checkpoint is of this stage")
+    lavis.add_argument("--vision-weights", help="image encoder weights (LAVIS's eva_vit_g.pth or timm format) when the checkpoint has none")
+    lavis.add_argument("--lm", help="stage 2: local folder of the frozen LLM (OPT / FlanT5)")
+    lavis.add_argument("--bert", help="stage 1: local bert-base-uncased folder (tokenizer)")
+    lavis.add_argument("--vision-config", help='JSON VisionConfig fields, e.g. \'{"model_name": "eva_giant_patch14_clip_224", "image_size": 364}\'')
+    lavis.add_argument("--num-heads", type=int, help="Q-Former attention heads (default: width / 64, as BERT)")
+    lavis.set_defaults(func=cmd_import)
+    hf = sources.add_parser("hf", help="a transformers Blip2ForImageTextRetrieval / Blip2ForConditionalGeneration folder")
+    hf.add_argument("checkpoint", help="the folder")
+    hf.add_argument("--out", required=True)
+    hf.set_defaults(func=cmd_import)
+
+    export_hf = commands.add_parser("export-hf", help="write a folder transformers' Blip2 classes load with from_pretrained")
+    export_hf.add_argument("folder", help="our export folder (either stage)")
+    export_hf.add_argument("--out", required=True)
+    export_hf.set_defaults(func=cmd_export_hf)
 
     make_data = commands.add_parser("make-data", help="write the built-in synthetic dataset")
     make_data.add_argument("folder")
