@@ -25,8 +25,9 @@ import yaml
 from tqdm import tqdm
 
 from stages.cli import main as qformer
+from stages.optim import warmup_cosine
 
-ENCODER = "timm vit_tiny_patch16_224 architecture (64 wide, 3 blocks, 8 px patches, 48 px input), randomly initialised and frozen"
+ENCODER = "timm vit_tiny_patch16_224 architecture (64 wide, 3 blocks of which 2 are used, 8 px patches, 48 px input), randomly initialised and frozen"
 CAPTION_PROMPT = "a photo of"
 
 
@@ -38,8 +39,8 @@ class DemoSettings:
     num_images: int = 2500  # 10% test, 10% val, the rest train
     image_size: int = 48
     lm_steps: int = 600
-    stage1_steps: int = 1100
-    stage2_steps: int = 800
+    stage1_steps: int = 1400
+    stage2_steps: int = 2000
     batch_size: int = 48
     num_beams: int = 3
 
@@ -86,23 +87,24 @@ def lm_config(settings: DemoSettings, vocab_size: int) -> dict:
 
 # --- the stand-in LLM -------------------------------------------------------------------------------------
 def context_embeddings(model, tokenizer, objects_batch: list[list[dict]], slots: int, noise: float) -> torch.Tensor:
-    """The pre-training context: each object's size, colour and shape words, left to right, as (B, slots, H) embeddings."""
+    """The pre-training context, (B, slots, H): slot i holds the i-th object from the left as the sum of its
+    size, colour and shape word embeddings; the other slots hold the padding embedding."""
     embed = model.get_input_embeddings()
+    pad = embed(torch.tensor(tokenizer.pad_token_id))
     rows = []
     for objects in objects_batch:
-        words = [w for o in objects for w in (o["size"], o["color"], o["shape"])]
-        ids = tokenizer.convert_tokens_to_ids(words) + [tokenizer.pad_token_id] * (slots - len(words))
-        rows.append(ids[:slots])
-    context = embed(torch.tensor(rows))
+        row = [embed(torch.tensor(tokenizer.convert_tokens_to_ids([o["size"], o["color"], o["shape"]]))).sum(0) for o in objects]
+        rows.append(torch.stack(row + [pad] * (slots - len(row))))
+    context = torch.stack(rows)
     return context + noise * context.detach().std() * torch.randn_like(context)
 
 
 def pretrain_language_model(settings: DemoSettings, data: Path, out: Path, slots: int) -> Path:
     """Train the small LM on caption text (what a pretrained LLM would know), save it as a local folder.
 
-    Each caption follows a context of `slots` embeddings holding its objects' words, so that, like a real
-    LLM, the stand-in learns to use information given in its context; stage 2 then puts the soft visual
-    prompts in that place.
+    Each caption follows a context of `slots` embeddings describing its objects, so that, like a real LLM,
+    the stand-in learns to use information given in its context; stage 2 then puts the soft visual prompts
+    in that place.
     """
     import transformers
 
@@ -117,7 +119,8 @@ def pretrain_language_model(settings: DemoSettings, data: Path, out: Path, slots
     model = auto.from_config(config)
     samples = json.loads((data / "train.json").read_text())
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=settings.lm_steps, pct_start=0.1)
+    warmup = max(1, settings.lm_steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, settings.lm_steps, 0.03))
     losses = []
     model.train()
     for _ in tqdm(range(settings.lm_steps), desc="LM pre-training on caption text", file=sys.stderr):
@@ -169,7 +172,7 @@ def write_configs(settings: DemoSettings, out: Path, data: Path, vocab_size: int
     }
     stage2 = {
         "seed_everything": settings.seed,
-        "trainer": {**trainer, "max_steps": settings.stage2_steps, "default_root_dir": str(out / "runs" / "stage2"), "check_val_every_n_epoch": 2},
+        "trainer": {**trainer, "max_steps": settings.stage2_steps, "default_root_dir": str(out / "runs" / "stage2"), "check_val_every_n_epoch": 4},
         "model": {"stage1": str(out / "exports" / "stage1"), "lm_path": str(lm_folder), "lm_precision": "fp32",
                   "prompt": CAPTION_PROMPT if settings.encoder_decoder else f"{CAPTION_PROMPT} ", "eos_text": "</s>",
                   "max_text_length": 32, "lr": 2e-3, "min_lr": 1e-4, "weight_decay": 0.05, "warmup_steps": 100,
@@ -209,7 +212,7 @@ def plot_losses(out: Path, lm_folder: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     lm_losses = json.loads((lm_folder / "pretraining_losses.json").read_text())
     axes[0].plot(lm_losses)
-    axes[0].set(title="stand-in LLM pre-training (text only)", xlabel="step", ylabel="loss")
+    axes[0].set(title="stand-in LLM pre-training (captions after an object context)", xlabel="step", ylabel="loss")
     rows = _read_metrics(out / "runs" / "stage1")
     for name in ("itc", "itm", "itg"):
         points = [(int(r["step"]), float(r[f"train/loss_{name}"])) for r in rows if r.get(f"train/loss_{name}")]
@@ -348,7 +351,7 @@ def run_demo(settings: DemoSettings) -> dict:
         "seconds": seconds,
         "encoder": ENCODER,
         "lm": f"{'T5' if settings.encoder_decoder else 'OPT'} architecture ({lm_config(settings, vocab_size)}), pre-trained here for "
-              f"{settings.lm_steps} steps on the training captions' text after a context of their objects' words, then frozen",
+              f"{settings.lm_steps} steps on the training captions' text after a context of one embedding per object, then frozen",
         "data": {split: len(json.loads((data / f'{split}.json').read_text())) for split in ("val", "test")} | {"train_captions": len(json.loads((data / 'train.json').read_text()))},
         "chance_r1": 100 / len(entries),
         "examples": examples,

@@ -116,8 +116,7 @@ class Stage2Module(TrainingSkeleton):
         new = [n for n, i in enumerate(image_ids) if i not in self.val_captions and i not in image_ids[:n]]
         if not new:
             return
-        prompt = self.hparams.prompt if not self.model.is_encoder_decoder or self.hparams.prompt else ""
-        texts = generate_text(self.model, self.lm_tokenizer, batch["pixel_values"][new], [prompt] * len(new),
+        texts = generate_text(self.model, self.lm_tokenizer, batch["pixel_values"][new], [self.hparams.prompt] * len(new),
                               num_beams=self.hparams.val_num_beams, max_new_tokens=self.hparams.val_max_new_tokens)
         self.val_captions.update({image_ids[n]: t for n, t in zip(new, texts)})
 

@@ -12,9 +12,10 @@ from stages.demo import attribute_accuracy
 RESULT_KEYS = {"retrieval", "caption", "seconds", "encoder", "lm"}
 
 
-def test_small_demo_writes_every_artefact_and_they_load(tmp_path, capsys):
+@pytest.mark.parametrize("lm", ["opt", "t5"])
+def test_small_demo_writes_every_artefact_and_they_load(tmp_path, capsys, lm):
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--num-images", "60", "--lm-steps", "10", "--stage1-steps", "12", "--stage2-steps", "12"]
+    argv = ["demo", "--out", str(out), "--lm", lm, "--num-images", "60", "--lm-steps", "10", "--stage1-steps", "12", "--stage2-steps", "12"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "text retrieval R@1" in printed and "attribute accuracy" in printed
@@ -31,7 +32,7 @@ def test_small_demo_writes_every_artefact_and_they_load(tmp_path, capsys):
     model, tokenizer = load_stage1(out / "exports" / "stage1")
     assert model.config.num_query_tokens == 8
     model, tokenizer = load_stage2(out / "exports" / "stage2")
-    assert not model.is_encoder_decoder
+    assert model.is_encoder_decoder == (lm == "t5")
     assert len(results["examples"]) == 4 and all("answer" in e for e in results["examples"])
 
 
