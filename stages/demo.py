@@ -162,7 +162,7 @@ def write_configs(settings: DemoSettings, out: Path, data: Path, vocab_size: int
         "hflip": False, "crop_scale": [1.0, 1.0],  # captions say left/right and small/large
     }
     trainer = {"accelerator": "cpu", "devices": 1, "precision": "32", "log_every_n_steps": 25, "gradient_clip_val": 1.0,
-               "enable_model_summary": False, "num_sanity_val_steps": 0}
+               "enable_model_summary": False, "num_sanity_val_steps": 0, "deterministic": True}  # same seed, same numbers
     stage1 = {
         "seed_everything": settings.seed,
         "trainer": {**trainer, "max_steps": settings.stage1_steps, "default_root_dir": str(out / "runs" / "stage1"), "check_val_every_n_epoch": 2},
