@@ -31,6 +31,13 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 ENCODER_FILE = "visual_encoder.safetensors"
 
 
+def save_encoder_weights(state: dict[str, torch.Tensor], out: Path) -> Path:
+    """Frozen-encoder weights (timm names) that have no file of their own, written into an export folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / ENCODER_FILE))
+    return out / ENCODER_FILE
+
+
 def _save_common(model, out: Path, stage: int) -> Blip2Config:
     """Trainable weights, and the frozen encoder too when it has no file of its own; returns the config to write."""
     out.mkdir(parents=True, exist_ok=True)
@@ -41,8 +48,7 @@ def _save_common(model, out: Path, stage: int) -> Blip2Config:
         config.vision_config.weights_path = str(Path(weights).resolve())  # the export may be read from elsewhere
     else:
         # A randomly initialised encoder has no file of its own (or only one inside another export): it travels along.
-        encoder = {k: v.contiguous() for k, v in model.visual_encoder.model.state_dict().items()}
-        save_file(encoder, str(out / ENCODER_FILE))
+        save_encoder_weights(model.visual_encoder.model.state_dict(), out)
         config.vision_config.weights_path = ENCODER_FILE
     (out / "qformer_export.json").write_text(json.dumps({**FORMAT, "stage": stage}, indent=2) + "\n")
     return config

@@ -16,15 +16,15 @@ import json
 import re
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
 from qformer.config import Blip2Config, LanguageModelConfig, QFormerConfig, VisionConfig, preset
 from qformer.convert import from_lavis, stage1_from_hf, stage2_key_to_hf, to_hf_generation, to_hf_retrieval, vision_from_hf
-from qformer.export import ENCODER_FILE, load_model, load_strict, save_stage1, save_stage2
+from qformer.export import load_model, load_strict, save_encoder_weights, save_stage1, save_stage2
 from qformer.stage1 import Stage1Model
 from qformer.stage2 import Stage2Model
+from qformer.vision import load_state_dict_file
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -34,18 +34,7 @@ IMAGE_TOKEN = "<image>"
 # --- reading checkpoints ---------------------------------------------------------------------------------
 def read_torch_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """A `.pth` state dict, loaded with `weights_only=True`: a pickle with other objects is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated file, foreign pickle, not a torch file
-        raise ValueError(f"cannot read {path} as a weights-only torch checkpoint ({type(error).__name__}: {str(error)[:300]})") from error
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
-        checkpoint = checkpoint["model"]
-    if not isinstance(checkpoint, dict) or not checkpoint or not all(isinstance(v, Tensor) for v in checkpoint.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors (or a dict with one under 'model')")
-    return checkpoint
+    return load_state_dict_file(path)
 
 
 def read_hf_weights(folder: Path) -> dict[str, Tensor]:
@@ -118,12 +107,7 @@ def import_lavis(
     if vision_weights is not None:
         config.vision_config.weights_path = str(Path(vision_weights).resolve())
     elif encoder:
-        out_path = Path(out)
-        out_path.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in encoder.items()}, str(out_path / ENCODER_FILE))
-        config.vision_config.weights_path = str((out_path / ENCODER_FILE).resolve())
+        config.vision_config.weights_path = str(save_encoder_weights(encoder, Path(out)).resolve())
         notes.append(f"image encoder weights taken from the checkpoint ({len(encoder)} tensors)")
     else:
         raise ValueError(f"{checkpoint} holds no visual_encoder.* weights: give --vision-weights (e.g. LAVIS's eva_vit_g.pth)")
@@ -188,11 +172,7 @@ def import_hf(folder: str | Path, out: str | Path) -> list[str]:
     config.vision_config, eva = _vision_config_from_hf(hf_config["vision_config"])
     vision_state = vision_from_hf({k[len("vision_model.") :]: v for k, v in hf.items() if k.startswith("vision_model.") and "post_layernorm" not in k}, eva)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in vision_state.items()}, str(out / ENCODER_FILE))
-    config.vision_config.weights_path = str((out / ENCODER_FILE).resolve())
+    config.vision_config.weights_path = str(save_encoder_weights(vision_state, out).resolve())
     notes = [f"image encoder: timm {config.vision_config.model_name} with transformers' weights"]
 
     if architecture == "Blip2ForImageTextRetrieval":

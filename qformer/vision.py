@@ -23,12 +23,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
         return load_file(str(path))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"cannot read weights from {path}: {error}") from error
-    for key in ("state_dict", "model", "module"):  # common wrappers
+    except Exception as error:  # truncated file, foreign pickle, not a torch file
+        raise ValueError(f"cannot read {path} as a weights-only torch checkpoint ({type(error).__name__}: {str(error)[:300]})") from error
+    for key in ("state_dict", "model", "module"):  # common wrappers (LAVIS keeps its weights under "model")
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, Tensor) for v in checkpoint.values()):
+    if not isinstance(checkpoint, dict) or not checkpoint or not all(isinstance(v, Tensor) for v in checkpoint.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors")
     return checkpoint
 

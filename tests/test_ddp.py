@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from qformer.bert import load_tokenizer
 from qformer.config import preset

@@ -1,7 +1,6 @@
 """Import from LAVIS and transformers, export to transformers: round trips, outputs, LAVIS key names, bad input."""
 
 import json
-import math
 from pathlib import Path
 
 import pytest

@@ -2,7 +2,6 @@
 
 import math
 
-import torch
 
 from qformer.stage1 import Stage1Model
 from stages.optim import configure_adamw, param_groups, warmup_cosine
