@@ -170,7 +170,7 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     """Write the built-in synthetic image-caption dataset."""
     from stages.synthetic import make_dataset
 
-    counts = make_dataset(args.folder, args.num_images, args.seed, args.image_size)
+    counts = make_dataset(args.folder, args.num_images, args.seed, args.image_size, args.val_images, args.test_images)
     print(f"wrote {sum(counts.values())} images to {args.folder}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
@@ -233,8 +233,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: stage 1, stage 2 and evaluation end to end on built-in synthetic data."""
     from stages.demo import DemoSettings, run_demo
 
-    settings = DemoSettings(out=args.out, lm=args.lm, seed=args.seed, num_images=args.num_images, lm_steps=args.lm_steps,
-                            stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps)
+    settings = DemoSettings(out=args.out, lm=args.lm, seed=args.seed, num_images=args.num_images, val_images=args.val_images,
+                            test_images=args.test_images, lm_steps=args.lm_steps, stage1_steps=args.stage1_steps,
+                            stage2_steps=args.stage2_steps)
     run_demo(settings)
     return 0
 
@@ -285,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lm", choices=["opt", "t5"], default=defaults.lm, help="decoder-only (OPT) or encoder-decoder (T5) LM")
     demo.add_argument("--seed", type=int, default=defaults.seed)
     demo.add_argument("--num-images", type=int, default=defaults.num_images)
+    demo.add_argument("--val-images", type=int, default=defaults.val_images)
+    demo.add_argument("--test-images", type=int, default=defaults.test_images)
     demo.add_argument("--lm-steps", type=int, default=defaults.lm_steps)
     demo.add_argument("--stage1-steps", type=int, default=defaults.stage1_steps)
     demo.add_argument("--stage2-steps", type=int, default=defaults.stage2_steps)
@@ -379,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     make_data.add_argument("--num-images", type=int, default=1000)
     make_data.add_argument("--seed", type=int, default=0)
     make_data.add_argument("--image-size", type=int, default=64)
+    make_data.add_argument("--val-images", type=int, default=None, help="validation images (default: 10%% of --num-images)")
+    make_data.add_argument("--test-images", type=int, default=None, help="test images (default: 10%% of --num-images)")
     make_data.set_defaults(func=cmd_make_data)
     return parser
 

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from stages.cli import main as qformer
 from stages.optim import warmup_cosine
 
-ENCODER = "timm vit_tiny_patch16_224 architecture (64 wide, 3 blocks of which 2 are used, 8 px patches, 48 px input), randomly initialised and frozen"
+ENCODER = ("timm vit_tiny_patch16_224 architecture (64 wide, 3 blocks of which 2 are used, 8 px patches, 48 px input), "
+           "randomly initialised with a fixed 2-D sin-cos position embedding, and frozen")
 CAPTION_PROMPT = "a photo of"
 
 
@@ -36,11 +37,13 @@ class DemoSettings:
     out: str = "demo_out"
     lm: str = "opt"  # opt (decoder-only) | t5 (encoder-decoder)
     seed: int = 0
-    num_images: int = 2500  # 10% test, 10% val, the rest train
+    num_images: int = 10000  # val_images + test_images, the rest train
+    val_images: int = 250
+    test_images: int = 250
     image_size: int = 48
-    lm_steps: int = 600
-    stage1_steps: int = 1400
-    stage2_steps: int = 2000
+    lm_steps: int = 400
+    stage1_steps: int = 1000
+    stage2_steps: int = 1000
     batch_size: int = 48
     num_beams: int = 3
 
@@ -49,7 +52,10 @@ class DemoSettings:
         return self.lm == "t5"
 
 
-def model_config(settings: DemoSettings, vocab_size: int) -> dict:
+ENCODER_KWARGS = {"patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 4}
+
+
+def model_config(settings: DemoSettings, vocab_size: int, encoder_weights: Path | None = None) -> dict:
     """The demo's architecture: a small frozen ViT and a small Q-Former (8 queries)."""
     return {
         "vision_config": {
@@ -57,7 +63,8 @@ def model_config(settings: DemoSettings, vocab_size: int) -> dict:
             "image_size": settings.image_size,
             "drop_last_blocks": 1,
             "precision": "fp32",
-            "model_kwargs": {"patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 4},
+            "weights_path": None if encoder_weights is None else str(encoder_weights),
+            "model_kwargs": ENCODER_KWARGS,
         },
         "qformer_config": {
             "vocab_size": vocab_size,
@@ -83,6 +90,30 @@ def lm_config(settings: DemoSettings, vocab_size: int) -> dict:
                     feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
     return dict(model_type="opt", vocab_size=vocab_size, hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
                 word_embed_proj_dim=128, max_position_embeddings=64, bos_token_id=2, eos_token_id=2, pad_token_id=1, dropout=0.0)
+
+
+# --- the stand-in image encoder ------------------------------------------------------------------------
+def write_encoder_weights(settings: DemoSettings, out: Path) -> Path:
+    """A randomly initialised ViT saved as a local weights file, loaded by the configs like real weights.
+
+    timm initialises position embeddings with std 0.02, a hundredth of what the patch embeddings carry,
+    so a random ViT all but hides where a patch is, which a pretrained one does not: the captions need
+    left and right. A fixed 2-D sin-cos position embedding (as in MAE) puts it back.
+    """
+    import timm
+    from safetensors.torch import save_file
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+    torch.manual_seed(settings.seed)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=settings.image_size, **ENCODER_KWARGS)
+    grid = vit.patch_embed.grid_size
+    with torch.no_grad():
+        vit.pos_embed[0, vit.num_prefix_tokens:] = build_sincos2d_pos_embed(list(grid), vit.embed_dim)
+        vit.pos_embed[0, : vit.num_prefix_tokens] = 0
+    path = out / "encoder" / "vit_random_sincos.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    return path
 
 
 # --- the stand-in LLM -------------------------------------------------------------------------------------
@@ -152,10 +183,10 @@ def pretrain_language_model(settings: DemoSettings, data: Path, out: Path, slots
 
 
 # --- configs --------------------------------------------------------------------------------------------
-def write_configs(settings: DemoSettings, out: Path, data: Path, vocab_size: int, lm_folder: Path) -> dict[str, Path]:
+def write_configs(settings: DemoSettings, out: Path, data: Path, vocab_size: int, lm_folder: Path, encoder_weights: Path) -> dict[str, Path]:
     configs = out / "configs"
     configs.mkdir(parents=True, exist_ok=True)
-    (configs / "model.json").write_text(json.dumps(model_config(settings, vocab_size), indent=2) + "\n")
+    (configs / "model.json").write_text(json.dumps(model_config(settings, vocab_size, encoder_weights), indent=2) + "\n")
     data_section = {
         "train": str(data / "train.json"), "val": str(data / "val.json"), "image_root": str(data),
         "image_size": settings.image_size, "batch_size": settings.batch_size, "num_workers": 0, "max_length": 20,
@@ -165,14 +196,16 @@ def write_configs(settings: DemoSettings, out: Path, data: Path, vocab_size: int
                "enable_model_summary": False, "num_sanity_val_steps": 0, "deterministic": True}  # same seed, same numbers
     stage1 = {
         "seed_everything": settings.seed,
-        "trainer": {**trainer, "max_steps": settings.stage1_steps, "default_root_dir": str(out / "runs" / "stage1"), "check_val_every_n_epoch": 2},
+        "trainer": {**trainer, "max_steps": settings.stage1_steps, "default_root_dir": str(out / "runs" / "stage1"),
+                    "check_val_every_n_epoch": None, "val_check_interval": max(1, settings.stage1_steps // 2)},
         "model": {"config": str(configs / "model.json"), "tokenizer": str(data), "lr": 3e-3, "min_lr": 1e-4,
                   "weight_decay": 0.05, "warmup_steps": 100, "val_retrieval": "itc"},
         "data": data_section,
     }
     stage2 = {
         "seed_everything": settings.seed,
-        "trainer": {**trainer, "max_steps": settings.stage2_steps, "default_root_dir": str(out / "runs" / "stage2"), "check_val_every_n_epoch": 4},
+        "trainer": {**trainer, "max_steps": settings.stage2_steps, "default_root_dir": str(out / "runs" / "stage2"),
+                    "check_val_every_n_epoch": None, "val_check_interval": max(1, settings.stage2_steps // 2)},
         "model": {"stage1": str(out / "exports" / "stage1"), "lm_path": str(lm_folder), "lm_precision": "fp32",
                   "prompt": CAPTION_PROMPT if settings.encoder_decoder else f"{CAPTION_PROMPT} ", "eos_text": "</s>",
                   "max_text_length": 32, "lr": 2e-3, "min_lr": 1e-4, "weight_decay": 0.05, "warmup_steps": 100,
@@ -297,7 +330,8 @@ def run_demo(settings: DemoSettings) -> dict:
         clock = now
 
     start = clock
-    _run(["make-data", str(data), "--num-images", str(settings.num_images), "--seed", str(settings.seed), "--image-size", "64"])
+    _run(["make-data", str(data), "--num-images", str(settings.num_images), "--seed", str(settings.seed), "--image-size", "64",
+          "--val-images", str(settings.val_images), "--test-images", str(settings.test_images)])
     phase("data")
 
     num_queries = model_config(settings, 0)["num_query_tokens"]
@@ -305,7 +339,7 @@ def run_demo(settings: DemoSettings) -> dict:
     phase("lm_pretraining")
 
     vocab_size = len(load_tokenizer(data))
-    configs = write_configs(settings, out, data, vocab_size, lm_folder)
+    configs = write_configs(settings, out, data, vocab_size, lm_folder, write_encoder_weights(settings, out))
     _run(["stage1", "fit", "--config", str(configs["stage1"])])
     _run(["export", str(_checkpoint(out / "runs" / "stage1")), "--out", str(out / "exports" / "stage1")])
     phase("stage1")

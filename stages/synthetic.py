@@ -86,6 +86,12 @@ def captions_for(objects: list[dict]) -> list[str]:
     ]
 
 
+def distinct_contents() -> int:
+    """How many different scenes `_scene` can draw: one object, or two that differ in colour or shape."""
+    kinds = len(COLORS) * len(SHAPES) * len(SIZES)
+    return kinds + kinds * kinds - len(COLORS) * len(SHAPES) * len(SIZES) ** 2
+
+
 def content_key(objects: list[dict]) -> tuple:
     return tuple((o["size"], o["color"], o["shape"]) for o in objects)
 
@@ -95,13 +101,22 @@ def write_vocab(folder: Path, captions: list[str]) -> None:
     (folder / "vocab.txt").write_text("\n".join(SPECIAL_TOKENS + words) + "\n")
 
 
-def make_dataset(folder: str | Path, num_images: int = 1000, seed: int = 0, image_size: int = 64, val_fraction: float = 0.1, test_fraction: float = 0.1) -> dict:
-    """Write the dataset; returns {"train": n, "val": n, "test": n} image counts."""
+def make_dataset(folder: str | Path, num_images: int = 1000, seed: int = 0, image_size: int = 64,
+                 val_images: int | None = None, test_images: int | None = None) -> dict:
+    """Write the dataset; returns {"train": n, "val": n, "test": n} image counts.
+
+    `val_images` and `test_images` default to 10% of `num_images` each; the rest is the training split.
+    """
     folder = Path(folder)
+    n_val = num_images // 10 if val_images is None else val_images
+    n_test = num_images // 10 if test_images is None else test_images
+    n_train = num_images - n_val - n_test
+    if n_train < 1:
+        raise ValueError(f"--num-images {num_images} leaves no training images after {n_val} val and {n_test} test images")
+    if max(n_val, n_test) > distinct_contents():
+        raise ValueError(f"a val/test split of {max(n_val, n_test)} images cannot have distinct content in every image (at most {distinct_contents()})")
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    n_val, n_test = int(num_images * val_fraction), int(num_images * test_fraction)
-    n_train = num_images - n_val - n_test
     splits = {"train": [], "val": [], "test": []}
     seen = {"val": set(), "test": set()}  # in the evaluation splits every image's content is unique
     all_captions = []

@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
 from qformer.export import load_stage1, load_stage2
 from stages.cli import main
@@ -15,7 +17,7 @@ RESULT_KEYS = {"retrieval", "caption", "seconds", "encoder", "lm"}
 @pytest.mark.parametrize("lm", ["opt", "t5"])
 def test_small_demo_writes_every_artefact_and_they_load(tmp_path, capsys, lm):
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--lm", lm, "--num-images", "60", "--lm-steps", "10", "--stage1-steps", "12", "--stage2-steps", "12"]
+    argv = ["demo", "--out", str(out), "--lm", lm, "--num-images", "60", "--val-images", "8", "--test-images", "8", "--lm-steps", "10", "--stage1-steps", "12", "--stage2-steps", "12"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "text retrieval R@1" in printed and "attribute accuracy" in printed
@@ -31,6 +33,10 @@ def test_small_demo_writes_every_artefact_and_they_load(tmp_path, capsys, lm):
     assert list((out / "runs" / "stage1").rglob("metrics.csv")) and list((out / "runs" / "stage2").rglob("*.ckpt"))
     model, tokenizer = load_stage1(out / "exports" / "stage1")
     assert model.config.num_query_tokens == 8
+    # The random encoder comes from the demo's local weights file, with its fixed 2-D sin-cos position embedding.
+    vit = model.visual_encoder.model
+    sincos = build_sincos2d_pos_embed(list(vit.patch_embed.grid_size), vit.embed_dim)
+    torch.testing.assert_close(vit.pos_embed[0, vit.num_prefix_tokens:], sincos, rtol=0, atol=0)
     model, tokenizer = load_stage2(out / "exports" / "stage2")
     assert model.is_encoder_decoder == (lm == "t5")
     assert len(results["examples"]) == 4 and all("answer" in e for e in results["examples"])
