@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from stages.cli import main as qformer
 from stages.optim import warmup_cosine
+from stages.synthetic import questions_for
 
 ENCODER = ("timm vit_tiny_patch16_224 architecture (64 wide, 3 blocks of which 2 are used, 8 px patches, 48 px input), "
            "randomly initialised with a fixed 2-D sin-cos position embedding, and frozen")
@@ -42,7 +43,7 @@ class DemoSettings:
     test_images: int = 250
     image_size: int = 48
     lm_steps: int = 400
-    stage1_steps: int = 1000
+    stage1_steps: int = 900
     stage2_steps: int = 1000
     batch_size: int = 48
     num_beams: int = 3
@@ -130,12 +131,30 @@ def context_embeddings(model, tokenizer, objects_batch: list[list[dict]], slots:
     return context + noise * context.detach().std() * torch.randn_like(context)
 
 
+def pretraining_text(sample: dict, rng: random.Random, encoder_decoder: bool) -> tuple[str, str]:
+    """(prefix, text) for one pre-training sample: its caption, or a question about its objects and the answer.
+
+    Decoder-only LMs learn the whole `prefix + text`; encoder-decoder LMs read the prefix and learn the text.
+    """
+    from qformer.stage2 import VQA_PROMPTS
+
+    if rng.random() < 0.25:
+        question, answer = rng.choice(questions_for(sample["objects"]))
+        prompt = VQA_PROMPTS["encoder_decoder" if encoder_decoder else "decoder"].format(question)
+        return (prompt, answer) if encoder_decoder else (f"{prompt} ", answer)
+    if encoder_decoder:
+        return CAPTION_PROMPT, sample["caption"]
+    return (f"{CAPTION_PROMPT} " if rng.random() < 0.5 else ""), sample["caption"]
+
+
 def pretrain_language_model(settings: DemoSettings, data: Path, out: Path, slots: int) -> Path:
     """Train the small LM on caption text (what a pretrained LLM would know), save it as a local folder.
 
-    Each caption follows a context of `slots` embeddings describing its objects, so that, like a real LLM,
+    Each text follows a context of `slots` embeddings describing its objects, so that, like a real LLM,
     the stand-in learns to use information given in its context; stage 2 then puts the soft visual prompts
-    in that place.
+    in that place. A quarter of the texts are questions about the objects with their answers, in the
+    paper's VQA prompt format, so that the frozen LM can answer questions about an image zero-shot: stage 2
+    itself only ever sees captions.
     """
     import transformers
 
@@ -154,19 +173,18 @@ def pretrain_language_model(settings: DemoSettings, data: Path, out: Path, slots
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, settings.lm_steps, 0.03))
     losses = []
     model.train()
-    for _ in tqdm(range(settings.lm_steps), desc="LM pre-training on caption text", file=sys.stderr):
+    for _ in tqdm(range(settings.lm_steps), desc="LM pre-training on captions and questions", file=sys.stderr):
         batch_samples = rng.sample(samples, 64)
-        texts = [s["caption"] for s in batch_samples]
+        prefixes, texts = zip(*(pretraining_text(s, rng, settings.encoder_decoder) for s in batch_samples))
         context = context_embeddings(model, tokenizer, [s["objects"] for s in batch_samples], slots, noise=0.3)
         ones = torch.ones(len(texts), slots, dtype=torch.long)
         if settings.encoder_decoder:
-            batch = encoder_decoder_batch(tokenizer, [CAPTION_PROMPT] * len(texts), texts, 32)
+            batch = encoder_decoder_batch(tokenizer, list(prefixes), list(texts), 32)
             embeds = torch.cat([context, model.get_input_embeddings()(batch.input_ids)], 1)
             loss = model(inputs_embeds=embeds, attention_mask=torch.cat([ones, batch.attention_mask], 1), labels=batch.labels,
                          decoder_attention_mask=batch.decoder_attention_mask).loss
         else:
-            prompts = [f"{CAPTION_PROMPT} " if rng.random() < 0.5 else "" for _ in texts]
-            batch = decoder_only_batch(tokenizer, [p + t for p, t in zip(prompts, texts)], eos_text="</s>", max_length=32)
+            batch = decoder_only_batch(tokenizer, [p + t for p, t in zip(prefixes, texts)], eos_text="</s>", max_length=32)
             embeds = torch.cat([context, model.get_input_embeddings()(batch.input_ids)], 1)
             labels = torch.cat([torch.full((len(texts), slots), IGNORE), batch.labels], 1)
             loss = model(inputs_embeds=embeds, attention_mask=torch.cat([ones, batch.attention_mask], 1), labels=labels).loss
@@ -245,7 +263,7 @@ def plot_losses(out: Path, lm_folder: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     lm_losses = json.loads((lm_folder / "pretraining_losses.json").read_text())
     axes[0].plot(lm_losses)
-    axes[0].set(title="stand-in LLM pre-training (captions after an object context)", xlabel="step", ylabel="loss")
+    axes[0].set(title="stand-in LLM pre-training (text after an object context)", xlabel="step", ylabel="loss")
     rows = _read_metrics(out / "runs" / "stage1")
     for name in ("itc", "itm", "itg"):
         points = [(int(r["step"]), float(r[f"train/loss_{name}"])) for r in rows if r.get(f"train/loss_{name}")]
@@ -363,15 +381,20 @@ def run_demo(settings: DemoSettings) -> dict:
     caption["attribute_accuracy"] = 100 * attribute_accuracy(predictions, entries)
     phase("eval_caption")
 
+    _run(["eval", "vqa", "--model", str(out / "exports" / "stage2"), "--data", str(data / "test_vqa.json"), "--images", str(data),
+          "--num-beams", str(settings.num_beams), "--json", str(out / "vqa.json"), "--predictions", str(out / "vqa_predictions.json")], capture=True)
+    vqa = json.loads((out / "vqa.json").read_text())
+    phase("eval_vqa")
+
     examples = []
+    questions = json.loads((data / "test_vqa.json").read_text())[:4]
     sample_images = [str(data / e["image"]) for e in entries[:4]]
     captions = json.loads(_run(["caption", "--model", str(out / "exports" / "stage2"), *sample_images, "--json",
                                 "--num-beams", str(settings.num_beams), "--min-new-tokens", "3", "--prompt", CAPTION_PROMPT], capture=True))
-    for item, entry in zip(captions, entries[:4]):
-        color = entry["objects"][0]["color"]
-        answer = _run(["ask", item["image"], f"what color is the {entry['objects'][0]['shape']}?", "--model", str(out / "exports" / "stage2")], capture=True).strip()
+    for item, entry, question in zip(captions, entries[:4], questions):
+        answer = _run(["ask", item["image"], question["question"], "--model", str(out / "exports" / "stage2")], capture=True).strip()
         examples.append({"image": item["image"], "caption": item["caption"], "reference": entry["caption"][0],
-                         "question": f"what color is the {entry['objects'][0]['shape']}?", "answer": answer, "expected": color})
+                         "question": question["question"], "answer": answer, "expected": question["answer"][0]})
     phase("examples")
 
     plot_samples(out, data, entries, predictions)
@@ -382,10 +405,12 @@ def run_demo(settings: DemoSettings) -> dict:
     results = {
         "retrieval": retrieval,
         "caption": caption,
+        "vqa": vqa,
         "seconds": seconds,
         "encoder": ENCODER,
         "lm": f"{'T5' if settings.encoder_decoder else 'OPT'} architecture ({lm_config(settings, vocab_size)}), pre-trained here for "
-              f"{settings.lm_steps} steps on the training captions' text after a context of one embedding per object, then frozen",
+              f"{settings.lm_steps} steps on the training captions' text (and questions with answers) after a context of one embedding "
+              "per object, then frozen",
         "data": {split: len(json.loads((data / f'{split}.json').read_text())) for split in ("val", "test")} | {"train_captions": len(json.loads((data / 'train.json').read_text()))},
         "chance_r1": 100 / len(entries),
         "examples": examples,
@@ -407,6 +432,7 @@ def print_summary(results: dict, out: Path) -> None:
         ("image retrieval R@1 / R@5 / R@10", f"{r['img_r1']:.1f} / {r['img_r5']:.1f} / {r['img_r10']:.1f}"),
         ("caption BLEU-4 / CIDEr", f"{c['bleu4']:.1f} / {c['cider']:.1f}"),
         ("caption attribute accuracy", f"{c['attribute_accuracy']:.1f} %"),
+        ("zero-shot VQA accuracy", f"{results['vqa']['accuracy']:.1f} % ({results['vqa']['questions']} questions)"),
         ("time (s)", ", ".join(f"{k} {v}" for k, v in results["seconds"].items())),
     ]
     width = max(len(name) for name, _ in rows)
@@ -415,5 +441,5 @@ def print_summary(results: dict, out: Path) -> None:
     print("  examples:")
     for e in results["examples"]:
         print(f"    {Path(e['image']).name}: caption {e['caption']!r} (reference {e['reference']!r}); "
-              f"{e['question']!r} -> {e['answer']!r}")
+              f"{e['question']!r} -> {e['answer']!r} (expected {e['expected']!r})")
     print(f"  everything is in {out}/ (results.json, samples.png, losses.png, configs/, runs/, exports/)")

@@ -4,8 +4,10 @@ Each image shows one or two objects (colour, shape, size, left/right). Every cap
 object's size, colour and shape in order, and within the val and test splits no two images have the same
 content, so each caption identifies exactly one image and retrieval recall is meaningful.
 The folder gets `images/*.png`, `train.json` (one caption per entry, LAVIS style), `val.json` and
-`test.json` (a list of captions per image, with the objects), a BERT `vocab.txt` covering the captions,
-and word-level tokenizers for small decoder-only and T5-style language models (`lm_tokenizer_*`).
+`test.json` (a list of captions per image, with the objects), `val_vqa.json` and `test_vqa.json` (one
+question per image, VQA format: "what color is the circle?", "what shape is the red object?"), a BERT
+`vocab.txt` covering the captions, and word-level tokenizers for small decoder-only and T5-style language
+models (`lm_tokenizer_*`).
 """
 
 from __future__ import annotations
@@ -86,6 +88,27 @@ def captions_for(objects: list[dict]) -> list[str]:
     ]
 
 
+def questions_for(objects: list[dict]) -> list[tuple[str, str]]:
+    """(question, answer) pairs with one right answer: the colour of a shape seen once, the shape of a colour seen once."""
+    pairs = []
+    for o in objects:
+        if sum(other["shape"] == o["shape"] for other in objects) == 1:
+            pairs.append((f"what color is the {o['shape']}?", o["color"]))
+        if sum(other["color"] == o["color"] for other in objects) == 1:
+            pairs.append((f"what shape is the {o['color']} object?", o["shape"]))
+    return pairs
+
+
+def vqa_entries(entries: list[dict]) -> list[dict]:
+    """One question per image in the VQA evaluation format; all ten "annotators" give the same answer."""
+    questions = []
+    for entry in entries:
+        pairs = questions_for(entry["objects"])
+        question, answer = pairs[entry["image_id"] % len(pairs)]
+        questions.append({"question_id": entry["image_id"], "image": entry["image"], "question": question, "answer": [answer] * 10})
+    return questions
+
+
 def distinct_contents() -> int:
     """How many different scenes `_scene` can draw: one object, or two that differ in colour or shape."""
     kinds = len(COLORS) * len(SHAPES) * len(SIZES)
@@ -136,6 +159,7 @@ def make_dataset(folder: str | Path, num_images: int = 1000, seed: int = 0, imag
     (folder / "train.json").write_text(json.dumps(train, indent=1))
     for split in ("val", "test"):
         (folder / f"{split}.json").write_text(json.dumps(splits[split], indent=1))
+        (folder / f"{split}_vqa.json").write_text(json.dumps(vqa_entries(splits[split]), indent=1))
     write_vocab(folder, all_captions)
     write_lm_tokenizer(folder / "lm_tokenizer_decoder", all_captions, encoder_decoder=False)
     write_lm_tokenizer(folder / "lm_tokenizer_t5", all_captions, encoder_decoder=True)
@@ -153,7 +177,7 @@ def write_lm_tokenizer(folder: str | Path, captions: list[str], encoder_decoder:
 
     folder = Path(folder)
     specials = ["<pad>", "</s>", "<unk>"] if encoder_decoder else ["<unk>", "<pad>", "</s>"]
-    words = sorted({w for c in captions for w in c.split()} | {"question", "answer", "short", ":", "?", "what", "is", "the", "color", "of", "shape", "a", "photo"})
+    words = sorted({w for c in captions for w in c.split()} | {"question", "answer", "short", ":", "?", "what", "is", "the", "color", "of", "shape", "object", "a", "photo"})
     vocab = {token: i for i, token in enumerate(specials + words)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Lowercase()

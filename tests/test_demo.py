@@ -11,7 +11,7 @@ from qformer.export import load_stage1, load_stage2
 from stages.cli import main
 from stages.demo import attribute_accuracy
 
-RESULT_KEYS = {"retrieval", "caption", "seconds", "encoder", "lm"}
+RESULT_KEYS = {"retrieval", "caption", "vqa", "seconds", "encoder", "lm"}
 
 
 @pytest.mark.parametrize("lm", ["opt", "t5"])
@@ -26,7 +26,8 @@ def test_small_demo_writes_every_artefact_and_they_load(tmp_path, capsys, lm):
     assert RESULT_KEYS <= set(results)
     assert {"txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"} <= set(results["retrieval"])
     assert {"bleu4", "cider", "attribute_accuracy"} <= set(results["caption"])
-    assert {"data", "lm_pretraining", "stage1", "stage2", "eval_retrieval", "eval_caption", "total"} <= set(results["seconds"])
+    assert results["vqa"]["questions"] == 8 and 0 <= results["vqa"]["accuracy"] <= 100
+    assert {"data", "lm_pretraining", "stage1", "stage2", "eval_retrieval", "eval_caption", "eval_vqa", "total"} <= set(results["seconds"])
     assert "randomly initialised" in results["encoder"]
     for name in ("samples.png", "losses.png", "configs/stage1.yaml", "configs/stage2.yaml", "configs/model.json"):
         assert (out / name).is_file(), name

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from stages.cli import main
-from stages.synthetic import COLORS, SHAPES, _scene, captions_for, content_key, distinct_contents, make_dataset
+from stages.synthetic import COLORS, SHAPES, _scene, captions_for, content_key, distinct_contents, make_dataset, questions_for
 
 
 def test_make_data_writes_the_asked_splits_reproducibly(tmp_path, capsys):
@@ -19,6 +19,10 @@ def test_make_data_writes_the_asked_splits_reproducibly(tmp_path, capsys):
 
     test = json.loads((tmp_path / "a" / "test.json").read_text())
     assert len({content_key(e["objects"]) for e in test}) == len(test) == 7  # every test caption names one image
+    questions = json.loads((tmp_path / "a" / "test_vqa.json").read_text())
+    assert [q["image"] for q in questions] == [e["image"] for e in test]
+    for q, e in zip(questions, test):
+        assert (q["question"], q["answer"][0]) in questions_for(e["objects"]) and q["answer"] == q["answer"][:1] * 10
     train = json.loads((tmp_path / "a" / "train.json").read_text())
     assert len(train) == 28 * 5 and {e["caption"] for e in train} >= set(captions_for(train[0]["objects"]))
 
@@ -45,3 +49,13 @@ def test_impossible_splits_are_refused(tmp_path):
         make_dataset(tmp_path, num_images=10, val_images=5, test_images=5)
     with pytest.raises(ValueError, match="distinct content"):
         make_dataset(tmp_path, num_images=5000, test_images=2000)
+
+
+def test_questions_have_exactly_one_right_answer():
+    red_circle = {"size": "small", "color": "red", "shape": "circle"}
+    blue_circle = {"size": "large", "color": "blue", "shape": "circle"}
+    assert questions_for([red_circle]) == [("what color is the circle?", "red"), ("what shape is the red object?", "circle")]
+    # Two circles: "what color is the circle?" has no single answer, so only shape questions are asked.
+    assert questions_for([red_circle, blue_circle]) == [("what shape is the red object?", "circle"), ("what shape is the blue object?", "circle")]
+    rng = random.Random(2)
+    assert all(questions_for(_scene(rng)) for _ in range(1000))
