@@ -31,11 +31,11 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 ENCODER_FILE = "visual_encoder.safetensors"
 
 
-def save_encoder_weights(state: dict[str, torch.Tensor], out: Path) -> Path:
-    """Frozen-encoder weights (timm names) that have no file of their own, written into an export folder."""
+def save_encoder_weights(state: dict[str, torch.Tensor], out: Path, name: str = ENCODER_FILE) -> Path:
+    """Frozen-encoder weights (timm names) as `out/name`: by default the file an export folder carries."""
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / ENCODER_FILE))
-    return out / ENCODER_FILE
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / name))
+    return out / name
 
 
 def _save_common(model, out: Path, stage: int) -> Blip2Config:

@@ -102,8 +102,9 @@ def write_encoder_weights(settings: DemoSettings, out: Path) -> Path:
     left and right. A fixed 2-D sin-cos position embedding (as in MAE) puts it back.
     """
     import timm
-    from safetensors.torch import save_file
     from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+    from qformer.export import save_encoder_weights
 
     torch.manual_seed(settings.seed)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=settings.image_size, **ENCODER_KWARGS)
@@ -111,10 +112,7 @@ def write_encoder_weights(settings: DemoSettings, out: Path) -> Path:
     with torch.no_grad():
         vit.pos_embed[0, vit.num_prefix_tokens:] = build_sincos2d_pos_embed(list(grid), vit.embed_dim)
         vit.pos_embed[0, : vit.num_prefix_tokens] = 0
-    path = out / "encoder" / "vit_random_sincos.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
-    return path
+    return save_encoder_weights(vit.state_dict(), out / "encoder", name="vit_random_sincos.safetensors")
 
 
 # --- the stand-in LLM -------------------------------------------------------------------------------------
