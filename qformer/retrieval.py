@@ -1,6 +1,7 @@
 """Image-text retrieval scores as LAVIS computes them (`compute_sim_matrix`), at COCO scale and shardable.
 
-1. image features (query outputs) and text features ([CLS]) are computed once each, in fixed chunks;
+1. image features (query outputs) and text features ([CLS]) are computed once each, in fixed chunks
+   (an unreadable image is marked, so it can be dropped before ranking);
 2. ITC similarity = max over queries of the cosine, for every image-text pair;
 3. for every image its top-k texts, and for every text its top-k images, are re-scored with
    ITM positive logit + ITC similarity; every other entry is -100.
@@ -44,41 +45,58 @@ def _owned(count: int, rank: int, world: int) -> list[int]:
 
 
 @torch.no_grad()
-def compute_features(
+def compute_image_features(
     model: Stage1Model,
-    load_chunk: Callable[[int], Tensor],  # chunk index -> pixel batch; chunks in a fixed order
+    load_chunk: Callable[[int], tuple[Tensor | None, list[int]]],  # chunk -> (pixels of its readable images, their rows)
     chunk_sizes: list[int],  # images per chunk (fixed boundaries, whatever the number of processes)
+    rank: int = 0,
+    world: int = 1,
+    reduce_sum: ReduceSum = no_reduce,
+    progress: Callable[[Iterable], Iterable] = lambda x: x,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(image_embeds (I, N, Dv), image_feats (I, Q, E), readable (I,) bool) of every image.
+
+    Each image is decoded once, by the process that owns its chunk; an unreadable one keeps zero rows and
+    `readable` False, so the caller can drop it before anything is ranked.
+    """
+    device = next(model.parameters()).device
+    starts = [sum(chunk_sizes[:i]) for i in range(len(chunk_sizes))]
+    total = sum(chunk_sizes)
+    size = model.config.vision_config.image_size
+    probe = model.encode_image(torch.zeros(1, 3, size, size, device=device))  # shapes, without reading any file
+    embeds = probe.new_zeros(total, *probe.shape[1:])
+    feats = probe.new_zeros(total, model.qformer.num_query_tokens, model.vision_proj.out_features)
+    readable = torch.zeros(total, device=device)
+    for c in progress(_owned(len(chunk_sizes), rank, world)):
+        pixels, kept = load_chunk(c)
+        if pixels is None:
+            continue
+        rows = torch.tensor(kept, device=device) + starts[c]
+        image_embeds = model.encode_image(pixels.to(device))  # (b, N, Dv)
+        embeds[rows] = image_embeds
+        feats[rows] = model.image_feats(model.query_forward(image_embeds).last_hidden_state)  # (b, Q, E)
+        readable[rows] = 1.0
+    return reduce_sum(embeds), reduce_sum(feats), reduce_sum(readable) > 0
+
+
+@torch.no_grad()
+def compute_text_features(
+    model: Stage1Model,
     input_ids: Tensor,
     attention_mask: Tensor,
     text_chunk: int = 256,
     rank: int = 0,
     world: int = 1,
     reduce_sum: ReduceSum = no_reduce,
-    progress: Callable[[Iterable], Iterable] = lambda x: x,
-) -> RetrievalFeatures:
-    """Features of all images and texts; each process computes its chunks, `reduce_sum` shares them."""
+) -> Tensor:
+    """(T, E) [CLS] features of every text; each process computes its chunks, `reduce_sum` shares them."""
     device = next(model.parameters()).device
-    sizes = chunk_sizes
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    embeds = feats = None
-    for c in progress(_owned(len(sizes), rank, world)):
-        image_embeds = model.encode_image(load_chunk(c).to(device))  # (b, N, Dv)
-        image_feats = model.image_feats(model.query_forward(image_embeds).last_hidden_state)  # (b, Q, E)
-        if embeds is None:
-            embeds = image_embeds.new_zeros(sum(sizes), *image_embeds.shape[1:])
-            feats = image_feats.new_zeros(sum(sizes), *image_feats.shape[1:])
-        embeds[starts[c] : starts[c] + sizes[c]] = image_embeds
-        feats[starts[c] : starts[c] + sizes[c]] = image_feats
-    if embeds is None:  # this process owns no image chunk: contribute zeros of the right shape
-        probe = model.encode_image(load_chunk(0)[:1].to(device))
-        embeds = probe.new_zeros(sum(sizes), *probe.shape[1:])
-        feats = probe.new_zeros(sum(sizes), model.qformer.num_query_tokens, model.vision_proj.out_features)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     text_feat = torch.zeros(len(input_ids), model.text_proj.out_features, device=device)
     for c in _owned((len(input_ids) + text_chunk - 1) // text_chunk, rank, world):
         rows = slice(c * text_chunk, (c + 1) * text_chunk)
         text_feat[rows] = model.text_feat(input_ids[rows], attention_mask[rows])
-    return RetrievalFeatures(reduce_sum(embeds), reduce_sum(feats), reduce_sum(text_feat), input_ids, attention_mask)
+    return reduce_sum(text_feat)
 
 
 @torch.no_grad()

@@ -19,11 +19,15 @@ def retrieval_recalls(score_i2t: Tensor, score_t2i: Tensor, img2txt: list[list[i
 
     Text retrieval (i2t) counts a hit when any of the image's captions is in the top K; image retrieval (t2i)
     uses the caption's one image. Ties count against the model (a positive ranks after every other entry with
-    the same score), so a positive left at -100 outside the re-ranked top-k is never a hit.
+    the same score), so a positive left at -100 outside the re-ranked top-k is never a hit. A non-finite
+    score (NaN, infinity) is never a hit: such a positive ranks last, and a NaN elsewhere ranks first.
     """
-    def best_rank(scores: Tensor, positives: list[int]) -> int:
-        best = max(positives, key=lambda j: scores[j].item())
-        return int((scores >= scores[best]).sum()) - 1
+    def best_rank(scores: Tensor, positives: list[int]) -> float:
+        finite = [j for j in positives if torch.isfinite(scores[j])]
+        if not finite:
+            return float("inf")
+        best = max(finite, key=lambda j: scores[j].item())
+        return float((scores.isnan() | (scores >= scores[best])).sum()) - 1
 
     i2t_ranks = torch.tensor([best_rank(score_i2t[i], img2txt[i]) for i in range(len(img2txt))])
     t2i_ranks = torch.tensor([best_rank(score_t2i[t], [txt2img[t]]) for t in range(len(txt2img))])

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import logging
 
-import pytorch_lightning as pl
 import torch
 
 from qformer.bert import init_from_bert, load_tokenizer
 from qformer.config import PRESETS, Blip2Config, preset
-from qformer.export import FROZEN_PREFIX, LM_PREFIX
 from qformer.losses import stage1_losses
 from qformer.stage1 import Stage1Model
 from stages.distributed import all_gather_with_grad, world
-from stages.optim import configure_adamw
+from stages.skeleton import TrainingSkeleton
 
 log = logging.getLogger(__name__)
 
@@ -21,71 +19,6 @@ log = logging.getLogger(__name__)
 def resolve_config(config: str) -> Blip2Config:
     """A preset name (vitg, vitl, tiny) or a JSON/YAML model config file."""
     return preset(config) if config in PRESETS else Blip2Config.from_file(config)
-
-
-class TrainingSkeleton(pl.LightningModule):
-    """What both stages share: the optimiser/schedule, trainable-only checkpoints and skipped-image reports."""
-
-    def __init__(self):
-        super().__init__()
-        self.skipped: list[str] = []
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        return configure_adamw(
-            self.model, hp.lr, hp.min_lr, hp.weight_decay, hp.warmup_steps, int(self.trainer.estimated_stepping_batches)
-        )
-
-    def _rebuildable_prefixes(self) -> tuple[str, ...]:
-        """Frozen towers that are rebuilt from their own files, so not copied into every checkpoint.
-
-        A randomly initialised tower (no file) is kept: it could not be rebuilt.
-        """
-        config = self.model.config
-        prefixes = []
-        if config.vision_config.weights_path is not None:
-            prefixes.append("model." + FROZEN_PREFIX)
-        if config.language_model is not None and config.language_model.path is not None:
-            prefixes.append("model." + LM_PREFIX)
-        return tuple(prefixes)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        drop = self._rebuildable_prefixes()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not (drop and k.startswith(drop))}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        frozen = ("model." + FROZEN_PREFIX, "model." + LM_PREFIX)
-        state = checkpoint["state_dict"]
-        for key, value in self.state_dict().items():
-            if key.startswith(frozen):
-                state.setdefault(key, value)
-
-    def setup(self, stage: str) -> None:
-        data = getattr(self.trainer, "datamodule", None)
-        if data is None:
-            return
-        if getattr(data, "tokenizer", None) is None:
-            data.tokenizer = self.tokenizer
-        image_size = self.model.config.vision_config.image_size
-        if data.hparams.image_size != image_size:
-            raise ValueError(f"data.image_size is {data.hparams.image_size} but the model's vision_config.image_size is {image_size}")
-
-    def count_skipped(self, batch: dict) -> None:
-        self.skipped.extend(batch.get("skipped", []))
-
-    def _report_skipped(self, split: str) -> None:
-        count = torch.tensor(float(len(self.skipped)), device=self.device)
-        self.log(f"{split}/skipped_images", count, reduce_fx="sum", sync_dist=True)
-        if self.skipped:
-            shown = ", ".join(self.skipped[:5]) + (" ..." if len(self.skipped) > 5 else "")
-            log.warning("%s epoch %d: skipped %d unreadable image sample(s) on rank %d: %s", split, self.current_epoch, len(self.skipped), world()[0], shown)
-        self.skipped = []
-
-    def on_train_epoch_end(self) -> None:
-        self._report_skipped("train")
-
-    def on_validation_epoch_end(self) -> None:
-        self._report_skipped("val")
 
 
 def first_occurrences(ids: torch.Tensor) -> torch.Tensor:
@@ -113,6 +46,8 @@ class Stage1Module(TrainingSkeleton):
         val_retrieval: retrieval recall on the validation split each validation: "itc" (ITC ranking, fast),
             "itm" (ITC top-k re-ranked with ITM, as the paper evaluates) or "off".
         val_k_test: candidates re-ranked per query with val_retrieval="itm".
+        max_consecutive_skips: stop the run after this many skipped steps in a row (a step is skipped when its
+            loss or gradients are not finite, or no image of the batch could be read); 0: never stop.
     """
 
     def __init__(
@@ -127,8 +62,9 @@ class Stage1Module(TrainingSkeleton):
         warmup_steps: int = 2000,
         val_retrieval: str = "itc",
         val_k_test: int = 16,
+        max_consecutive_skips: int = 25,
     ):
-        super().__init__()
+        super().__init__(max_consecutive_skips)
         self.save_hyperparameters()
         if val_retrieval not in ("itc", "itm", "off"):
             raise ValueError(f"model.val_retrieval must be itc, itm or off, got {val_retrieval!r}")
@@ -154,10 +90,7 @@ class Stage1Module(TrainingSkeleton):
             self.tokenizer.bos_token_id, all_gather_with_grad, rank,
         )
 
-    def training_step(self, batch: dict, batch_idx: int):
-        self.count_skipped(batch)
-        if "input_ids" not in batch:  # every sample of this batch was unreadable
-            return None
+    def training_loss(self, batch: dict) -> torch.Tensor:
         with torch.no_grad():
             self.model.temp.clamp_(0.001, 0.5)
         losses = self._losses(batch)
@@ -170,8 +103,7 @@ class Stage1Module(TrainingSkeleton):
         return losses.total
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.count_skipped(batch)
-        if "input_ids" not in batch:
+        if not self.note_validation_batch(batch):
             return
         losses = self._losses(batch)
         size = len(batch["input_ids"])

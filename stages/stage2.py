@@ -11,7 +11,7 @@ from qformer.bert import load_tokenizer
 from qformer.config import LanguageModelConfig
 from qformer.export import load_stage1_into_stage2, read_config, read_export_info
 from qformer.stage2 import Stage2Model, decoder_only_batch, encoder_decoder_batch, load_lm_tokenizer, split_caption
-from stages.stage1 import TrainingSkeleton
+from stages.skeleton import TrainingSkeleton
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ class Stage2Module(TrainingSkeleton):
         split_seed: seed of the prefix/suffix split.
         val_caption: caption every validation image and log BLEU-4 and CIDEr (val/bleu4, val/cider).
         val_num_beams, val_max_new_tokens: generation settings for those captions.
+        max_consecutive_skips: stop the run after this many skipped steps in a row (a step is skipped when its
+            loss or gradients are not finite, or no image of the batch could be read); 0: never stop.
     """
 
     def __init__(
@@ -54,8 +56,9 @@ class Stage2Module(TrainingSkeleton):
         val_caption: bool = True,
         val_num_beams: int = 3,
         val_max_new_tokens: int = 20,
+        max_consecutive_skips: int = 25,
     ):
-        super().__init__()
+        super().__init__(max_consecutive_skips)
         self.save_hyperparameters()
         self.val_captions: dict = {}
         self.val_references: dict = {}
@@ -88,10 +91,7 @@ class Stage2Module(TrainingSkeleton):
         text = {k: v.to(self.device) for k, v in self.text_batch(batch["captions"]).as_kwargs().items()}
         return self.model(batch["pixel_values"], **text)
 
-    def training_step(self, batch: dict, batch_idx: int):
-        self.count_skipped(batch)
-        if "pixel_values" not in batch:
-            return None
+    def training_loss(self, batch: dict) -> torch.Tensor:
         loss = self._loss(batch)
         size = len(batch["pixel_values"])
         self.log("train/loss_lm", loss, batch_size=size, prog_bar=True)
@@ -99,8 +99,7 @@ class Stage2Module(TrainingSkeleton):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.count_skipped(batch)
-        if "pixel_values" not in batch:
+        if not self.note_validation_batch(batch):
             return
         self.log("val/loss_lm", self._loss(batch), batch_size=len(batch["pixel_values"]), sync_dist=True)
         if self.hparams.val_caption:

@@ -12,7 +12,7 @@ from torchmetrics.retrieval import RetrievalHitRate
 from qformer.bert import load_tokenizer
 from qformer.config import preset
 from qformer.export import save_stage1
-from qformer.retrieval import NOT_RANKED, compute_features, itc_similarity, rerank
+from qformer.retrieval import NOT_RANKED, RetrievalFeatures, compute_image_features, compute_text_features, itc_similarity, rerank
 from qformer.stage1 import Stage1Model
 from stages.cli import main
 from stages.evaluate import EvalSet, evaluate_retrieval, load_questions
@@ -83,7 +83,9 @@ def features(model, images=5, texts=7):
     ids = torch.randint(1000, 30000, (texts, 6))
     mask = torch.ones_like(ids)
     mask[::2, 4:] = 0
-    return compute_features(model, lambda c: pixels[c * 2 : c * 2 + 2], [2, 2, 1], ids, mask, text_chunk=3)
+    embeds, feats, readable = compute_image_features(model, lambda c: (pixels[c * 2 : c * 2 + 2], [0, 1][: 5 - 2 * c]), [2, 2, 1])
+    assert readable.all()
+    return RetrievalFeatures(embeds, feats, compute_text_features(model, ids, mask, text_chunk=3), ids, mask)
 
 
 def test_rerank_with_all_candidates_is_the_full_itm_ranking(tiny_model):
@@ -212,7 +214,7 @@ def test_missing_images_are_reported_and_counted(tmp_path, capsys):
 def test_question_file_in_the_wrong_format(tmp_path):
     path = tmp_path / "q.json"
     path.write_text(json.dumps({"questions": []}))
-    with pytest.raises(ValueError, match="expected a list of questions"):
+    with pytest.raises(ValueError, match="expected a non-empty list of questions"):
         load_questions(str(path))
     path.write_text(json.dumps([{"image": "a.png", "question": "what?"}]))
     with pytest.raises(ValueError, match="entry 0 needs 'image', 'question' and 'answer'"):

@@ -1,0 +1,149 @@
+"""Reading images from files nobody checked: one loader for training, evaluation and captioning.
+
+Every way a file can fail — missing, empty, truncated, not an image, too many pixels, outside the image
+root — becomes `UnreadableImage`, which names the file and the reason. Callers skip the sample, count it
+and name it once (`SkippedImages`); a run never dies on one bad file.
+
+The pixel count is checked from the header, before anything is decoded: a 109 KB PNG can declare
+30000 x 30000 pixels and decode to gigabytes.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageFile
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is broken, not silently grey
+
+# 50 megapixels: a 50 MP camera photo still loads; Pillow's own limit (89 MP warning, 179 MP error) is higher.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+OUTSIDE_ROOT_HINT = "pass --allow-outside-root (data.allow_outside_root: true) to read it"
+
+
+class UnreadableImage(OSError):
+    """An image file that cannot be used; `path` and `reason` say which and why."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def read_rgb(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode any image file as 8-bit RGB (gray, palette, CMYK, alpha on white and 16-bit included).
+
+    Raises `UnreadableImage` for every failure. `max_pixels` (None: no limit of ours) is checked against the
+    header's width x height before decoding.
+    """
+    if max_pixels is not None and max_pixels > (Image.MAX_IMAGE_PIXELS or 0) and Image.MAX_IMAGE_PIXELS is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # the user asked for more than Pillow allows: raise Pillow's bomb limit too
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides, below
+            with Image.open(path) as image:
+                width, height = image.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise UnreadableImage(path, f"{width}x{height} = {width * height:,} pixels is over the limit of "
+                                                f"{max_pixels:,} (--max-image-pixels)")
+                image.load()
+                return _to_rgb(image)
+    except UnreadableImage:
+        raise
+    except Image.DecompressionBombError as error:
+        raise UnreadableImage(path, f"too many pixels ({error})") from None
+    except FileNotFoundError:
+        raise UnreadableImage(path, "file not found") from None
+    except Exception as error:  # decoders of hostile files raise many types (OSError, SyntaxError, struct.error, ...)
+        reason = str(error) or type(error).__name__
+        if Path(path).is_file() and Path(path).stat().st_size == 0:
+            reason = "empty file"
+        raise UnreadableImage(path, reason) from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda v: v * (1 / 256)).convert("L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        rgba = image.convert("RGBA")
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+# --- image roots ----------------------------------------------------------------------------------------------
+def escapes_root(relative: str) -> bool:
+    """True for an annotation path that names a file outside its image root without looking at the disk."""
+    path = Path(relative)
+    if path.is_absolute():
+        return True
+    depth = 0
+    for part in path.parts:
+        depth += -1 if part == ".." else 0 if part == "." else 1
+        if depth < 0:
+            return True
+    return False
+
+
+def image_under_root(root: Path, relative: str, allow_outside_root: bool = False) -> Path:
+    """`root / relative`, refused (UnreadableImage) when it leads out of `root`, symbolic links followed."""
+    path = root / relative
+    if not allow_outside_root and not path.resolve().is_relative_to(root.resolve()):
+        raise UnreadableImage(path, f"leads outside the image root {root} ({OUTSIDE_ROOT_HINT})")
+    return path
+
+
+# --- skipping and reporting ---------------------------------------------------------------------------------
+class SkippedImages:
+    """The unreadable images of a run: each named once (on stderr unless told otherwise) and counted."""
+
+    def __init__(self, report: Callable[[str], None] | None = None):
+        self.reasons: dict[str, str] = {}
+        self.report = report or (lambda line: print(line, file=sys.stderr))
+
+    def add(self, error: UnreadableImage) -> None:
+        if error.path not in self.reasons:
+            self.reasons[error.path] = error.reason
+            self.report(f"skipping {error.path}: {error.reason}")
+
+    def __len__(self) -> int:
+        return len(self.reasons)
+
+    def __contains__(self, path: str) -> bool:
+        return str(path) in self.reasons
+
+
+def load_pixels(paths: Sequence[str | Path], transform, skipped: SkippedImages, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                root: Path | None = None, allow_outside_root: bool = False) -> tuple[torch.Tensor | None, list[int]]:
+    """Decode and transform a batch of images once: (stacked pixels or None, indices of the readable ones).
+
+    With `root`, `paths` are relative to it and may not lead out of it unless `allow_outside_root`.
+    """
+    pixels, kept = [], []
+    for i, path in enumerate(paths):
+        try:
+            full = path if root is None else image_under_root(root, str(path), allow_outside_root)
+            pixels.append(transform(read_rgb(full, max_pixels)))
+            kept.append(i)
+        except UnreadableImage as error:
+            skipped.add(error)
+    return (torch.stack(pixels) if pixels else None), kept
+
+
+def image_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files given on a command line: files as they are, folders searched recursively by suffix."""
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        else:
+            paths.append(item)  # a missing file is named when it is read
+    return paths

@@ -1,0 +1,194 @@
+"""What both training stages share: the optimiser, trainable-only checkpoints, skipped images and skipped steps.
+
+A step is skipped, never applied, when any process has a batch without one readable image, a non-finite
+loss or a non-finite gradient: every process makes the same decision (one all-reduce of a flag), so
+DDP processes stay in step. Skipped steps are counted (`train/skipped_steps`) and named with their samples;
+`max_consecutive_skips` skipped steps in a row stop the run with `TrainingStopped`, before any bad update
+reached the weights, so the checkpoints written so far stay good.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytorch_lightning as pl
+import torch
+
+from qformer.export import FROZEN_PREFIX, LM_PREFIX
+from stages.distributed import world
+from stages.optim import configure_adamw
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on usefully (diverged, or nothing to learn from); the message says why."""
+
+
+class TrainingSkeleton(pl.LightningModule):
+    """Subclasses build `self.model` and implement `training_loss(batch)` and `validation_step`."""
+
+    def __init__(self, max_consecutive_skips: int = 25):
+        super().__init__()
+        if max_consecutive_skips < 0:
+            raise ValueError(f"model.max_consecutive_skips must be >= 0 (0: never stop), got {max_consecutive_skips}")
+        self.max_consecutive_skips = max_consecutive_skips
+        self.skipped: dict[str, list[str]] = {"train": [], "val": []}  # unreadable images, reported per epoch
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.applied_steps = 0
+        self.last_skip_reason = ""
+        self.validation_batches = 0
+        self._step_problem: str | None = None  # why the current step may not be applied
+        self._step_loss: torch.Tensor | None = None
+        self._step_samples: list[int] = []
+
+    # --- training steps ---------------------------------------------------------------------------------------
+    def training_loss(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.skipped["train"] += batch.get("skipped", [])
+        self._step_samples = batch.get("sample_ids", torch.empty(0)).tolist()
+        self._step_problem, self._step_loss = None, None
+        if self._any_rank(not self.has_images(batch)):  # then no rank may enter the losses' cross-rank gathers
+            self._step_problem = "no readable image in the batch" if not self.has_images(batch) else "another process's batch"
+            return self._zero_loss()
+        loss = self.training_loss(batch)
+        self._step_loss = loss.detach()
+        return loss
+
+    @staticmethod
+    def has_images(batch: dict) -> bool:
+        return "pixel_values" in batch
+
+    def _zero_loss(self) -> torch.Tensor:
+        """A loss of exactly zero that still reaches every trainable parameter, so DDP's gradient hooks all fire."""
+        return sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad)
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.trainer.world_size == 1:
+            return flag
+        return self._sum_over_ranks(float(flag)) > 0
+
+    def _sum_over_ranks(self, value: float) -> float:
+        if self.trainer.world_size == 1:
+            return value
+        return float(self.trainer.strategy.reduce(torch.tensor(value, device=self.device), reduce_op="sum"))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Apply the step only when every process has a finite loss and finite gradients; otherwise drop the gradients."""
+        if self._step_problem is None:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            checks = torch.stack([torch.isfinite(g).all() for g in [self._step_loss, *grads] if g is not None]).tolist()
+            if not checks[0] and self._step_loss is not None:
+                self._step_problem = f"loss is {self._step_loss.item()}"
+            elif not all(checks):
+                self._step_problem = "non-finite gradient"
+        if not self._any_rank(self._step_problem is not None):
+            self.consecutive_skips = 0
+            self.applied_steps += 1
+        else:
+            for p in self.model.parameters():
+                p.grad = None  # AdamW leaves parameters without a gradient untouched (no decay, no moment update)
+            self._skip_step(self._step_problem or "a non-finite loss or gradient on another process")
+        self.log("train/skipped_steps", float(self.skipped_steps), reduce_fx="max")
+
+    def _skip_step(self, reason: str) -> None:
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        self.last_skip_reason = reason
+        log.warning("step %d skipped on rank %d: %s; samples %s", self.global_step, world()[0], reason, self._describe_samples())
+        limit = self.max_consecutive_skips
+        if limit and self.consecutive_skips >= limit:
+            raise TrainingStopped(
+                f"stopped after {self.consecutive_skips} skipped steps in a row (last: {reason}); no update was applied by "
+                f"any of them, so the weights and the checkpoints saved so far are the last good ones. Lower the learning "
+                f"rate, check the data, or raise model.max_consecutive_skips"
+            )
+
+    def _describe_samples(self, limit: int = 8) -> str:
+        """The step's sample ids, with their image paths when the data module can tell."""
+        ids = self._step_samples[:limit]
+        dataset = getattr(getattr(self.trainer, "datamodule", None), "train_set", None)
+        if dataset is not None and hasattr(dataset, "samples"):
+            named = [f"{i} ({dataset.samples[i][0]})" for i in ids if 0 <= i < len(dataset.samples)]
+        else:
+            named = [str(i) for i in ids]
+        return ", ".join(named) + (" ..." if len(self._step_samples) > limit else "") if named else "(none readable)"
+
+    def on_train_end(self) -> None:
+        if self.applied_steps == 0 and self.skipped_steps > 0:
+            raise TrainingStopped(
+                f"no step was applied: all {self.skipped_steps} training steps were skipped (last: {self.last_skip_reason}; "
+                f"the warnings above name the samples)"
+            )
+
+    # --- optimiser and checkpoints ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        return configure_adamw(
+            self.model, hp.lr, hp.min_lr, hp.weight_decay, hp.warmup_steps, int(self.trainer.estimated_stepping_batches)
+        )
+
+    def _rebuildable_prefixes(self) -> tuple[str, ...]:
+        """Frozen towers that are rebuilt from their own files, so not copied into every checkpoint.
+
+        A randomly initialised tower (no file) is kept: it could not be rebuilt.
+        """
+        config = self.model.config
+        prefixes = []
+        if config.vision_config.weights_path is not None:
+            prefixes.append("model." + FROZEN_PREFIX)
+        if config.language_model is not None and config.language_model.path is not None:
+            prefixes.append("model." + LM_PREFIX)
+        return tuple(prefixes)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        drop = self._rebuildable_prefixes()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not (drop and k.startswith(drop))}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        frozen = ("model." + FROZEN_PREFIX, "model." + LM_PREFIX)
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            if key.startswith(frozen):
+                state.setdefault(key, value)
+
+    def setup(self, stage: str) -> None:
+        data = getattr(self.trainer, "datamodule", None)
+        if data is None:
+            return
+        if getattr(data, "tokenizer", None) is None:
+            data.tokenizer = self.tokenizer
+        image_size = self.model.config.vision_config.image_size
+        if data.hparams.image_size != image_size:
+            raise ValueError(f"data.image_size is {data.hparams.image_size} but the model's vision_config.image_size is {image_size}")
+
+    # --- unreadable images ----------------------------------------------------------------------------------------
+    def _report_skipped(self, split: str) -> None:
+        skipped = self.skipped[split]
+        self.log(f"{split}/skipped_images", torch.tensor(float(len(skipped)), device=self.device), reduce_fx="sum", sync_dist=True)
+        if skipped:
+            shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+            log.warning("%s epoch %d: skipped %d unreadable image sample(s) on rank %d: %s", split, self.current_epoch, len(skipped), world()[0], shown)
+        self.skipped[split] = []
+
+    def on_train_epoch_end(self) -> None:
+        self._report_skipped("train")
+
+    def on_validation_epoch_start(self) -> None:
+        self.validation_batches = 0
+
+    def note_validation_batch(self, batch: dict) -> bool:
+        """Count the batch's unreadable images; True when it has images to validate on."""
+        self.skipped["val"] += batch.get("skipped", [])
+        usable = self.has_images(batch)
+        self.validation_batches += usable
+        return usable
+
+    def on_validation_epoch_end(self) -> None:
+        unreadable = list(self.skipped["val"])
+        self._report_skipped("val")
+        if self._sum_over_ranks(float(self.validation_batches)) == 0 and self._sum_over_ranks(float(len(unreadable))) > 0:
+            raise TrainingStopped(f"data.val: no readable image in the validation split ({'; '.join(unreadable[:3]) or 'on another process'})")
