@@ -10,6 +10,7 @@ The pixel count is checked from the header, before anything is decoded: a 109 KB
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -55,12 +56,14 @@ def read_rgb(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
                 return _to_rgb(image)
     except UnreadableImage:
         raise
-    except Image.DecompressionBombError as error:
-        raise UnreadableImage(path, f"too many pixels ({error})") from None
+    except Image.DecompressionBombError as error:  # over twice Pillow's own limit: refused by Image.open itself
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        count = f"{int(pixels.group(1)):,} pixels" if pixels else "the pixel count"
+        raise UnreadableImage(path, f"{count} is over the limit of {max_pixels or Image.MAX_IMAGE_PIXELS:,} (--max-image-pixels)") from None
     except FileNotFoundError:
         raise UnreadableImage(path, "file not found") from None
     except Exception as error:  # decoders of hostile files raise many types (OSError, SyntaxError, struct.error, ...)
-        reason = str(error) or type(error).__name__
+        reason = (str(error) or type(error).__name__).replace(f" '{path}'", "").replace(str(path), "the file")
         if Path(path).is_file() and Path(path).stat().st_size == 0:
             reason = "empty file"
         raise UnreadableImage(path, reason) from None
