@@ -15,6 +15,7 @@ from torch import Tensor
 
 from qformer.config import QFormerConfig
 from qformer.convert import LAYER_TO_BERT
+from qformer.files import read_tokenizer
 from qformer.vision import load_state_dict_file
 
 DEC_TOKEN = "[DEC]"
@@ -27,7 +28,7 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not (path / "vocab.txt").is_file() and not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer (vocab.txt or tokenizer.json) in {path}")
-    tokenizer = BertTokenizerFast.from_pretrained(str(path), local_files_only=True, truncation_side="right")
+    tokenizer = read_tokenizer(path, lambda folder: BertTokenizerFast.from_pretrained(folder, local_files_only=True, truncation_side="right"))
     if DEC_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"bos_token": DEC_TOKEN})
     return tokenizer

@@ -2,6 +2,7 @@
 
 The frozen image encoder is not copied: the config records its timm name and weights file, and
 loading rebuilds it from there. Loading is strict: only the encoder's keys may be absent.
+A folder is written whole or not at all (`qformer.files.atomic_folder`); `qformer_export.json` is written last.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from qformer.config import Blip2Config
+from qformer.files import MARKER, atomic_folder, non_finite, read_safetensors, shape_mismatches, write_safetensors
 from qformer.stage1 import Stage1Model
 from qformer.stage2 import Stage2Model
 
@@ -34,57 +35,98 @@ ENCODER_FILE = "visual_encoder.safetensors"
 def save_encoder_weights(state: dict[str, torch.Tensor], out: Path, name: str = ENCODER_FILE) -> Path:
     """Frozen-encoder weights (timm names) as `out/name`: by default the file an export folder carries."""
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / name))
-    return out / name
+    return write_safetensors(state, out / name)
 
 
-def _save_common(model, out: Path, stage: int) -> Blip2Config:
-    """Trainable weights, and the frozen encoder too when it has no file of its own; returns the config to write."""
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state(model), str(out / "model.safetensors"))
+def require_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """An export of NaN/inf weights would load and then produce garbage: refuse it, naming the tensors."""
+    bad = non_finite(state)
+    if bad:
+        shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise ValueError(f"{source}: {len(bad)} tensor(s) hold NaN or inf values ({shown}); nothing exported")
+
+
+def _inside(path: str, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(folder.resolve())
+
+
+def _write_common(model, folder: Path, dest: Path, source: str) -> Blip2Config:
+    """Trainable weights, and the frozen encoder too when it has no file of its own; returns the config to write.
+
+    `folder` is the temporary folder being written, `dest` the folder it will become.
+    """
+    state = trainable_state(model)
+    require_finite(state, source)
     config = Blip2Config.from_dict(model.config.to_dict())
     weights = config.vision_config.weights_path
-    if weights is not None and Path(weights).name != ENCODER_FILE:
+    if weights is not None and Path(weights).name != ENCODER_FILE and not _inside(weights, dest):
         config.vision_config.weights_path = str(Path(weights).resolve())  # the export may be read from elsewhere
     else:
-        # A randomly initialised encoder has no file of its own (or only one inside another export): it travels along.
-        save_encoder_weights(model.visual_encoder.model.state_dict(), out)
+        # A randomly initialised encoder has no file of its own (or only one inside an export, maybe the one
+        # this folder replaces): it travels along.
+        encoder = model.visual_encoder.model.state_dict()
+        require_finite(encoder, source)
+        save_encoder_weights(encoder, folder)
         config.vision_config.weights_path = ENCODER_FILE
-    (out / "qformer_export.json").write_text(json.dumps({**FORMAT, "stage": stage}, indent=2) + "\n")
+    write_safetensors(state, folder / "model.safetensors")
     return config
 
 
-def save_stage1(model: Stage1Model, tokenizer, out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    config = _save_common(model, out, stage=1)
-    config.save(out / "config.json")
-    tokenizer.save_pretrained(str(out / "tokenizer"))
-    return out
+def _write_marker(folder: Path, stage: int) -> None:
+    """Last: a folder with the marker is a complete export."""
+    (folder / MARKER).write_text(json.dumps({**FORMAT, "stage": stage}, indent=2) + "\n")
 
 
-def save_stage2(model: Stage2Model, lm_tokenizer, out_dir: str | Path) -> Path:
-    """The LM is recorded by path; one built from a config (no folder) is saved into the export."""
-    out = Path(out_dir)
-    config = _save_common(model, out, stage=2)
+def write_stage1(model: Stage1Model, tokenizer, folder: Path, dest: Path, source: str = "the model") -> None:
+    """The files of a stage-1 export, into the (temporary) `folder` that becomes `dest`."""
+    config = _write_common(model, folder, dest, source)
+    config.save(folder / "config.json")
+    tokenizer.save_pretrained(str(folder / "tokenizer"))
+    _write_marker(folder, 1)
+
+
+def write_stage2(model: Stage2Model, lm_tokenizer, folder: Path, dest: Path, source: str = "the model") -> None:
+    """The LM is recorded by path; one built from a config (no folder), or inside `dest`, is saved into the export."""
+    config = _write_common(model, folder, dest, source)
     lm = config.language_model
-    if lm.path is not None:
+    if lm.path is not None and _inside(lm.path, folder):  # already written here (import hf)
+        lm.path = Path(lm.path).resolve().relative_to(folder.resolve()).as_posix()
+    elif lm.path is not None and not _inside(lm.path, dest):
         lm.path = str(Path(lm.path).resolve())
     else:
-        model.language_model.model.save_pretrained(str(out / "language_model"))
+        model.language_model.model.save_pretrained(str(folder / "language_model"))
         lm.path, lm.config = "language_model", None
-    lm_tokenizer.save_pretrained(str(out / "lm_tokenizer"))
+    lm_tokenizer.save_pretrained(str(folder / "lm_tokenizer"))
     lm.tokenizer = "lm_tokenizer"
-    config.save(out / "config.json")
-    return out
+    config.save(folder / "config.json")
+    _write_marker(folder, 2)
+
+
+def save_stage1(model: Stage1Model, tokenizer, out_dir: str | Path, overwrite: bool = False, source: str = "the model") -> Path:
+    """A stage-1 export folder; an existing non-empty `out_dir` only with `overwrite` (replaced as a whole)."""
+    with atomic_folder(out_dir, overwrite) as folder:
+        write_stage1(model, tokenizer, folder, Path(out_dir), source)
+    return Path(out_dir)
+
+
+def save_stage2(model: Stage2Model, lm_tokenizer, out_dir: str | Path, overwrite: bool = False, source: str = "the model") -> Path:
+    """A stage-2 export folder; an existing non-empty `out_dir` only with `overwrite` (replaced as a whole)."""
+    with atomic_folder(out_dir, overwrite) as folder:
+        write_stage2(model, lm_tokenizer, folder, Path(out_dir), source)
+    return Path(out_dir)
 
 
 def read_export_info(folder: str | Path) -> dict:
-    info_file = Path(folder) / "qformer_export.json"
+    info_file = Path(folder) / MARKER
     if not info_file.is_file():
-        raise FileNotFoundError(f"{folder} is not a qformer export folder (no qformer_export.json)")
-    info = json.loads(info_file.read_text())
-    if info.get("format") != FORMAT["format"]:
-        raise ValueError(f"{info_file}: unknown format {info.get('format')!r}")
+        raise FileNotFoundError(f"{folder} is not a qformer export folder (no {MARKER})")
+    try:
+        info = json.loads(info_file.read_text())
+    except ValueError as error:
+        raise ValueError(f"{info_file} is not valid JSON ({error})") from error
+    found = info.get("format") if isinstance(info, dict) else info
+    if found != FORMAT["format"]:
+        raise ValueError(f"{info_file}: unknown format {found!r}")
     return info
 
 
@@ -112,7 +154,7 @@ def load_stage1(folder: str | Path, map_location: str = "cpu") -> tuple[Stage1Mo
     if info.get("stage") != 1:
         raise ValueError(f"{folder} holds a stage-{info.get('stage')} model, not stage 1")
     model = Stage1Model(read_config(folder))
-    load_strict(model, load_file(str(folder / "model.safetensors"), device=map_location), str(folder))
+    load_strict(model, read_safetensors(folder / "model.safetensors", device=map_location), str(folder))
     return model.eval(), load_tokenizer(folder / "tokenizer")
 
 
@@ -126,7 +168,7 @@ def load_stage2(folder: str | Path, map_location: str = "cpu") -> tuple[Stage2Mo
         raise ValueError(f"{folder} holds a stage-{info.get('stage')} model, not stage 2")
     config = read_config(folder)
     model = Stage2Model(config)
-    load_strict(model, load_file(str(folder / "model.safetensors"), device=map_location), str(folder), (FROZEN_PREFIX, LM_PREFIX))
+    load_strict(model, read_safetensors(folder / "model.safetensors", device=map_location), str(folder), (FROZEN_PREFIX, LM_PREFIX))
     return model.eval(), load_lm_tokenizer(config.language_model)
 
 
@@ -142,7 +184,7 @@ def load_stage1_into_stage2(model: Stage2Model, folder: str | Path) -> list[str]
     folder = Path(folder)
     if read_export_info(folder).get("stage") != 1:
         raise ValueError(f"model.stage1: {folder} is not a stage-1 export")
-    state = load_file(str(folder / "model.safetensors"))
+    state = read_safetensors(folder / "model.safetensors")
     unused = sorted(k for k in state if k.startswith(STAGE1_ONLY) or ".text_ffn." in k)
     kept = {k: v for k, v in state.items() if k not in unused}
     load_strict(model, kept, str(folder), (FROZEN_PREFIX, LM_PREFIX, "language_projection."))
@@ -150,7 +192,10 @@ def load_stage1_into_stage2(model: Stage2Model, folder: str | Path) -> list[str]
 
 
 def load_strict(model: torch.nn.Module, state: dict, source: str, may_miss: tuple[str, ...] = (FROZEN_PREFIX,)) -> None:
-    """load_state_dict that fails on any unexpected key and on missing keys outside `may_miss`."""
+    """load_state_dict that fails on a tensor of another shape, any unexpected key and missing keys outside `may_miss`."""
+    wrong = shape_mismatches(model.state_dict(), state)
+    if wrong:
+        raise ValueError(f"{source}: {len(wrong)} tensor(s) do not fit the model: {'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(may_miss)]
     if missing or unexpected:

@@ -7,7 +7,11 @@
 * `import_hf`: a transformers `Blip2ForImageTextRetrieval` / `Blip2ForConditionalGeneration` folder -> our export.
 * `export_hf`: our export -> a folder those two transformers classes load with `from_pretrained`, with a processor.
 
-Every conversion is strict (see `qformer.convert`) and reports what it leaves out or initialises.
+Every conversion is strict (see `qformer.convert`) and reports what it leaves out or initialises. Every output
+folder is written whole or not at all (`qformer.files.atomic_folder`); a non-empty one is replaced only with
+`overwrite=True`. What transformers' `Blip2Config` has no field for (`ln_vision_eps`, the generation settings
+`eos_text` / `max_text_length`, precisions) travels in an extra `"qformer"` entry of its config.json, so that
+`export_hf` then `import_hf` gives back the same model.
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ import json
 import re
 from pathlib import Path
 
-from safetensors.torch import load_file
 from torch import Tensor
 
 from qformer.config import Blip2Config, LanguageModelConfig, QFormerConfig, VisionConfig, preset
 from qformer.convert import from_lavis, stage1_from_hf, stage2_key_to_hf, to_hf_generation, to_hf_retrieval, vision_from_hf
-from qformer.export import load_model, load_strict, save_encoder_weights, save_stage1, save_stage2
+from qformer.export import load_model, load_strict, save_encoder_weights, write_stage1, write_stage2
+from qformer.files import atomic_folder, check_out, read_safetensors, read_tokenizer
 from qformer.stage1 import Stage1Model
 from qformer.stage2 import Stage2Model
 from qformer.vision import load_state_dict_file
@@ -29,6 +33,7 @@ from qformer.vision import load_state_dict_file
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 IMAGE_TOKEN = "<image>"
+SETTINGS_KEY = "qformer"  # our entry in a transformers config.json
 
 
 # --- reading checkpoints ---------------------------------------------------------------------------------
@@ -40,13 +45,16 @@ def read_torch_checkpoint(path: str | Path) -> dict[str, Tensor]:
 def read_hf_weights(folder: Path) -> dict[str, Tensor]:
     single = folder / "model.safetensors"
     if single.is_file():
-        return load_file(str(single))
+        return read_safetensors(single)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{index}: not a safetensors index with a weight_map ({type(error).__name__}: {error})") from error
         state = {}
         for shard in shards:
-            state.update(load_file(str(folder / shard)))
+            state.update(read_safetensors(folder / shard))
         return state
     raise FileNotFoundError(f"no model.safetensors (or sharded index) in {folder}")
 
@@ -85,11 +93,13 @@ def import_lavis(
     bert: str | None = None,
     vision_config: dict | None = None,
     num_attention_heads: int | None = None,
+    overwrite: bool = False,
 ) -> list[str]:
     """Convert a LAVIS BLIP-2 checkpoint into an export folder; returns notes on what was left out."""
     from qformer.bert import load_tokenizer
     from qformer.stage2 import load_lm_tokenizer
 
+    check_out(out, overwrite)  # before reading gigabytes
     state = read_torch_checkpoint(checkpoint)
     projection = "opt_proj" if "opt_proj.weight" in state else "t5_proj" if "t5_proj.weight" in state else None
     found_stage = 2 if projection else 1
@@ -103,33 +113,32 @@ def import_lavis(
     config.vision_config = VisionConfig(**{**config.vision_config.__dict__, **(vision_config or {})})
     encoder = {k[len("visual_encoder.") :]: v for k, v in state.items() if k.startswith("visual_encoder.")}
     state = {k: v for k, v in state.items() if not k.startswith("visual_encoder.")}
-    notes = []
-    if vision_weights is not None:
-        config.vision_config.weights_path = str(Path(vision_weights).resolve())
-    elif encoder:
-        config.vision_config.weights_path = str(save_encoder_weights(encoder, Path(out)).resolve())
-        notes.append(f"image encoder weights taken from the checkpoint ({len(encoder)} tensors)")
-    else:
+    if vision_weights is None and not encoder:
         raise ValueError(f"{checkpoint} holds no visual_encoder.* weights: give --vision-weights (e.g. LAVIS's eva_vit_g.pth)")
+    if found_stage == 1 and bert is None:
+        raise ValueError("stage-1 import needs --bert DIR, a local bert-base-uncased folder for the tokenizer")
+    if found_stage == 2 and lm is None:
+        raise ValueError("stage-2 import needs --lm DIR, the local folder of the frozen LLM (OPT / FlanT5)")
 
-    if found_stage == 1:
-        if bert is None:
-            raise ValueError("stage-1 import needs --bert DIR, a local bert-base-uncased folder for the tokenizer")
-        model = Stage1Model(config)
-        tokenizer = load_tokenizer(bert)
-    else:
-        if lm is None:
-            raise ValueError("stage-2 import needs --lm DIR, the local folder of the frozen LLM (OPT / FlanT5)")
-        config.language_model = LanguageModelConfig(path=str(Path(lm).resolve()))
-        model = Stage2Model(config)
-        tokenizer = load_lm_tokenizer(config.language_model)
-    ours, dropped = from_lavis(state, list(model.state_dict()), projection)
-    load_strict(model, ours, str(checkpoint), ("visual_encoder.", "language_model."))
-    notes += [f"dropped (documented): {k}" for k in dropped]
-    if found_stage == 1:
-        save_stage1(model, tokenizer, out)
-    else:
-        save_stage2(model, tokenizer, out)
+    notes = []
+    with atomic_folder(out, overwrite) as folder:
+        if vision_weights is not None:
+            config.vision_config.weights_path = str(Path(vision_weights).resolve())
+        else:  # the encoder needs a file to be built from: the one the export will carry
+            config.vision_config.weights_path = str(save_encoder_weights(encoder, folder))
+            notes.append(f"image encoder weights taken from the checkpoint ({len(encoder)} tensors)")
+        if found_stage == 1:
+            model = Stage1Model(config)
+            tokenizer = load_tokenizer(bert)
+        else:
+            config.language_model = LanguageModelConfig(path=str(Path(lm).resolve()))
+            model = Stage2Model(config)
+            tokenizer = load_lm_tokenizer(config.language_model)
+        ours, dropped = from_lavis(state, list(model.state_dict()), projection)
+        load_strict(model, ours, str(checkpoint), ("visual_encoder.", "language_model."))
+        notes += [f"dropped (documented): {k}" for k in dropped]
+        write = write_stage1 if found_stage == 1 else write_stage2
+        write(model, tokenizer, folder, Path(out), str(checkpoint))
     return notes
 
 
@@ -151,14 +160,41 @@ def _vision_config_from_hf(vision: dict) -> tuple[VisionConfig, bool]:
     return config, False
 
 
-def import_hf(folder: str | Path, out: str | Path) -> list[str]:
+def _settings(config: Blip2Config) -> dict:
+    """Our config fields transformers' `Blip2Config` has no place for, in `config.from_dict` shape."""
+    vision = config.vision_config
+    settings = {"max_text_length": config.max_text_length,
+                "vision_config": {"ln_vision_eps": vision.ln_vision_eps, "precision": vision.precision}}
+    if config.language_model is not None:
+        lm = config.language_model
+        settings["language_model"] = {"eos_text": lm.eos_text, "max_text_length": lm.max_text_length, "precision": lm.precision}
+    return settings
+
+
+def _with_settings(config: Blip2Config, settings: dict, source: str) -> Blip2Config:
+    """`config` updated with a config.json's `"qformer"` entry, checked field by field as any config file."""
+    merged = config.to_dict()
+    for key, value in settings.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    return Blip2Config.from_dict(merged, source=f'{source} ("{SETTINGS_KEY}" entry)')
+
+
+def import_hf(folder: str | Path, out: str | Path, overwrite: bool = False) -> list[str]:
     """A transformers BLIP-2 folder (safetensors) -> our export; returns what was initialised or left out."""
     import transformers
 
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
+    check_out(out, overwrite)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in {folder}")
-    hf_config = json.loads((folder / "config.json").read_text())
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except ValueError as error:
+        raise ValueError(f"{config_file} is not valid JSON ({error})") from error
     architecture = (hf_config.get("architectures") or [""])[0]
     if architecture not in ("Blip2ForImageTextRetrieval", "Blip2ForConditionalGeneration"):
         raise ValueError(f"{folder}: a {architecture or 'non-BLIP-2'} model; expected Blip2ForImageTextRetrieval or Blip2ForConditionalGeneration")
@@ -171,81 +207,91 @@ def import_hf(folder: str | Path, out: str | Path) -> list[str]:
     )
     config.vision_config, eva = _vision_config_from_hf(hf_config["vision_config"])
     vision_state = vision_from_hf({k[len("vision_model.") :]: v for k, v in hf.items() if k.startswith("vision_model.") and "post_layernorm" not in k}, eva)
-    out = Path(out)
-    config.vision_config.weights_path = str(save_encoder_weights(vision_state, out).resolve())
-    notes = [f"image encoder: timm {config.vision_config.model_name} with transformers' weights"]
+    settings = hf_config.get(SETTINGS_KEY) or {}
+    if not isinstance(settings, dict):
+        raise ValueError(f'{config_file}: "{SETTINGS_KEY}" must be a mapping of our config fields, got {settings!r}')
+    with atomic_folder(out, overwrite) as out_folder:
+        config.vision_config.weights_path = str(save_encoder_weights(vision_state, out_folder))
+        notes = [f"image encoder: timm {config.vision_config.model_name} with transformers' weights"]
+        if settings:
+            notes.append(f"{config_file.name}'s \"{SETTINGS_KEY}\" entry restores {', '.join(sorted(settings))}")
 
-    if architecture == "Blip2ForImageTextRetrieval":
-        from qformer.bert import load_tokenizer
+        if architecture == "Blip2ForImageTextRetrieval":
+            from qformer.bert import load_tokenizer
 
-        model = Stage1Model(config)
-        keys = list(model.state_dict())
-        state, not_filled = stage1_from_hf(hf, keys, eva)
-        load_strict(model, state, str(folder), ("visual_encoder.", "temp", "lm_head."))
-        notes += [f"initialised (transformers has no counterpart): {k}" for k in not_filled]
-        save_stage1(model, load_tokenizer(folder), out)
-        return notes
+            model = Stage1Model(_with_settings(config, settings, str(config_file)))
+            keys = list(model.state_dict())
+            state, not_filled = stage1_from_hf(hf, keys, eva)
+            load_strict(model, state, str(folder), ("visual_encoder.", "temp", "lm_head."))
+            notes += [f"initialised (transformers has no counterpart): {k}" for k in not_filled]
+            write_stage1(model, load_tokenizer(folder), out_folder, Path(out), str(folder))
+            return notes
 
-    # stage 2: the LM's weights come with the checkpoint; they become a local LM folder of the export
-    text_config = transformers.AutoConfig.for_model(**hf_config["text_config"])
-    auto = transformers.AutoModelForSeq2SeqLM if text_config.is_encoder_decoder else transformers.AutoModelForCausalLM
-    language_model = auto.from_config(text_config)
-    lm_state = {k[len("language_model.") :]: v for k, v in hf.items() if k.startswith("language_model.")}
-    missing, unexpected = language_model.load_state_dict(lm_state, strict=False)
-    tied = {"lm_head.weight", "decoder.embed_tokens.weight", "encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"}
-    if unexpected or [k for k in missing if k not in tied]:
-        raise ValueError(f"{folder}: language model weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    language_model.tie_weights()
-    lm_folder = out / "language_model"
-    language_model.save_pretrained(str(lm_folder))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    config.language_model = LanguageModelConfig(path=str(lm_folder.resolve()))
-    model = Stage2Model(config)
-    inverse = {stage2_key_to_hf(k): k for k in model.state_dict() if not k.startswith(("visual_encoder.", "language_model."))}
-    state = {}
-    for key, value in hf.items():
-        if key.startswith(("language_model.", "vision_model.")) and key not in inverse:
-            continue
-        if key not in inverse:
-            raise KeyError(f"transformers key {key!r} has no counterpart in our stage-2 model")
-        state[inverse[key]] = value
-    load_strict(model, state, str(folder), ("visual_encoder.", "language_model."))
-    save_stage2(model, tokenizer, out)
+        # stage 2: the LM's weights come with the checkpoint; they become a local LM folder of the export
+        text_config = transformers.AutoConfig.for_model(**hf_config["text_config"])
+        auto = transformers.AutoModelForSeq2SeqLM if text_config.is_encoder_decoder else transformers.AutoModelForCausalLM
+        language_model = auto.from_config(text_config)
+        lm_state = {k[len("language_model.") :]: v for k, v in hf.items() if k.startswith("language_model.")}
+        missing, unexpected = language_model.load_state_dict(lm_state, strict=False)
+        tied = {"lm_head.weight", "decoder.embed_tokens.weight", "encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"}
+        if unexpected or [k for k in missing if k not in tied]:
+            raise ValueError(f"{folder}: language model weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        language_model.tie_weights()
+        lm_folder = out_folder / "language_model"
+        language_model.save_pretrained(str(lm_folder))
+        tokenizer = read_tokenizer(folder, lambda path: transformers.AutoTokenizer.from_pretrained(path, local_files_only=True))
+        config.language_model = LanguageModelConfig(path=str(lm_folder))
+        model = Stage2Model(_with_settings(config, settings, str(config_file)))
+        inverse = {stage2_key_to_hf(k): k for k in model.state_dict() if not k.startswith(("visual_encoder.", "language_model."))}
+        state = {}
+        for key, value in hf.items():
+            if key.startswith(("language_model.", "vision_model.")) and key not in inverse:
+                continue
+            if key not in inverse:
+                raise KeyError(f"transformers key {key!r} has no counterpart in our stage-2 model")
+            state[inverse[key]] = value
+        load_strict(model, state, str(folder), ("visual_encoder.", "language_model."))
+        write_stage2(model, tokenizer, out_folder, Path(out), str(folder))
     notes.append(f"language model saved as a local folder ({lm_folder.name}/), image token index {hf_config.get('image_token_index')}")
     return notes
 
 
-def export_hf(folder: str | Path, out: str | Path) -> list[str]:
+def export_hf(folder: str | Path, out: str | Path, overwrite: bool = False) -> list[str]:
     """Our export -> a folder `Blip2ForImageTextRetrieval` / `Blip2ForConditionalGeneration.from_pretrained` loads."""
     import transformers
 
+    check_out(out, overwrite)
     model, tokenizer, stage = load_model(folder)
-    out = Path(out)
     size = model.config.vision_config.image_size
     image_processor = transformers.BlipImageProcessor(
         size={"height": size, "width": size}, image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3, do_convert_rgb=True
     )
     notes = []
-    if model.config.vision_config.ln_vision_eps != model.visual_encoder.model.blocks[0].norm1.eps:
+    vit_eps, ours = model.visual_encoder.model.blocks[0].norm1.eps, model.config.vision_config.ln_vision_eps
+    if ours != vit_eps:
+        # Blip2VisionModel builds every norm, post_layernorm too, with the one layer_norm_eps of its config.
         notes.append(
-            f"transformers' post_layernorm (our ln_vision) will use eps {model.visual_encoder.model.blocks[0].norm1.eps} "
-            f"instead of {model.config.vision_config.ln_vision_eps}: outputs differ very slightly"
+            f"transformers' post_layernorm (our ln_vision) will use eps {vit_eps}, the vision tower's layer_norm_eps, "
+            f"instead of {ours}: its outputs differ slightly (README: Known differences); qformer import hf restores {ours}"
         )
-    if stage == 1:
-        hf, dropped = to_hf_retrieval(model)
-        notes += [f"not in transformers (left out): {k}" for k in dropped]
-        hf.config.architectures = ["Blip2ForImageTextRetrieval"]
-        hf.save_pretrained(str(out))
-        transformers.Blip2Processor(image_processor, tokenizer).save_pretrained(str(out))
-        return notes
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    hf = to_hf_generation(model, image_token_index)
-    if image_token_index >= hf.language_model.get_input_embeddings().num_embeddings:
-        hf.language_model.resize_token_embeddings(image_token_index + 1)  # a placeholder row, replaced by the queries
-        hf.config.text_config.vocab_size = image_token_index + 1
-    hf.config.architectures = ["Blip2ForConditionalGeneration"]
-    hf.save_pretrained(str(out))
-    transformers.Blip2Processor(image_processor, tokenizer, num_query_tokens=model.config.num_query_tokens).save_pretrained(str(out))
+    with atomic_folder(out, overwrite) as out_folder:
+        if stage == 1:
+            hf, dropped = to_hf_retrieval(model)
+            notes += [f"not in transformers (left out): {k}" for k in dropped]
+            hf.config.architectures = ["Blip2ForImageTextRetrieval"]
+            setattr(hf.config, SETTINGS_KEY, _settings(model.config))
+            hf.save_pretrained(str(out_folder))
+            transformers.Blip2Processor(image_processor, tokenizer).save_pretrained(str(out_folder))
+            return notes
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        hf = to_hf_generation(model, image_token_index)
+        if image_token_index >= hf.language_model.get_input_embeddings().num_embeddings:
+            hf.language_model.resize_token_embeddings(image_token_index + 1)  # a placeholder row, replaced by the queries
+            hf.config.text_config.vocab_size = image_token_index + 1
+        hf.config.architectures = ["Blip2ForConditionalGeneration"]
+        setattr(hf.config, SETTINGS_KEY, _settings(model.config))
+        hf.save_pretrained(str(out_folder))
+        transformers.Blip2Processor(image_processor, tokenizer, num_query_tokens=model.config.num_query_tokens).save_pretrained(str(out_folder))
     notes.append(f"image token {IMAGE_TOKEN!r} added to the tokenizer as id {image_token_index}")
     return notes

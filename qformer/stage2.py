@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qformer.config import Blip2Config, LanguageModelConfig
+from qformer.files import read_tokenizer
 from qformer.frozen import Frozen
 from qformer.qformer import QFormer
 from qformer.vision import FrozenImageEncoder
@@ -68,7 +69,7 @@ def load_lm_tokenizer(config: LanguageModelConfig):
     source = config.tokenizer or config.path
     if source is None:
         raise ValueError("language_model.tokenizer: a tokenizer folder is needed when the LM is built from a config")
-    return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    return read_tokenizer(source, lambda folder: AutoTokenizer.from_pretrained(folder, local_files_only=True))
 
 
 class Stage2Model(nn.Module):

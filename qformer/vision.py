@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from qformer.config import VisionConfig
+from qformer.files import read_safetensors, read_torch, shape_mismatches
 from qformer.frozen import Frozen
 
 
@@ -18,13 +19,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated file, foreign pickle, not a torch file
-        raise ValueError(f"cannot read {path} as a weights-only torch checkpoint ({type(error).__name__}: {str(error)[:300]})") from error
+        return read_safetensors(path)
+    checkpoint = read_torch(path)
     for key in ("state_dict", "model", "module"):  # common wrappers (LAVIS keeps its weights under "model")
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
@@ -60,6 +56,9 @@ class FrozenImageEncoder(Frozen):
         filter_fn = getattr(__import__(type(self.model).__module__, fromlist=["_"]), "checkpoint_filter_fn", None)
         if filter_fn is not None:  # timm converts original (e.g. EVA / OpenAI CLIP) key names itself
             state = filter_fn(state, self.model)
+        wrong = shape_mismatches(self.model.state_dict(), state)
+        if wrong:
+            raise ValueError(f"{path} does not fit timm model {self.config.model_name!r}: {len(wrong)} tensor(s) of another shape: {'; '.join(wrong[:3])}")
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         # The head, final norms and dropped blocks are removed right after loading: their keys do not matter.
         depth = len(self.model.blocks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 
@@ -65,21 +66,49 @@ def run_stage(stage: str, argv: list[str]) -> int:
     return 0
 
 
+OVERWRITE_HELP = "replace an existing non-empty --out folder (as a whole, once the new one is complete)"
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """While a command writes a model folder, `kill` (SIGTERM) raises SystemExit, so the half-written
+    `.NAME.partial-*` folder is removed on the way out (a `kill -9` leaves it; it is safe to delete)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """A Lightning checkpoint of either stage -> a self-describing export folder."""
-    import torch
-
     from qformer.export import save_stage1, save_stage2
+    from qformer.files import check_out, read_torch
     from stages.stage1 import Stage1Module
     from stages.stage2 import Stage2Module
 
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    if "stage1" in checkpoint.get("hyper_parameters", {}):
-        module = Stage2Module.load_from_checkpoint(args.checkpoint, map_location="cpu")
-        out = save_stage2(module.model, module.lm_tokenizer, args.out)
-    else:
-        module = Stage1Module.load_from_checkpoint(args.checkpoint, map_location="cpu")
-        out = save_stage1(module.model, module.tokenizer, args.out)
+    check_out(args.out, args.overwrite)
+    checkpoint = read_torch(args.checkpoint)
+    if not isinstance(checkpoint, dict) or not {"pytorch-lightning_version", "state_dict"} <= set(checkpoint):
+        raise ValueError(f"{args.checkpoint} is not a Lightning checkpoint (no pytorch-lightning_version and state_dict): "
+                         "give a .ckpt written by qformer stage1/stage2 fit")
+    with _sigterm_exits():
+        if "stage1" in checkpoint.get("hyper_parameters", {}):
+            module = Stage2Module.load_from_checkpoint(args.checkpoint, map_location="cpu")
+            out = save_stage2(module.model, module.lm_tokenizer, args.out, args.overwrite, source=args.checkpoint)
+        else:
+            module = Stage1Module.load_from_checkpoint(args.checkpoint, map_location="cpu")
+            out = save_stage1(module.model, module.tokenizer, args.out, args.overwrite, source=args.checkpoint)
     print(f"exported to {out}")
     return 0
 
@@ -246,12 +275,13 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     from qformer import interop
 
-    if args.source == "lavis":
-        vision_config = json.loads(args.vision_config) if args.vision_config else None
-        notes = interop.import_lavis(args.checkpoint, args.out, args.stage, args.vision_weights, args.lm, args.bert,
-                                     vision_config, args.num_heads)
-    else:
-        notes = interop.import_hf(args.checkpoint, args.out)
+    with _sigterm_exits():
+        if args.source == "lavis":
+            vision_config = json.loads(args.vision_config) if args.vision_config else None
+            notes = interop.import_lavis(args.checkpoint, args.out, args.stage, args.vision_weights, args.lm, args.bert,
+                                         vision_config, args.num_heads, args.overwrite)
+        else:
+            notes = interop.import_hf(args.checkpoint, args.out, args.overwrite)
     for note in notes:
         print(f"note: {note}")
     print(f"imported {args.checkpoint} into {args.out}")
@@ -262,7 +292,9 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     """Our export folder -> a transformers Blip2ForImageTextRetrieval / Blip2ForConditionalGeneration folder."""
     from qformer.interop import export_hf
 
-    for note in export_hf(args.folder, args.out):
+    with _sigterm_exits():
+        notes = export_hf(args.folder, args.out, args.overwrite)
+    for note in notes:
         print(f"note: {note}")
     print(f"wrote a transformers BLIP-2 folder to {args.out}")
     return 0
@@ -325,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a model folder from a training checkpoint")
     export.add_argument("checkpoint")
     export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     export.set_defaults(func=cmd_export)
 
     evaluation = commands.add_parser("eval", help="retrieval, captioning or zero-shot VQA evaluation")
@@ -360,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     lavis = sources.add_parser("lavis", help="a LAVIS blip2 / blip2_feature_extractor / blip2_opt / blip2_t5 .pth")
     lavis.add_argument("checkpoint")
     lavis.add_argument("--out", required=True)
+    lavis.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     lavis.add_argument("--stage", type=int, choices=[1, 2], help="check that the checkpoint is of this stage")
     lavis.add_argument("--vision-weights", help="image encoder weights (LAVIS's eva_vit_g.pth or timm format) when the checkpoint has none")
     lavis.add_argument("--lm", help="stage 2: local folder of the frozen LLM (OPT / FlanT5)")
@@ -370,11 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     hf = sources.add_parser("hf", help="a transformers Blip2ForImageTextRetrieval / Blip2ForConditionalGeneration folder")
     hf.add_argument("checkpoint", help="the folder")
     hf.add_argument("--out", required=True)
+    hf.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     hf.set_defaults(func=cmd_import)
 
     export_hf = commands.add_parser("export-hf", help="write a folder transformers' Blip2 classes load with from_pretrained")
     export_hf.add_argument("folder", help="our export folder (either stage)")
     export_hf.add_argument("--out", required=True)
+    export_hf.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     export_hf.set_defaults(func=cmd_export_hf)
 
     make_data = commands.add_parser("make-data", help="write the built-in synthetic dataset")

@@ -357,11 +357,12 @@ def run_demo(settings: DemoSettings) -> dict:
     vocab_size = len(load_tokenizer(data))
     configs = write_configs(settings, out, data, vocab_size, lm_folder, write_encoder_weights(settings, out))
     _run(["stage1", "fit", "--config", str(configs["stage1"])])
-    _run(["export", str(_checkpoint(out / "runs" / "stage1")), "--out", str(out / "exports" / "stage1")])
+    # --overwrite: the demo owns its --out folder, so a second run replaces its own exports
+    _run(["export", str(_checkpoint(out / "runs" / "stage1")), "--out", str(out / "exports" / "stage1"), "--overwrite"])
     phase("stage1")
 
     _run(["stage2", "fit", "--config", str(configs["stage2"])])
-    _run(["export", str(_checkpoint(out / "runs" / "stage2")), "--out", str(out / "exports" / "stage2")])
+    _run(["export", str(_checkpoint(out / "runs" / "stage2")), "--out", str(out / "exports" / "stage2"), "--overwrite"])
     phase("stage2")
 
     test = str(data / "test.json")

@@ -117,13 +117,6 @@ class TrainingSkeleton(pl.LightningModule):
             named = [str(i) for i in ids]
         return ", ".join(named) + (" ..." if len(self._step_samples) > limit else "") if named else "(none readable)"
 
-    def on_train_end(self) -> None:
-        if self.applied_steps == 0 and self.skipped_steps > 0:
-            raise TrainingStopped(
-                f"no step was applied: all {self.skipped_steps} training steps were skipped (last: {self.last_skip_reason}; "
-                f"the warnings above name the samples)"
-            )
-
     # --- optimiser and checkpoints ------------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
@@ -175,7 +168,13 @@ class TrainingSkeleton(pl.LightningModule):
         self.skipped[split] = []
 
     def on_train_epoch_end(self) -> None:
+        """Runs before ModelCheckpoint's own epoch-end save: a run that learnt nothing leaves no checkpoint."""
         self._report_skipped("train")
+        if self.applied_steps == 0 and self.skipped_steps > 0:
+            raise TrainingStopped(
+                f"no step was applied: all {self.skipped_steps} training steps were skipped (last: {self.last_skip_reason}; "
+                f"the warnings above name the samples)"
+            )
 
     def on_validation_epoch_start(self) -> None:
         self.validation_batches = 0
