@@ -287,7 +287,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self.train_set = self._dataset(hp.train, train_transform(hp.image_size, hp.hflip, tuple(hp.crop_scale)))
         self.val_set = None if hp.val is None else self._dataset(hp.val, eval_transform(hp.image_size))
         world = self.trainer.world_size if self.trainer is not None else 1
-        if len(self.train_set) < hp.batch_size * world:
+        if stage in (None, "fit") and len(self.train_set) < hp.batch_size * world:
             raise ValueError(f"data.train: {hp.train} has {len(self.train_set)} image-caption pairs, fewer than one batch "
                              f"(data.batch_size {hp.batch_size} x {world} process(es)); lower data.batch_size")
 
