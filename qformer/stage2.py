@@ -10,6 +10,7 @@ Shapes: B batch, Q queries, L tokens, H the LM's embedding width.
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -192,6 +193,22 @@ def decode_generated(tokenizer, ids: Tensor, eos_text: str | None) -> list[str]:
     return [t.strip() for t in texts]
 
 
+def eos_token_id(tokenizer, eos_text: str) -> int:
+    """The token a decoder-only caption ends with: the first of `eos_text` (LAVIS stops OPT at "\\n").
+
+    A tokenizer that drops the text (a word-level one drops "\\n") has nothing to stop at: its eos token is used.
+    """
+    ids = tokenizer(eos_text, add_special_tokens=False)["input_ids"]
+    if ids:
+        return ids[0]
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"language_model.eos_text {eos_text!r} is no token for this tokenizer, which has no eos token either: "
+                         "set language_model.eos_text in the export's config.json to a text it knows")
+    warnings.warn(f"language_model.eos_text {eos_text!r} tokenises to nothing; generation stops at the tokenizer's "
+                  f"eos token {tokenizer.eos_token!r} instead", stacklevel=2)
+    return tokenizer.eos_token_id
+
+
 def generate_text(
     model: Stage2Model,
     tokenizer,
@@ -221,6 +238,6 @@ def generate_text(
     eos_text = None
     if not model.is_encoder_decoder:
         eos_text = model.config.language_model.eos_text or DEFAULT_EOS_TEXT
-        kwargs["eos_token_id"] = tokenizer(eos_text, add_special_tokens=False)["input_ids"][0]
+        kwargs["eos_token_id"] = eos_token_id(tokenizer, eos_text)
     ids = model.generate(pixel_values, **batch, **kwargs)
     return decode_generated(tokenizer, ids, eos_text)

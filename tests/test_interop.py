@@ -15,7 +15,7 @@ from qformer.convert import lavis_key
 from qformer.export import load_stage1, load_stage2, save_stage1, save_stage2
 from qformer.interop import export_hf, import_hf, import_lavis, read_torch_checkpoint
 from qformer.stage1 import Stage1Model
-from qformer.stage2 import Stage2Model
+from qformer.stage2 import Stage2Model, generate_text
 from stages.synthetic import make_dataset
 
 pytestmark = pytest.mark.parity
@@ -101,7 +101,32 @@ def test_export_notes_the_ln_vision_eps_transformers_cannot_hold(data, tmp_path)
     model, tokenizer = tiny_stage1(data, eps=1e-5)
     save_stage1(model, tokenizer, tmp_path / "ours")
     notes = export_hf(tmp_path / "ours", tmp_path / "hf")
-    assert any("eps" in n for n in notes)
+    hf = transformers.Blip2ForImageTextRetrieval.from_pretrained(str(tmp_path / "hf")).eval()
+    used = hf.vision_model.post_layernorm.eps  # one layer_norm_eps for the whole vision tower
+    assert any(f"will use eps {used}" in n and "instead of 1e-05" in n for n in notes), notes
+    pixels = torch.randn(2, 3, 32, 32)
+    ids, mask = text(tokenizer)
+    sim, _ = stage1_outputs(model, pixels, ids, mask)
+    with torch.no_grad():
+        hf_sim = hf(pixels, ids, mask, use_image_text_matching_head=False).logits_per_image
+    assert not torch.equal(sim, hf_sim)  # the difference the README states is real ...
+    torch.testing.assert_close(sim, hf_sim, atol=1e-5, rtol=1e-5)  # ... and as small as the parity tolerance
+
+
+def test_stage1_round_trip_through_transformers_gives_the_same_outputs(data, tmp_path):
+    model, tokenizer = tiny_stage1(data, eps=1e-5)
+    model.config.max_text_length = 24
+    save_stage1(model, tokenizer, tmp_path / "ours")
+    export_hf(tmp_path / "ours", tmp_path / "hf")
+    notes = import_hf(tmp_path / "hf", tmp_path / "back")
+    back, back_tokenizer = load_stage1(tmp_path / "back")
+    pixels = torch.randn(2, 3, 32, 32)
+    ids, mask = text(tokenizer)
+    assert torch.equal(text(back_tokenizer)[0], ids)
+    for ours, theirs in zip(stage1_outputs(model, pixels, ids, mask), stage1_outputs(back, pixels, ids, mask)):
+        torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+    assert back.config.vision_config.ln_vision_eps == 1e-5 and back.config.max_text_length == 24
+    assert any("restores" in n for n in notes)
 
 
 # --- ours <-> transformers, stage 2 --------------------------------------------------------------------------
@@ -154,6 +179,47 @@ def test_stage2_ours_to_hf_to_ours(data, tmp_path, lm):
             assert torch.equal(value, original[key]), key
     with torch.no_grad():
         assert torch.equal(back.generate(pixels, prompt["input_ids"], prompt["attention_mask"], **kwargs), ours_ids)
+
+
+def test_stage2_round_trip_through_transformers_generates_the_same_captions(data, tmp_path):
+    """export-hf then import hf, then what `qformer caption` runs: the generation settings come back too."""
+    lm_tokenizer = transformers.AutoTokenizer.from_pretrained(str(data / "lm_tokenizer_decoder"), local_files_only=True)
+    torch.manual_seed(0)
+    config = preset("tiny")
+    config.vision_config.ln_vision_eps = 1e-5
+    config.language_model = LanguageModelConfig(config={**LMS["opt"], "vocab_size": len(lm_tokenizer)}, precision="fp32",
+                                                tokenizer=str(data / "lm_tokenizer_decoder"), eos_text="</s>", max_text_length=24)
+    model = Stage2Model(config).eval()
+    with torch.no_grad():
+        model.language_projection.weight.normal_(0, 0.5)
+    save_stage2(model, lm_tokenizer, tmp_path / "ours")
+    export_hf(tmp_path / "ours", tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    back, back_tokenizer = load_stage2(tmp_path / "back")
+
+    pixels = torch.randn(3, 3, 32, 32)
+    settings = dict(num_beams=2, max_new_tokens=6, min_new_tokens=2)
+    before = generate_text(model, lm_tokenizer, pixels, ["a photo of"] * 3, **settings)
+    after = generate_text(back, back_tokenizer, pixels, ["a photo of"] * 3, **settings)
+    assert after == before and all(before), (before, after)
+    assert (back.config.language_model.eos_text, back.config.language_model.max_text_length) == ("</s>", 24)
+    with torch.no_grad():
+        torch.testing.assert_close(back.soft_prompts(pixels), model.soft_prompts(pixels), atol=0, rtol=0)
+
+
+def test_generation_when_the_eos_text_is_no_token(data):
+    """A word-level tokenizer drops "\\n" (the default eos_text): generation stops at its eos token, and says so."""
+    lm_tokenizer = transformers.AutoTokenizer.from_pretrained(str(data / "lm_tokenizer_decoder"), local_files_only=True)
+    config = preset("tiny")
+    config.language_model = LanguageModelConfig(config={**LMS["opt"], "vocab_size": len(lm_tokenizer)}, precision="fp32",
+                                                tokenizer=str(data / "lm_tokenizer_decoder"))
+    model = Stage2Model(config).eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"eos_text '\\n' tokenises to nothing.*'</s>'"):
+        assert len(generate_text(model, lm_tokenizer, pixels, ["a photo of"], num_beams=1, max_new_tokens=3)) == 1
+    lm_tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="language_model.eos_text"):
+        generate_text(model, lm_tokenizer, pixels, ["a photo of"], num_beams=1, max_new_tokens=3)
 
 
 # --- LAVIS ---------------------------------------------------------------------------------------------------
