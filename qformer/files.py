@@ -40,8 +40,11 @@ def check_out(out: str | Path, overwrite: bool) -> Path:
 
 @contextmanager
 def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder to write into; on success it replaces `out` (old contents and all)."""
-    out = check_out(out, overwrite)
+    """Yield a temporary sibling folder to write into; on success it becomes `out`.
+
+    An existing `out` with files (allowed with `overwrite`) is replaced as a whole; an empty one is kept and filled.
+    """
+    out = Path(os.path.abspath(check_out(out, overwrite)))  # "." or "a/.." have no usable name and parent
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -57,6 +60,13 @@ def _move_into_place(partial: Path, out: Path) -> None:
     """Rename `partial` to `out`; an existing `out` is moved aside first and deleted once the new one is in."""
     if not out.exists():
         partial.rename(out)
+        return
+    if not any(out.iterdir()):
+        # An empty folder the user made (perhaps a mount point, or the working directory) stays: it is filled
+        # instead, the marker last. shutil.move copies where a rename cannot cross file systems.
+        for entry in sorted(partial.iterdir(), key=lambda p: p.name == MARKER):
+            shutil.move(entry, out / entry.name)
+        partial.rmdir()
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     out.rename(old / out.name)
