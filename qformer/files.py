@@ -156,13 +156,20 @@ def read_torch(path: str | Path) -> object:
         raise _torch_read_error(path, error) from error
 
 
+def unpickling_refusal(error: BaseException) -> str | None:
+    """What torch's weights-only loader refused, in words (None for any other error); never its `weights_only=False` advice."""
+    if not (isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error)):
+        return None
+    match = _BLOCKED.search(str(error))
+    blocked = ("GLOBAL " + match.group(1) if match.group(1) else match.group(2)) if match else "an object that is not a tensor"
+    return f"refused to unpickle {blocked} (only tensors and plain containers are loaded, weights-only; pickled code is never run)"
+
+
 def _torch_read_error(path: Path, error: Exception) -> ValueError:
     """One line naming the file and what was wrong, without torch's advice to load with `weights_only=False`."""
-    if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
-        match = _BLOCKED.search(str(error))
-        blocked = ("GLOBAL " + match.group(1) if match.group(1) else match.group(2)) if match else "an object that is not a tensor"
-        return ValueError(f"cannot read {path}: refused to unpickle {blocked} (only tensors and plain containers are "
-                          f"loaded, weights-only; pickled code is never run)")
+    refusal = unpickling_refusal(error)
+    if refusal:
+        return ValueError(f"cannot read {path}: {refusal}")
     if path.stat().st_size == 0:
         return ValueError(f"cannot read {path}: the file is empty")
     return ValueError(f"cannot read {path} as a torch checkpoint (truncated, or not a torch file): {_first_line(error)}")

@@ -151,13 +151,45 @@ class TextBatch:
 
 
 def decoder_only_batch(tokenizer, texts: list[str], prompt: str = "", eos_text: str = DEFAULT_EOS_TEXT, max_length: int = 32) -> TextBatch:
-    """`prompt + text + eos_text` right-padded; labels only on the text and eos (not BOS, prompt or padding)."""
+    """`prompt + text + eos_text` right-padded; labels only on the text and eos (not BOS, prompt or padding).
+
+    The prompt is masked as its tokens occur in the full text, not as `len(tokenizer(prompt))`: a byte-level BPE
+    (OPT, GPT-2, SmolLM2) tokenises the trailing space of "a photo of " on its own, but in "a photo of a dog"
+    that space belongs to the next word, whose token must stay in the loss.
+    """
     tokenizer.padding_side = "right"
-    tokens = tokenizer([prompt + t + eos_text for t in texts], padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-    prompt_length = len(tokenizer(prompt)["input_ids"])  # BOS + prompt
+    full = [prompt + t + eos_text for t in texts]
+    tokens = tokenizer(full, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
     labels = tokens["input_ids"].masked_fill(tokens["attention_mask"] == 0, IGNORE)
-    labels[:, :prompt_length] = IGNORE
+    for row, length in enumerate(prompt_token_counts(tokenizer, full, prompt, max_length)):
+        labels[row, :length] = IGNORE
     return TextBatch(tokens["input_ids"], tokens["attention_mask"], labels)
+
+
+def prompt_token_counts(tokenizer, full_texts: list[str], prompt: str, max_length: int) -> list[int]:
+    """Per text, how many leading tokens (special ones included) lie entirely inside `prompt`.
+
+    Fast tokenizers answer from character offsets; others by the common start of the ids of the prompt alone
+    and of the whole text (a token the prompt shares with the text is then not counted).
+    """
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(full_texts, truncation=True, max_length=max_length, return_offsets_mapping=True,
+                            return_special_tokens_mask=True)
+        counts = []
+        for offsets, special in zip(encoded["offset_mapping"], encoded["special_tokens_mask"]):
+            count = 0
+            while count < len(offsets) and (special[count] or offsets[count][1] <= len(prompt)):
+                count += 1
+            counts.append(count)
+        return counts
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    counts = []
+    for ids in tokenizer(full_texts, truncation=True, max_length=max_length)["input_ids"]:
+        count = 0
+        while count < min(len(ids), len(prompt_ids)) and ids[count] == prompt_ids[count]:
+            count += 1
+        counts.append(count)
+    return counts
 
 
 def encoder_decoder_batch(tokenizer, prefixes: list[str], targets: list[str], max_length: int = 32) -> TextBatch:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import pickle
 import sys
 
 
@@ -45,7 +47,10 @@ def run_stage(stage: str, argv: list[str]) -> int:
     from pytorch_lightning.cli import LightningCLI
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-    from stages.data import CaptionDataModule
+    from qformer.files import unpickling_refusal
+    from stages.data import AnnotationError, CaptionDataModule
+    from stages.images import UnreadableImage
+    from stages.skeleton import TrainingStopped
     from stages.stage1 import Stage1Module
     from stages.stage2 import Stage2Module
 
@@ -62,7 +67,15 @@ def run_stage(stage: str, argv: list[str]) -> int:
                 self.trainer.loggers = loggers
 
     module = Stage1Module if stage == "stage1" else Stage2Module
-    QFormerCLI(module, CaptionDataModule, args=argv, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": f"qformer {stage}"})
+    try:
+        QFormerCLI(module, CaptionDataModule, args=argv, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": f"qformer {stage}"})
+    except (AnnotationError, UnreadableImage, FileNotFoundError, TrainingStopped, pickle.UnpicklingError) as error:
+        if os.environ.get("QFORMER_DEBUG"):
+            raise
+        message = unpickling_refusal(error)
+        message = f"--ckpt_path: {message}" if message else str(error)
+        print(f"qformer {stage}: error: {message}", file=sys.stderr)
+        return 1 if isinstance(error, TrainingStopped) else 2
     return 0
 
 
@@ -113,53 +126,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-def _image_paths(inputs: list[str]) -> list:
-    from pathlib import Path
-
-    paths = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            paths.append(item)  # a missing file is reported when it is read
-    return paths
-
-
 def _generate_for_images(args, paths, prompt_for) -> tuple[list[dict], int]:
-    """Run generation over readable images in batches; unreadable ones are reported and counted."""
+    """Generation over the readable images in batches, each decoded once; unreadable ones are named and counted."""
     import torch
 
     from qformer.export import load_stage2
     from qformer.stage2 import generate_text
-    from stages.data import eval_transform, load_rgb
+    from stages.data import eval_transform
+    from stages.images import IMAGE_SUFFIXES, SkippedImages, load_pixels
 
+    if not paths:
+        raise ValueError("no image files given (folders are searched for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
     model, tokenizer = load_stage2(args.model)
     device = torch.device(args.device)
     model.to(device)
     transform = eval_transform(model.config.vision_config.image_size)
     prompt = prompt_for(model)
-    results, failed, batch = [], 0, []
-
-    def flush():
-        if batch:
-            pixels = torch.stack([b[1] for b in batch]).to(device)
-            texts = generate_text(model, tokenizer, pixels, [prompt] * len(batch), **args.generation)
-            results.extend({"image": str(p), "text": t} for (p, _), t in zip(batch, texts))
-            batch.clear()
-
-    for path in paths:
-        try:
-            batch.append((path, transform(load_rgb(path))))
-        except (OSError, ValueError, SyntaxError) as error:
-            failed += 1
-            print(f"{path}: cannot read image: {error}", file=sys.stderr)
-        if len(batch) == args.batch_size:
-            flush()
-    flush()
-    return results, failed
+    results, skipped = [], SkippedImages()
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start : start + args.batch_size]
+        pixels, kept = load_pixels(chunk, transform, skipped, args.max_image_pixels)
+        if pixels is not None:
+            texts = generate_text(model, tokenizer, pixels.to(device), [prompt] * len(kept), **args.generation)
+            results.extend({"image": str(chunk[i]), "text": t} for i, t in zip(kept, texts))
+    return results, len(skipped)
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -168,14 +158,18 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     args.generation = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                            length_penalty=args.length_penalty, repetition_penalty=args.repetition_penalty, top_p=args.top_p)
-    results, failed = _generate_for_images(args, _image_paths(args.images), lambda model: args.prompt)
+    from stages.images import image_files
+
+    results, failed = _generate_for_images(args, image_files(args.images), lambda model: args.prompt)
     if args.json:
         print(json.dumps([{"image": r["image"], "caption": r["text"]} for r in results], indent=2))
     else:
         for r in results:
             print(f"{r['image']}\t{r['text']}")
     if failed:
-        print(f"{failed} image(s) could not be read", file=sys.stderr)
+        print(f"{failed} image(s) could not be read, {len(results)} captioned", file=sys.stderr)
+    if not results:
+        print("qformer caption: error: no image could be read", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -226,14 +220,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     show = not args.no_progress
     if args.task == "retrieval":
         model, tokenizer = load_stage1(args.model)
-        data = ev.EvalSet.load(args.data, args.images)
+        data = ev.EvalSet.load(args.data, args.images, args.max_image_pixels, args.allow_outside_root)
         scores, i2t, t2i = ev.evaluate_retrieval(model.to(device), tokenizer, data, args.k_test, args.itc_only, args.batch_size, rank, world, show)
         if args.save_scores and rank == 0:
             torch.save({"score_i2t": i2t.cpu(), "score_t2i": t2i.cpu()}, args.save_scores)
         title = f"retrieval on {args.data} ({'ITC only' if args.itc_only else f'ITC top-{args.k_test} + ITM re-rank'})"
     elif args.task == "caption":
         model, tokenizer = load_stage2(args.model)
-        data = ev.EvalSet.load(args.data, args.images)
+        data = ev.EvalSet.load(args.data, args.images, args.max_image_pixels, args.allow_outside_root)
         generation = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
         scores, captions, notices = ev.evaluate_captions(model.to(device), tokenizer, data, args.prompt, args.batch_size, generation, rank, world, show)
         for notice in notices:
@@ -245,16 +239,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from qformer.stage2 import VQA_PROMPTS
 
         model, tokenizer = load_stage2(args.model)
-        questions = ev.load_questions(args.data)
+        questions = ev.load_questions(args.data, args.allow_outside_root)
         prompt = args.prompt_template or VQA_PROMPTS["encoder_decoder" if model.is_encoder_decoder else "decoder"]
         generation = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=1, length_penalty=args.length_penalty)
-        scores, predictions = ev.evaluate_vqa(model.to(device), tokenizer, questions, Path(args.images), prompt, args.batch_size, generation, show)
+        scores, predictions = ev.evaluate_vqa(model.to(device), tokenizer, questions, Path(args.images), prompt, args.batch_size, generation,
+                                              show, args.max_image_pixels, args.allow_outside_root)
         if args.predictions:
             _write_json(args.predictions, predictions)
         title = f"zero-shot VQA on {args.data} (prompt {prompt!r})"
     if rank == 0:
         ev.print_scores(title, scores)
         _write_json(args.json, scores)
+    if scores.get("nonfinite_features"):
+        print(f"qformer eval: error: the model gives non-finite features ({scores['nonfinite_features']} images/texts): "
+              "its weights have diverged", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -300,6 +299,13 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_image_limit(parser: argparse.ArgumentParser) -> None:
+    from stages.images import DEFAULT_MAX_IMAGE_PIXELS
+
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="skip images whose header declares more pixels, before decoding (default %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qformer", description="BLIP-2 Q-Former two-stage trainer")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -341,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--batch-size", type=int, default=8)
     caption.add_argument("--device", default="cpu")
     caption.add_argument("--json", action="store_true", help="print a JSON list instead of path<TAB>caption lines")
+    add_image_limit(caption)
     caption.set_defaults(func=cmd_caption)
 
     ask = commands.add_parser("ask", help="answer a question about an image (zero-shot VQA)")
@@ -352,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=10)
     ask.add_argument("--length-penalty", type=float, default=-1.0)
     ask.add_argument("--device", default="cpu")
+    add_image_limit(ask)
     ask.set_defaults(func=cmd_ask)
 
     export = commands.add_parser("export", help="write a model folder from a training checkpoint")
@@ -371,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", default="cpu")
         sub.add_argument("--json", help="also write the scores to this JSON file")
         sub.add_argument("--no-progress", action="store_true")
+        add_image_limit(sub)
+        sub.add_argument("--allow-outside-root", action="store_true",
+                         help="read annotation paths that lead outside --images (absolute, '..', symbolic links)")
         sub.set_defaults(func=cmd_eval)
         if task == "retrieval":
             sub.add_argument("--k-test", type=int, default=128, help="candidates re-ranked with ITM per query")

@@ -219,3 +219,18 @@ def test_fit_annotation_mistake_is_one_line(data, tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"qformer stage1: error: {bad}: entry 0: 'caption' must be a string or a non-empty list of strings"
+
+
+def test_resuming_from_a_checkpoint_with_pickled_code_is_refused_in_one_line(data, tmp_path, capsys):
+    import os
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": os.system}, evil)  # unpickling would import and hand over os.system
+    argv = ["stage1", "fit", "--config", str(Path(__file__).parents[1] / "configs/stage1/tiny.yaml"), "--model.tokenizer", str(data),
+            "--data.train", str(data / "train.json"), "--data.val", "null", "--data.image_root", str(data), "--data.batch_size", "8",
+            "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false", "--ckpt_path", str(evil)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("qformer stage1: error: --ckpt_path: refused to unpickle GLOBAL posix.system")
+    assert "weights_only=False" not in last
