@@ -225,20 +225,21 @@ def decode_generated(tokenizer, ids: Tensor, eos_text: str | None) -> list[str]:
     return [t.strip() for t in texts]
 
 
-def eos_token_id(tokenizer, eos_text: str) -> int:
-    """The token a decoder-only caption ends with: the first of `eos_text` (LAVIS stops OPT at "\\n").
+def resolve_eos_text(tokenizer, eos_text: str | None) -> str:
+    """The text a decoder-only caption ends with, in training and in generation alike (default "\\n", as LAVIS for OPT).
 
-    A tokenizer that drops the text (a word-level one drops "\\n") has nothing to stop at: its eos token is used.
+    A tokenizer that drops the text (a word-level one drops "\\n") would train captions without an end and generate
+    without a stop: its eos token is used instead, with a warning.
     """
-    ids = tokenizer(eos_text, add_special_tokens=False)["input_ids"]
-    if ids:
-        return ids[0]
-    if tokenizer.eos_token_id is None:
+    eos_text = eos_text or DEFAULT_EOS_TEXT
+    if tokenizer(eos_text, add_special_tokens=False)["input_ids"]:
+        return eos_text
+    if tokenizer.eos_token is None:
         raise ValueError(f"language_model.eos_text {eos_text!r} is no token for this tokenizer, which has no eos token either: "
-                         "set language_model.eos_text in the export's config.json to a text it knows")
-    warnings.warn(f"language_model.eos_text {eos_text!r} tokenises to nothing; generation stops at the tokenizer's "
+                         "set language_model.eos_text (--model.eos_text, or the export's config.json) to a text it knows")
+    warnings.warn(f"language_model.eos_text {eos_text!r} tokenises to nothing; captions end with the tokenizer's "
                   f"eos token {tokenizer.eos_token!r} instead", stacklevel=2)
-    return tokenizer.eos_token_id
+    return tokenizer.eos_token
 
 
 def generate_text(
@@ -269,7 +270,7 @@ def generate_text(
         kwargs.update(top_p=top_p, temperature=temperature)
     eos_text = None
     if not model.is_encoder_decoder:
-        eos_text = model.config.language_model.eos_text or DEFAULT_EOS_TEXT
-        kwargs["eos_token_id"] = eos_token_id(tokenizer, eos_text)
+        eos_text = resolve_eos_text(tokenizer, model.config.language_model.eos_text)
+        kwargs["eos_token_id"] = tokenizer(eos_text, add_special_tokens=False)["input_ids"][0]
     ids = model.generate(pixel_values, **batch, **kwargs)
     return decode_generated(tokenizer, ids, eos_text)

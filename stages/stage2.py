@@ -10,7 +10,7 @@ import torch
 from qformer.bert import load_tokenizer
 from qformer.config import LanguageModelConfig
 from qformer.export import load_stage1_into_stage2, read_config, read_export_info
-from qformer.stage2 import Stage2Model, decoder_only_batch, encoder_decoder_batch, load_lm_tokenizer, split_caption
+from qformer.stage2 import Stage2Model, decoder_only_batch, encoder_decoder_batch, resolve_eos_text, load_lm_tokenizer, split_caption
 from stages.skeleton import TrainingSkeleton
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class Stage2Module(TrainingSkeleton):
     def text_batch(self, captions: list[str]):
         hp, tokenizer = self.hparams, self.lm_tokenizer
         if not self.model.is_encoder_decoder:
-            eos = self.model.config.language_model.eos_text or "\n"
+            eos = resolve_eos_text(tokenizer, self.model.config.language_model.eos_text)
             return decoder_only_batch(tokenizer, captions, hp.prompt, eos, hp.max_text_length)
         if hp.prompt:
             prefixes, targets = [hp.prompt] * len(captions), captions

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from qformer.bert import load_tokenizer
 from qformer.config import LanguageModelConfig, preset

@@ -9,7 +9,7 @@ import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from qformer.stage2 import IGNORE, decoder_only_batch
+from qformer.stage2 import IGNORE, decoder_only_batch, resolve_eos_text
 
 CORPUS = ["a photo of a dog", "a photo of a cat on a mat", "Question: what is it? Answer: a dog",
           "a red circle next to a blue square", "an apple"] * 50
@@ -65,3 +65,14 @@ def test_byte_level_bpe_tokenises_the_trailing_space_alone():
     assert tokenizer.convert_ids_to_tokens(full[len(alone) - 1]) == "Ġa"  # the caption's first word, kept in the loss
     batch = decoder_only_batch(tokenizer, ["a dog"], prompt="a photo of ", eos_text="</s>")
     assert batch.labels[0, len(alone) - 1] == full[len(alone) - 1]
+
+
+def test_captions_end_with_a_token_even_when_the_tokenizer_drops_the_eos_text():
+    """A tokenizer without a newline token would train captions with no end marker: the eos token takes its place."""
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "a": 2, "dog": 3}, "<unk>")),
+                                                     eos_token="</s>", pad_token="<unk>")
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    with pytest.warns(UserWarning, match="tokenises to nothing"):
+        eos = resolve_eos_text(tokenizer, "\n")
+    batch = decoder_only_batch(tokenizer, ["a dog"], eos_text=eos)
+    assert batch.labels[0].tolist() == [2, 3, 1]
