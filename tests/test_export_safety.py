@@ -15,7 +15,7 @@ import torch
 
 from qformer.bert import load_tokenizer
 from qformer.config import LanguageModelConfig, preset
-from qformer.export import load_stage1, load_stage2, save_stage1, save_stage2
+from qformer.export import load_stage1, save_stage1, save_stage2
 from qformer.files import atomic_folder
 from qformer.interop import import_lavis
 from qformer.stage1 import Stage1Model
