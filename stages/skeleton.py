@@ -163,8 +163,10 @@ class TrainingSkeleton(pl.LightningModule):
         skipped = self.skipped[split]
         self.log(f"{split}/skipped_images", torch.tensor(float(len(skipped)), device=self.device), reduce_fx="sum", sync_dist=True)
         if skipped:
-            shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-            log.warning("%s epoch %d: skipped %d unreadable image sample(s) on rank %d: %s", split, self.current_epoch, len(skipped), world()[0], shown)
+            images = list(dict.fromkeys(skipped))  # each image named once, however many captions it has
+            shown = ", ".join(images[:5]) + (" ..." if len(images) > 5 else "")
+            log.warning("%s epoch %d: skipped %d sample(s) of %d unreadable image(s) on rank %d: %s", split, self.current_epoch,
+                        len(skipped), len(images), world()[0], shown)
         self.skipped[split] = []
 
     def on_train_epoch_end(self) -> None:
