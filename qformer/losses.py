@@ -27,6 +27,10 @@ class Stage1Losses:
     itc: Tensor
     itm: Tensor
     itg: Tensor
+    # The features the losses were built from, for callers that need them too (validation's retrieval recall):
+    image_embeds: Tensor | None = None  # (B, N, Dv) ln_vision outputs
+    image_feats: Tensor | None = None  # (B, Q, E)
+    text_feat: Tensor | None = None  # (B, E)
 
     @property
     def total(self) -> Tensor:
@@ -150,4 +154,4 @@ def stage1_losses(
     decoder_ids[:, 0] = dec_token_id  # [DEC] replaces [CLS]
     logits = model.itg_logits(decoder_ids, attention_mask, query.query_kv)  # reuses the image pass
     itg = itg_loss(logits, decoder_ids, attention_mask)
-    return Stage1Losses(itc=itc, itm=itm, itg=itg)
+    return Stage1Losses(itc=itc, itm=itm, itg=itg, image_embeds=image_embeds, image_feats=image_feats, text_feat=text_feat)

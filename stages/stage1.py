@@ -105,20 +105,19 @@ class Stage1Module(TrainingSkeleton):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if not self.note_validation_batch(batch):
             return
-        losses = self._losses(batch)
+        losses = self._losses(batch)  # one image pass: its features also feed the retrieval recall below
         size = len(batch["input_ids"])
         for name in ("itc", "itm", "itg"):
             self.log(f"val/loss_{name}", getattr(losses, name), batch_size=size, sync_dist=True)
         self.log("val/loss", losses.total, batch_size=size, sync_dist=True)
         if self.hparams.val_retrieval != "off":
-            image_embeds = self.model.encode_image(batch["pixel_values"])
             self.val_outputs.append(
                 {
                     "image_ids": batch["image_ids"],
                     "sample_ids": batch["sample_ids"],
-                    "image_feats": self.model.image_feats(self.model.query_forward(image_embeds).last_hidden_state),
-                    "text_feat": self.model.text_feat(batch["input_ids"], batch["attention_mask"]),
-                    "image_embeds": image_embeds if self.hparams.val_retrieval == "itm" else image_embeds[:, :0],
+                    "image_feats": losses.image_feats,
+                    "text_feat": losses.text_feat,
+                    "image_embeds": losses.image_embeds if self.hparams.val_retrieval == "itm" else losses.image_embeds[:, :0],
                     "input_ids": batch["input_ids"],
                     "attention_mask": batch["attention_mask"],
                 }

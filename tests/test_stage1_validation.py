@@ -1,0 +1,25 @@
+"""Stage-1 validation computes each batch's image pass once: the losses' own features feed the retrieval recall."""
+
+import torch
+
+from stages.data import CaptionDataset, Collate, eval_transform, load_annotations
+from stages.stage1 import Stage1Module
+from stages.synthetic import make_dataset
+
+
+def test_validation_encodes_each_image_once_and_keeps_the_losses_features(tmp_path):
+    make_dataset(tmp_path, num_images=20, seed=0)
+    module = Stage1Module(tokenizer=str(tmp_path), val_retrieval="itm").eval()
+    dataset = CaptionDataset(load_annotations(tmp_path / "val.json"), tmp_path, eval_transform(32))
+    batch = Collate(module.tokenizer, 32)([dataset[i] for i in range(4)])
+    calls = []
+    encode = module.model.encode_image
+    module.model.encode_image = lambda pixels: calls.append(len(pixels)) or encode(pixels)
+    module.log = lambda *args, **kwargs: None  # no trainer here
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+        expected_feats = module.model.image_feats(module.model.query_forward(encode(batch["pixel_values"])).last_hidden_state)
+    assert calls == [4]  # one image pass for the losses and the recall buffer together
+    output = module.val_outputs[0]
+    torch.testing.assert_close(output["image_feats"], expected_feats)
+    torch.testing.assert_close(output["image_embeds"], encode(batch["pixel_values"]))
