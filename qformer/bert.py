@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from qformer.config import QFormerConfig
-from qformer.convert import LAYER_TO_BERT
+from qformer.convert import bert_key
 from qformer.files import read_tokenizer
 from qformer.vision import load_state_dict_file
 
@@ -62,32 +62,17 @@ def init_from_bert(model, path: str | Path) -> list[str]:
     if layers != model.config.qformer_config.num_hidden_layers:
         raise ValueError(f"{path} has {layers} layers, qformer_config.num_hidden_layers is {model.config.qformer_config.num_hidden_layers}")
     ours = model.state_dict()
-    source = {
-        "qformer.embeddings.word_embeddings.weight": "embeddings.word_embeddings.weight",
-        "qformer.embeddings.position_embeddings.weight": "embeddings.position_embeddings.weight",
-        "qformer.embeddings.norm.weight": "embeddings.LayerNorm.weight",
-        "qformer.embeddings.norm.bias": "embeddings.LayerNorm.bias",
-        "lm_head.dense.weight": "cls.predictions.transform.dense.weight",
-        "lm_head.dense.bias": "cls.predictions.transform.dense.bias",
-        "lm_head.norm.weight": "cls.predictions.transform.LayerNorm.weight",
-        "lm_head.norm.bias": "cls.predictions.transform.LayerNorm.bias",
-        "lm_head.bias": "cls.predictions.bias",
-    }
-    for key in ours:
-        parts = key.split(".")
-        if key.startswith("qformer.layers.") and parts[3] in ("self_attn", "text_ffn", "query_ffn"):
-            module = ".".join(parts[3:5]).replace("query_ffn", "text_ffn")  # the query FFN copies BERT's FFN
-            source[key] = f"encoder.layer.{parts[2]}.{LAYER_TO_BERT[module]}.{parts[5]}"
+    source = {key: name for key in ours if (name := bert_key(key)) is not None}
     not_filled = []
-    for key, bert_key in source.items():
-        if bert_key not in bert:
+    for key, name in source.items():
+        if name not in bert:
             not_filled.append(key)
             continue
-        value, target = bert[bert_key], ours[key]
+        value, target = bert[name], ours[key]
         if value.shape != target.shape:
             if key.endswith(("word_embeddings.weight", "lm_head.bias")) and value.shape[1:] == target.shape[1:]:
                 target[: value.shape[0]] = value  # vocabulary + [DEC]: the new row keeps its fresh init
                 continue
-            raise ValueError(f"{path}: {bert_key} has shape {tuple(value.shape)}, Q-Former {key} needs {tuple(target.shape)}")
+            raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, Q-Former {key} needs {tuple(target.shape)}")
         target.copy_(value)
     return sorted(set(not_filled) | {k for k in ours if k not in source and not k.startswith("visual_encoder.")})

@@ -145,6 +145,16 @@ def preset(name: str) -> Blip2Config:
     return Blip2Config.from_dict(PRESETS[name].to_dict(), source=f"preset {name!r}")
 
 
+def resolve_config(name_or_path: str | Path) -> Blip2Config:
+    """A preset name (vitg, vitl, tiny) or a JSON/YAML model config file."""
+    if str(name_or_path) in PRESETS:
+        return preset(str(name_or_path))
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ConfigError(f"{name_or_path!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a model config file")
+    return Blip2Config.from_file(path)
+
+
 def read_mapping(path: str | Path) -> dict:
     """Read a JSON or YAML file that must hold a mapping."""
     path = Path(path)

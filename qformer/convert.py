@@ -295,6 +295,19 @@ def lavis_key(key: str) -> str:
     return layer_key
 
 
+def bert_key(key: str) -> str | None:
+    """Our stage-1 key -> the key of a BERT checkpoint (LAVIS's name without its `Qformer.` prefixes); None
+    for keys BERT has no weights for. The query FFN starts as a copy of BERT's FFN, as in LAVIS."""
+    try:
+        lavis = lavis_key(key.replace(".query_ffn.", ".text_ffn."))
+    except KeyError:
+        return None
+    for prefix in ("Qformer.bert.", "Qformer."):
+        if lavis.startswith(prefix):
+            return lavis[len(prefix) :]
+    return None
+
+
 def from_lavis(lavis_state: dict[str, Tensor], our_keys: list[str], projection: str | None = None) -> tuple[dict[str, Tensor], list[str]]:
     """LAVIS state dict -> (our state dict, LAVIS keys dropped as documented). Unknown keys fail by name.
 

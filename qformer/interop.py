@@ -28,10 +28,8 @@ from qformer.export import load_model, load_strict, save_encoder_weights, write_
 from qformer.files import atomic_folder, check_out, read_safetensors, read_tokenizer
 from qformer.stage1 import Stage1Model
 from qformer.stage2 import Stage2Model
-from qformer.vision import load_state_dict_file
+from qformer.vision import IMAGE_MEAN, IMAGE_STD, load_state_dict_file
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 IMAGE_TOKEN = "<image>"
 SETTINGS_KEY = "qformer"  # our entry in a transformers config.json
 
@@ -264,7 +262,7 @@ def export_hf(folder: str | Path, out: str | Path, overwrite: bool = False) -> l
     model, tokenizer, stage = load_model(folder)
     size = model.config.vision_config.image_size
     image_processor = transformers.BlipImageProcessor(
-        size={"height": size, "width": size}, image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3, do_convert_rgb=True
+        size={"height": size, "width": size}, image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD), resample=3, do_convert_rgb=True
     )
     notes = []
     vit_eps, ours = model.visual_encoder.model.blocks[0].norm1.eps, model.config.vision_config.ln_vision_eps

@@ -12,6 +12,10 @@ from qformer.config import VisionConfig
 from qformer.files import read_safetensors, read_torch, shape_mismatches
 from qformer.frozen import Frozen
 
+# The pixel normalisation EVA-CLIP and CLIP encoders were trained with (BLIP-2 uses it for every image).
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     """Tensors from a .safetensors file or a torch checkpoint, loaded without running pickled code."""

@@ -25,12 +25,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from qformer.vision import IMAGE_MEAN, IMAGE_STD
 from stages.images import DEFAULT_MAX_IMAGE_PIXELS, OUTSIDE_ROOT_HINT, UnreadableImage, escapes_root, image_under_root, read_rgb
 
 log = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class AnnotationError(ValueError):
@@ -161,7 +160,7 @@ def train_transform(image_size: int, hflip: bool = True, crop_scale: tuple[float
     steps = [T.RandomResizedCrop(image_size, scale=crop_scale, interpolation=T.InterpolationMode.BICUBIC)]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGE_MEAN, IMAGE_STD)])
 
 
 def eval_transform(image_size: int) -> T.Compose:
@@ -169,7 +168,7 @@ def eval_transform(image_size: int) -> T.Compose:
         [
             T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC),
             T.ToTensor(),
-            T.Normalize(CLIP_MEAN, CLIP_STD),
+            T.Normalize(IMAGE_MEAN, IMAGE_STD),
         ]
     )
 

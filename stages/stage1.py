@@ -7,18 +7,13 @@ import logging
 import torch
 
 from qformer.bert import init_from_bert, load_tokenizer
-from qformer.config import PRESETS, Blip2Config, preset
+from qformer.config import resolve_config
 from qformer.losses import stage1_losses
 from qformer.stage1 import Stage1Model
 from stages.distributed import all_gather_with_grad, world
 from stages.skeleton import TrainingSkeleton
 
 log = logging.getLogger(__name__)
-
-
-def resolve_config(config: str) -> Blip2Config:
-    """A preset name (vitg, vitl, tiny) or a JSON/YAML model config file."""
-    return preset(config) if config in PRESETS else Blip2Config.from_file(config)
 
 
 def first_occurrences(ids: torch.Tensor) -> torch.Tensor:

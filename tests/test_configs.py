@@ -8,7 +8,8 @@ from pytorch_lightning import Trainer
 
 from qformer.accounting import stage1_parameter_counts
 from stages.data import CaptionDataModule
-from stages.stage1 import Stage1Module, resolve_config
+from qformer.config import resolve_config
+from stages.stage1 import Stage1Module
 from stages.stage2 import Stage2Module
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
