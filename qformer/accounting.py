@@ -21,3 +21,20 @@ def _without_weights(config: Blip2Config) -> Blip2Config:
     data = config.to_dict()
     data["vision_config"]["weights_path"] = None  # shapes only: never read a weights file here
     return Blip2Config.from_dict(data)
+
+
+def stage2_parameter_counts(config: Blip2Config) -> dict[str, int]:
+    """Trainable / frozen / total parameters of the stage-2 model (the LM built from its config only)."""
+    import transformers
+
+    from qformer.stage2 import Stage2Model
+
+    data = _without_weights(config).to_dict()
+    lm = data["language_model"]
+    if lm["path"] is not None:  # its config.json, never its weights
+        lm["config"], lm["path"] = transformers.AutoConfig.from_pretrained(lm["path"], local_files_only=True).to_dict(), None
+    with torch.device("meta"):
+        model = Stage2Model(Blip2Config.from_dict(data))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return {"trainable": trainable, "frozen": frozen, "total": trainable + frozen}

@@ -2,7 +2,7 @@
 
 Cross-rank communication is passed in as `gather`: a function (B, ...) -> (world * B, ...) that
 concatenates every rank's rows in rank order and lets gradients flow back to their owners
-(`torch.distributed.nn.functional.all_gather`). With one process it is the identity, so
+(`stages.distributed.all_gather_with_grad` in training). With one process it is the identity, so
 nothing here needs a process group.
 """
 

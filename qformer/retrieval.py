@@ -7,8 +7,8 @@
    ITM positive logit + ITC similarity; every other entry is -100.
 
 Only the (images x texts) score matrices are held, never an ITM matrix: the re-rank runs k pairs per row,
-`batch_size` pairs at a time. Work is split over processes by `rank` / `world` (chunk c and row r go to
-rank c % world / r % world) and put together by `reduce_sum`, a sum over processes (identity for one).
+`batch_size` pairs at a time. Work is split over processes by a `Shard` (chunk c and row r go to rank
+c % world / r % world) and put together by its `reduce_sum`, a sum over processes (identity for one).
 Every entry is computed by exactly one process and the others add exact zeros, so any number of
 processes gives the same bits as one.
 """
@@ -21,14 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qformer.shard import Shard
 from qformer.stage1 import Stage1Model
 
-ReduceSum = Callable[[Tensor], Tensor]
 NOT_RANKED = -100.0
-
-
-def no_reduce(x: Tensor) -> Tensor:
-    return x
 
 
 @dataclass
@@ -40,18 +36,12 @@ class RetrievalFeatures:
     attention_mask: Tensor  # (T, L)
 
 
-def _owned(count: int, rank: int, world: int) -> list[int]:
-    return list(range(rank, count, world))
-
-
 @torch.no_grad()
 def compute_image_features(
     model: Stage1Model,
     load_chunk: Callable[[int], tuple[Tensor | None, list[int]]],  # chunk -> (pixels of its readable images, their rows)
     chunk_sizes: list[int],  # images per chunk (fixed boundaries, whatever the number of processes)
-    rank: int = 0,
-    world: int = 1,
-    reduce_sum: ReduceSum = no_reduce,
+    shard: Shard = Shard(),
     progress: Callable[[Iterable], Iterable] = lambda x: x,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(image_embeds (I, N, Dv), image_feats (I, Q, E), readable (I,) bool) of every image.
@@ -67,7 +57,7 @@ def compute_image_features(
     embeds = probe.new_zeros(total, *probe.shape[1:])
     feats = probe.new_zeros(total, model.qformer.num_query_tokens, model.vision_proj.out_features)
     readable = torch.zeros(total, device=device)
-    for c in progress(_owned(len(chunk_sizes), rank, world)):
+    for c in progress(shard.owned(len(chunk_sizes))):
         pixels, kept = load_chunk(c)
         if pixels is None:
             continue
@@ -76,7 +66,7 @@ def compute_image_features(
         embeds[rows] = image_embeds
         feats[rows] = model.image_feats(model.query_forward(image_embeds).last_hidden_state)  # (b, Q, E)
         readable[rows] = 1.0
-    return reduce_sum(embeds), reduce_sum(feats), reduce_sum(readable) > 0
+    return shard.reduce_sum(embeds), shard.reduce_sum(feats), shard.reduce_sum(readable) > 0
 
 
 @torch.no_grad()
@@ -85,18 +75,16 @@ def compute_text_features(
     input_ids: Tensor,
     attention_mask: Tensor,
     text_chunk: int = 256,
-    rank: int = 0,
-    world: int = 1,
-    reduce_sum: ReduceSum = no_reduce,
+    shard: Shard = Shard(),
 ) -> Tensor:
-    """(T, E) [CLS] features of every text; each process computes its chunks, `reduce_sum` shares them."""
+    """(T, E) [CLS] features of every text; each process computes its chunks, the shard's sum shares them."""
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     text_feat = torch.zeros(len(input_ids), model.text_proj.out_features, device=device)
-    for c in _owned((len(input_ids) + text_chunk - 1) // text_chunk, rank, world):
+    for c in shard.owned((len(input_ids) + text_chunk - 1) // text_chunk):
         rows = slice(c * text_chunk, (c + 1) * text_chunk)
         text_feat[rows] = model.text_feat(input_ids[rows], attention_mask[rows])
-    return reduce_sum(text_feat)
+    return shard.reduce_sum(text_feat)
 
 
 @torch.no_grad()
@@ -112,18 +100,16 @@ def rerank(
     sim: Tensor,  # (I, T) ITC similarity
     k: int,
     batch_size: int = 128,
-    rank: int = 0,
-    world: int = 1,
-    reduce_sum: ReduceSum = no_reduce,
+    shard: Shard = Shard(),
     progress: Callable[[Iterable], Iterable] = lambda x: x,
 ) -> tuple[Tensor, Tensor]:
     """ITM re-rank of each row's top-k: (score_i2t (I, T), score_t2i (T, I)), NOT_RANKED elsewhere."""
     I, T = sim.shape
     k_i2t, k_t2i = min(k, T), min(k, I)
     pairs = []  # (image index, text index, direction 0 = i2t / 1 = t2i)
-    for i in _owned(I, rank, world):
+    for i in shard.owned(I):
         pairs += [(i, t, 0) for t in sim[i].topk(k_i2t).indices.tolist()]
-    for t in _owned(T, rank, world):
+    for t in shard.owned(T):
         pairs += [(i, t, 1) for i in sim[:, t].topk(k_t2i).indices.tolist()]
     device = sim.device
     scores = torch.zeros(2, I, T, device=device)  # [i2t, t2i], both indexed (image, text)
@@ -134,7 +120,7 @@ def rerank(
         logits = model.itm_logits(features.image_embeds[images], features.input_ids[texts], features.attention_mask[texts])
         scores[direction, images, texts] = logits[:, 1].float() + sim[images, texts]
         filled[direction, images, texts] = 1.0
-    scores, filled = reduce_sum(scores), reduce_sum(filled)
+    scores, filled = shard.reduce_sum(scores), shard.reduce_sum(filled)
     scores = scores.masked_fill(filled == 0, NOT_RANKED)
     return scores[0], scores[1].T
 

@@ -242,32 +242,58 @@ def resolve_eos_text(tokenizer, eos_text: str | None) -> str:
     return tokenizer.eos_token
 
 
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How captions and answers are generated: beam search, or nucleus sampling when `top_p` is set.
+
+    Args:
+        num_beams: beam width (1: greedy).
+        max_new_tokens: at most this many tokens after the prompt.
+        min_new_tokens: at least this many (the LM's end token is held back until then).
+        length_penalty: beam-score exponent on the length (> 0 favours longer texts, < 0 shorter ones).
+        repetition_penalty: > 1 discourages repeating tokens.
+        top_p: nucleus sampling with this probability mass instead of beam search.
+        temperature: sampling temperature (with top_p).
+    """
+
+    num_beams: int = 5
+    max_new_tokens: int = 30
+    min_new_tokens: int = 1
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+    top_p: float | None = None
+    temperature: float = 1.0
+
+
+CAPTION_GENERATION = GenerationSettings(min_new_tokens=8)  # LAVIS's COCO captioning: beam 5, 8 to 30 tokens
+VQA_GENERATION = GenerationSettings(max_new_tokens=10, length_penalty=-1.0)  # LAVIS's zero-shot VQA: short answers
+
+
+def vqa_prompt(model: "Stage2Model", template: str | None = None) -> str:
+    """The question template: the given one, or the paper's for the LM's family."""
+    return template or VQA_PROMPTS["encoder_decoder" if model.is_encoder_decoder else "decoder"]
+
+
 def generate_text(
     model: Stage2Model,
     tokenizer,
     pixel_values: Tensor,
     prompts: list[str],
-    num_beams: int = 5,
-    max_new_tokens: int = 30,
-    min_new_tokens: int = 1,
-    length_penalty: float = 1.0,
-    repetition_penalty: float = 1.0,
-    top_p: float | None = None,
-    temperature: float = 1.0,
+    settings: GenerationSettings = GenerationSettings(),
 ) -> list[str]:
-    """Captions or answers for a batch of images, one prompt each; beam search, or nucleus sampling with `top_p`."""
+    """Captions or answers for a batch of images, one prompt each."""
     batch = {k: v.to(pixel_values.device) for k, v in prompt_batch(tokenizer, prompts, model.is_encoder_decoder).items()}
     kwargs = dict(
-        num_beams=num_beams,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        length_penalty=length_penalty,
-        repetition_penalty=repetition_penalty,
-        do_sample=top_p is not None,
+        num_beams=settings.num_beams,
+        max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=settings.min_new_tokens,
+        length_penalty=settings.length_penalty,
+        repetition_penalty=settings.repetition_penalty,
+        do_sample=settings.top_p is not None,
         pad_token_id=tokenizer.pad_token_id,
     )
-    if top_p is not None:
-        kwargs.update(top_p=top_p, temperature=temperature)
+    if settings.top_p is not None:
+        kwargs.update(top_p=settings.top_p, temperature=settings.temperature)
     eos_text = None
     if not model.is_encoder_decoder:
         eos_text = resolve_eos_text(tokenizer, model.config.language_model.eos_text)

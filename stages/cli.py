@@ -1,453 +1,264 @@
-"""The `qformer` command. Each subcommand is a small function; training subcommands hand over to LightningCLI."""
+"""The `qformer` command: a table of names -> typed, documented functions, each in the module that owns its logic.
+
+Options are generated from each function's signature and docstring (parsed with docstring_parser, as jsonargparse
+does): a parameter without a default is a positional argument, a keyword-only one a required `--option`;
+`list[str]` takes one or more values, `bool` is a flag, `X | None` may be left out, and a dataclass parameter
+(GenerationSettings, DemoSettings) gives one option per field. Names keep the dashes of a command line
+(`--k-test`, `--num-beams`). `qformer stage1|stage2 fit|validate` hand over to LightningCLI (`stages.training`).
+
+A user's mistake ends in one line, `qformer COMMAND: error: ...`, exit status 2; `--debug` (or QFORMER_DEBUG=1)
+shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
+import difflib
+import importlib
+import inspect
 import os
-import pickle
+import signal
 import sys
+import types
+import typing
+
+COMMANDS: dict = {
+    "demo": "stages.demo:demo",
+    "info": "stages.info:info",
+    "make-data": "stages.synthetic:make_data",
+    "export": "stages.checkpoints:export",
+    "caption": "stages.generation:caption",
+    "ask": "stages.generation:ask",
+    "eval": {
+        "retrieval": "stages.evaluate:eval_retrieval",
+        "caption": "stages.evaluate:eval_caption",
+        "vqa": "stages.evaluate:eval_vqa",
+    },
+    "import": {"lavis": "stages.conversions:import_lavis", "hf": "stages.conversions:import_hf"},
+    "export-hf": "stages.conversions:export_hf",
+}
+TRAINING = {
+    "stage1": "stage-1 training: qformer stage1 {fit,validate} --config FILE [--model.* --data.* --trainer.*]",
+    "stage2": "stage-2 training: qformer stage2 {fit,validate} --config FILE --model.stage1 DIR [...]",
+}
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    """Versions, device, and parameter counts of a named preset or a config file."""
-    import pytorch_lightning
-    import timm
-    import torch
-    import torchmetrics
-    import transformers
+# --- from a function to options ---------------------------------------------------------------------------
+def _function(target: str):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
-    from qformer.accounting import stage1_parameter_counts
-    from qformer.config import Blip2Config, preset
 
-    print("versions:")
-    for module in (torch, pytorch_lightning, timm, transformers, torchmetrics):
-        print(f"  {module.__name__:<18} {module.__version__}")
-    if torch.cuda.is_available():
-        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-        print(f"device: cuda x{torch.cuda.device_count()} ({names})")
+def _docs(obj) -> tuple[str, dict[str, str]]:
+    import docstring_parser
+
+    doc = docstring_parser.parse(inspect.getdoc(obj) or "")
+    text = "\n\n".join(part for part in (doc.short_description, doc.long_description) if part)
+    return text, {p.arg_name: " ".join((p.description or "").split()) for p in doc.params}
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _unwrap_optional(hint):
+    """`X | None` -> (X, True); anything else -> (hint, False)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return hint, False
+
+
+def _add_parameter(parser: argparse.ArgumentParser, name: str, hint, default, help_text: str, positional: bool) -> None:
+    hint, optional = _unwrap_optional(hint)
+    kwargs: dict = {"help": help_text or None}
+    if typing.get_origin(hint) is list:
+        kwargs.update(nargs="+", type=typing.get_args(hint)[0])
+    elif typing.get_origin(hint) is typing.Literal:
+        kwargs.update(choices=list(typing.get_args(hint)))
+    elif hint is bool:
+        kwargs.update(action=argparse.BooleanOptionalAction if default is True else "store_true")
     else:
-        print(f"device: cpu ({torch.get_num_threads()} threads)")
-    config = Blip2Config.from_file(args.config) if args.config else preset(args.preset)
-    counts = stage1_parameter_counts(config)
-    vc, qc = config.vision_config, config.qformer_config
-    print(f"config: {args.config or 'preset ' + args.preset}")
-    print(f"  image encoder   {vc.model_name} (last {vc.drop_last_blocks} block(s) dropped), {qc.encoder_hidden_size} wide")
-    print(f"  q-former        {qc.num_hidden_layers} layers x {qc.hidden_size}, {config.num_query_tokens} queries")
-    print("stage-1 parameters:")
-    for name, value in counts.items():
-        print(f"  {name:<10} {value:>15,}")
-    return 0
-
-
-def run_stage(stage: str, argv: list[str]) -> int:
-    """`qformer stage1|stage2 {fit,validate} --config FILE ...`: LightningCLI over the stage's module + CaptionDataModule."""
-    import importlib.util
-
-    from pytorch_lightning.cli import LightningCLI
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-
-    from qformer.files import unpickling_refusal
-    from stages.data import AnnotationError, CaptionDataModule
-    from stages.images import UnreadableImage
-    from stages.skeleton import TrainingStopped
-    from stages.stage1 import Stage1Module
-    from stages.stage2 import Stage2Module
-
-    class QFormerCLI(LightningCLI):
-        def instantiate_classes(self) -> None:
-            """Unless --trainer.logger says otherwise: CSV logs always, TensorBoard too when it is installed."""
-            super().instantiate_classes()
-            config = self.config[self.subcommand] if self.subcommand else self.config
-            if config.trainer.logger in (None, True):
-                csv = CSVLogger(self.trainer.default_root_dir)
-                loggers = [csv]
-                if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-                    loggers.append(TensorBoardLogger(self.trainer.default_root_dir, version=csv.version))
-                self.trainer.loggers = loggers
-
-    module = Stage1Module if stage == "stage1" else Stage2Module
-    try:
-        QFormerCLI(module, CaptionDataModule, args=argv, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": f"qformer {stage}"})
-    except (AnnotationError, UnreadableImage, FileNotFoundError, TrainingStopped, pickle.UnpicklingError) as error:
-        if os.environ.get("QFORMER_DEBUG"):
-            raise
-        message = unpickling_refusal(error)
-        message = f"--ckpt_path: {message}" if message else str(error)
-        print(f"qformer {stage}: error: {message}", file=sys.stderr)
-        return 1 if isinstance(error, TrainingStopped) else 2
-    return 0
-
-
-OVERWRITE_HELP = "replace an existing non-empty --out folder (as a whole, once the new one is complete)"
-
-
-def _exit_on_signal(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def _sigterm_exits():
-    """While a command writes a model folder, `kill` (SIGTERM) raises SystemExit, so the half-written
-    `.NAME.partial-*` folder is removed on the way out (a `kill -9` leaves it; it is safe to delete)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
+        kwargs.update(type=hint)
+    if positional:
+        parser.add_argument(name, **kwargs)
         return
-    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    required = default is inspect.Parameter.empty
+    if not required:
+        kwargs["default"] = default
+        if hint is not bool and default is not None and kwargs["help"]:
+            kwargs["help"] += f" (default: {default})"
+    elif optional:
+        required, kwargs["default"] = False, None
+    parser.add_argument(_option(name), dest=name, required=required, **kwargs)
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    """A Lightning checkpoint of either stage -> a self-describing export folder."""
-    from qformer.export import save_stage1, save_stage2
-    from qformer.files import check_out, read_torch
-    from stages.stage1 import Stage1Module
-    from stages.stage2 import Stage2Module
+def add_function(parser: argparse.ArgumentParser, function) -> None:
+    """One argument per parameter of `function`, one per field of a dataclass parameter, help from the docstrings."""
+    description, helps = _docs(function)
+    parser.description = description
+    hints = typing.get_type_hints(function)
+    for name, param in inspect.signature(function).parameters.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            _, field_helps = _docs(hint)
+            for field in dataclasses.fields(hint):
+                _add_parameter(parser, field.name, typing.get_type_hints(hint)[field.name], getattr(param.default, field.name),
+                               field_helps.get(field.name, ""), positional=False)
+            continue
+        positional = param.default is inspect.Parameter.empty and param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        _add_parameter(parser, name, hint, param.default, helps.get(name, ""), positional)
 
-    check_out(args.out, args.overwrite)
-    checkpoint = read_torch(args.checkpoint)
-    if not isinstance(checkpoint, dict) or not {"pytorch-lightning_version", "state_dict"} <= set(checkpoint):
-        raise ValueError(f"{args.checkpoint} is not a Lightning checkpoint (no pytorch-lightning_version and state_dict): "
-                         "give a .ckpt written by qformer stage1/stage2 fit")
-    with _sigterm_exits():
-        if "stage1" in checkpoint.get("hyper_parameters", {}):
-            module = Stage2Module.load_from_checkpoint(args.checkpoint, map_location="cpu")
-            out = save_stage2(module.model, module.lm_tokenizer, args.out, args.overwrite, source=args.checkpoint)
+
+def call(function, values: dict):
+    """Call `function` with parsed values, rebuilding its dataclass parameters from their fields."""
+    hints = typing.get_type_hints(function)
+    args, kwargs = [], {}
+    for name, param in inspect.signature(function).parameters.items():
+        if dataclasses.is_dataclass(hints[name]):
+            value = hints[name](**{f.name: values[f.name] for f in dataclasses.fields(hints[name])})
         else:
-            module = Stage1Module.load_from_checkpoint(args.checkpoint, map_location="cpu")
-            out = save_stage1(module.model, module.tokenizer, args.out, args.overwrite, source=args.checkpoint)
-    print(f"exported to {out}")
-    return 0
-
-
-def _generate_for_images(args, paths, prompt_for) -> tuple[list[dict], int]:
-    """Generation over the readable images in batches, each decoded once; unreadable ones are named and counted."""
-    import torch
-
-    from qformer.export import load_stage2
-    from qformer.stage2 import generate_text
-    from stages.data import eval_transform
-    from stages.images import IMAGE_SUFFIXES, SkippedImages, load_pixels
-
-    if not paths:
-        raise ValueError("no image files given (folders are searched for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
-    model, tokenizer = load_stage2(args.model)
-    device = torch.device(args.device)
-    model.to(device)
-    transform = eval_transform(model.config.vision_config.image_size)
-    prompt = prompt_for(model)
-    results, skipped = [], SkippedImages()
-    for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start : start + args.batch_size]
-        pixels, kept = load_pixels(chunk, transform, skipped, args.max_image_pixels)
-        if pixels is not None:
-            texts = generate_text(model, tokenizer, pixels.to(device), [prompt] * len(kept), **args.generation)
-            results.extend({"image": str(chunk[i]), "text": t} for i, t in zip(kept, texts))
-    return results, len(skipped)
-
-
-def cmd_caption(args: argparse.Namespace) -> int:
-    """One caption per image (beam search by default), printed as `path<TAB>caption` or JSON."""
-    import json
-
-    args.generation = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                           length_penalty=args.length_penalty, repetition_penalty=args.repetition_penalty, top_p=args.top_p)
-    from stages.images import image_files
-
-    results, failed = _generate_for_images(args, image_files(args.images), lambda model: args.prompt)
-    if args.json:
-        print(json.dumps([{"image": r["image"], "caption": r["text"]} for r in results], indent=2))
-    else:
-        for r in results:
-            print(f"{r['image']}\t{r['text']}")
-    if failed:
-        print(f"{failed} image(s) could not be read, {len(results)} captioned", file=sys.stderr)
-    if not results:
-        print("qformer caption: error: no image could be read", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def cmd_ask(args: argparse.Namespace) -> int:
-    """Zero-shot visual question answering with the paper's prompt for the LM's family."""
-    from qformer.stage2 import VQA_PROMPTS
-
-    def prompt_for(model) -> str:
-        template = args.prompt_template or VQA_PROMPTS["encoder_decoder" if model.is_encoder_decoder else "decoder"]
-        return template.format(args.question)
-
-    args.generation = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=1, length_penalty=args.length_penalty)
-    args.batch_size = 1
-    results, failed = _generate_for_images(args, [args.image], prompt_for)
-    for r in results:
-        print(r["text"])
-    return 1 if failed else 0
-
-
-def cmd_make_data(args: argparse.Namespace) -> int:
-    """Write the built-in synthetic image-caption dataset."""
-    from stages.synthetic import make_dataset
-
-    counts = make_dataset(args.folder, args.num_images, args.seed, args.image_size, args.val_images, args.test_images)
-    print(f"wrote {sum(counts.values())} images to {args.folder}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    return 0
-
-
-def _write_json(path: str | None, data) -> None:
-    if path:
-        import json
-        from pathlib import Path
-
-        Path(path).write_text(json.dumps(data, indent=2) + "\n")
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    """`qformer eval retrieval|caption|vqa`: the paper's evaluations; sharded when launched with torchrun."""
-    from pathlib import Path
-
-    import torch
-
-    from qformer.export import load_stage1, load_stage2
-    from stages import evaluate as ev
-
-    rank, world = ev.init_distributed(args.device)
-    device = ev.device_for(args.device, rank)
-    show = not args.no_progress
-    if args.task == "retrieval":
-        model, tokenizer = load_stage1(args.model)
-        data = ev.EvalSet.load(args.data, args.images, args.max_image_pixels, args.allow_outside_root)
-        scores, i2t, t2i = ev.evaluate_retrieval(model.to(device), tokenizer, data, args.k_test, args.itc_only, args.batch_size, rank, world, show)
-        if args.save_scores and rank == 0:
-            torch.save({"score_i2t": i2t.cpu(), "score_t2i": t2i.cpu()}, args.save_scores)
-        title = f"retrieval on {args.data} ({'ITC only' if args.itc_only else f'ITC top-{args.k_test} + ITM re-rank'})"
-    elif args.task == "caption":
-        model, tokenizer = load_stage2(args.model)
-        data = ev.EvalSet.load(args.data, args.images, args.max_image_pixels, args.allow_outside_root)
-        generation = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
-        scores, captions, notices = ev.evaluate_captions(model.to(device), tokenizer, data, args.prompt, args.batch_size, generation, rank, world, show)
-        for notice in notices:
-            print(f"note: {notice}", file=sys.stderr)
-        if args.predictions and rank == 0:
-            _write_json(args.predictions, [{"image_id": k, "caption": v} for k, v in captions.items()])
-        title = f"captioning on {args.data}"
-    else:
-        from qformer.stage2 import VQA_PROMPTS
-
-        model, tokenizer = load_stage2(args.model)
-        questions = ev.load_questions(args.data, args.allow_outside_root)
-        prompt = args.prompt_template or VQA_PROMPTS["encoder_decoder" if model.is_encoder_decoder else "decoder"]
-        generation = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=1, length_penalty=args.length_penalty)
-        scores, predictions = ev.evaluate_vqa(model.to(device), tokenizer, questions, Path(args.images), prompt, args.batch_size, generation,
-                                              show, args.max_image_pixels, args.allow_outside_root)
-        if args.predictions:
-            _write_json(args.predictions, predictions)
-        title = f"zero-shot VQA on {args.data} (prompt {prompt!r})"
-    if rank == 0:
-        ev.print_scores(title, scores)
-        _write_json(args.json, scores)
-    if scores.get("nonfinite_features"):
-        print(f"qformer eval: error: the model gives non-finite features ({scores['nonfinite_features']} images/texts): "
-              "its weights have diverged", file=sys.stderr)
-        return 1
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: stage 1, stage 2 and evaluation end to end on built-in synthetic data."""
-    from stages.demo import DemoSettings, run_demo
-
-    settings = DemoSettings(out=args.out, lm=args.lm, seed=args.seed, num_images=args.num_images, val_images=args.val_images,
-                            test_images=args.test_images, lm_steps=args.lm_steps, stage1_steps=args.stage1_steps,
-                            stage2_steps=args.stage2_steps)
-    run_demo(settings)
-    return 0
-
-
-def cmd_import(args: argparse.Namespace) -> int:
-    """`qformer import lavis|hf`: convert a LAVIS or transformers BLIP-2 checkpoint into an export folder."""
-    import json
-
-    from qformer import interop
-
-    with _sigterm_exits():
-        if args.source == "lavis":
-            vision_config = json.loads(args.vision_config) if args.vision_config else None
-            notes = interop.import_lavis(args.checkpoint, args.out, args.stage, args.vision_weights, args.lm, args.bert,
-                                         vision_config, args.num_heads, args.overwrite)
+            value = values[name]
+        if param.kind is inspect.Parameter.KEYWORD_ONLY:
+            kwargs[name] = value
         else:
-            notes = interop.import_hf(args.checkpoint, args.out, args.overwrite)
-    for note in notes:
-        print(f"note: {note}")
-    print(f"imported {args.checkpoint} into {args.out}")
-    return 0
+            args.append(value)
+    return function(*args, **kwargs)
 
 
-def cmd_export_hf(args: argparse.Namespace) -> int:
-    """Our export folder -> a transformers Blip2ForImageTextRetrieval / Blip2ForConditionalGeneration folder."""
-    from qformer.interop import export_hf
+# --- the parser -----------------------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump): the mistake and, for a misspelt option, the closest valid one."""
 
-    with _sigterm_exits():
-        notes = export_hf(args.folder, args.out, args.overwrite)
-    for note in notes:
-        print(f"note: {note}")
-    print(f"wrote a transformers BLIP-2 folder to {args.out}")
-    return 0
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def unknown(self, words: list[str]) -> typing.NoReturn:
+        options = [o for action in self._actions for o in action.option_strings]
+        message = "unrecognized arguments: " + " ".join(words)
+        for word in words:
+            close = difflib.get_close_matches(word.split("=")[0], options, n=1)
+            if word.startswith("-") and close:
+                message += f" (did you mean {close[0]}?)"
+                break
+        self.error(message)
 
 
-def add_image_limit(parser: argparse.ArgumentParser) -> None:
-    from stages.images import DEFAULT_MAX_IMAGE_PIXELS
-
-    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
-                        help="skip images whose header declares more pixels, before decoding (default %(default)s)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qformer", description="BLIP-2 Q-Former two-stage trainer")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    info = commands.add_parser("info", help="versions, device and parameter counts")
-    source = info.add_mutually_exclusive_group()
-    source.add_argument("--preset", default="vitg", help="named config (vitg, vitl, tiny)")
-    source.add_argument("--config", help="a model config file (JSON or YAML)")
-    info.set_defaults(func=cmd_info)
-
-    from stages.demo import DemoSettings
-
-    defaults = DemoSettings()
-    demo = commands.add_parser("demo", help="run stage 1, stage 2 and evaluation end to end on built-in data (CPU, ~10 min)")
-    demo.add_argument("--out", default=defaults.out, help="folder for data, configs, runs, exports and results")
-    demo.add_argument("--lm", choices=["opt", "t5"], default=defaults.lm, help="decoder-only (OPT) or encoder-decoder (T5) LM")
-    demo.add_argument("--seed", type=int, default=defaults.seed)
-    demo.add_argument("--num-images", type=int, default=defaults.num_images)
-    demo.add_argument("--val-images", type=int, default=defaults.val_images)
-    demo.add_argument("--test-images", type=int, default=defaults.test_images)
-    demo.add_argument("--lm-steps", type=int, default=defaults.lm_steps)
-    demo.add_argument("--stage1-steps", type=int, default=defaults.stage1_steps)
-    demo.add_argument("--stage2-steps", type=int, default=defaults.stage2_steps)
-    demo.set_defaults(func=cmd_demo)
-
-    commands.add_parser("stage1", help="stage-1 training: qformer stage1 {fit,validate} --config FILE", add_help=False)
-    commands.add_parser("stage2", help="stage-2 training: qformer stage2 {fit,validate} --config FILE --model.stage1 DIR", add_help=False)
-
-    caption = commands.add_parser("caption", help="caption images with a stage-2 model")
-    caption.add_argument("images", nargs="+", help="image files or folders")
-    caption.add_argument("--model", required=True, help="stage-2 export folder")
-    caption.add_argument("--prompt", default="a photo of", help='text the caption continues ("" for none)')
-    caption.add_argument("--num-beams", type=int, default=5)
-    caption.add_argument("--max-new-tokens", type=int, default=30)
-    caption.add_argument("--min-new-tokens", type=int, default=8)
-    caption.add_argument("--length-penalty", type=float, default=1.0)
-    caption.add_argument("--repetition-penalty", type=float, default=1.0)
-    caption.add_argument("--top-p", type=float, default=None, help="nucleus sampling instead of beam search")
-    caption.add_argument("--batch-size", type=int, default=8)
-    caption.add_argument("--device", default="cpu")
-    caption.add_argument("--json", action="store_true", help="print a JSON list instead of path<TAB>caption lines")
-    add_image_limit(caption)
-    caption.set_defaults(func=cmd_caption)
-
-    ask = commands.add_parser("ask", help="answer a question about an image (zero-shot VQA)")
-    ask.add_argument("image")
-    ask.add_argument("question")
-    ask.add_argument("--model", required=True, help="stage-2 export folder")
-    ask.add_argument("--prompt-template", default=None, help='default: "Question: {} Answer:" (OPT), "Question: {} Short answer:" (T5)')
-    ask.add_argument("--num-beams", type=int, default=5)
-    ask.add_argument("--max-new-tokens", type=int, default=10)
-    ask.add_argument("--length-penalty", type=float, default=-1.0)
-    ask.add_argument("--device", default="cpu")
-    add_image_limit(ask)
-    ask.set_defaults(func=cmd_ask)
-
-    export = commands.add_parser("export", help="write a model folder from a training checkpoint")
-    export.add_argument("checkpoint")
-    export.add_argument("--out", required=True, help="output folder")
-    export.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    export.set_defaults(func=cmd_export)
-
-    evaluation = commands.add_parser("eval", help="retrieval, captioning or zero-shot VQA evaluation")
-    tasks = evaluation.add_subparsers(dest="task", required=True)
-    for task, text in (("retrieval", "image-text retrieval (stage-1 model)"), ("caption", "captioning metrics (stage-2 model)"), ("vqa", "zero-shot VQAv2 accuracy (stage-2 model)")):
-        sub = tasks.add_parser(task, help=text)
-        sub.add_argument("--model", required=True, help="export folder")
-        sub.add_argument("--data", required=True, help="annotation file" if task != "vqa" else "question file")
-        sub.add_argument("--images", required=True, help="image root folder")
-        sub.add_argument("--batch-size", type=int, default=64)
-        sub.add_argument("--device", default="cpu")
-        sub.add_argument("--json", help="also write the scores to this JSON file")
-        sub.add_argument("--no-progress", action="store_true")
-        add_image_limit(sub)
-        sub.add_argument("--allow-outside-root", action="store_true",
-                         help="read annotation paths that lead outside --images (absolute, '..', symbolic links)")
-        sub.set_defaults(func=cmd_eval)
-        if task == "retrieval":
-            sub.add_argument("--k-test", type=int, default=128, help="candidates re-ranked with ITM per query")
-            sub.add_argument("--itc-only", action="store_true", help="rank by ITC similarity alone")
-            sub.add_argument("--save-scores", help="torch file with both score matrices (-100 outside each top-k)")
-        else:
-            sub.add_argument("--num-beams", type=int, default=5)
-            sub.add_argument("--predictions", help="write the generated texts to this JSON file")
-        if task == "caption":
-            sub.add_argument("--prompt", default="a photo of")
-            sub.add_argument("--max-new-tokens", type=int, default=30)
-            sub.add_argument("--min-new-tokens", type=int, default=8)
-        if task == "vqa":
-            sub.add_argument("--prompt-template", default=None, help='default: "Question: {} Answer:" (OPT), "Question: {} Short answer:" (T5)')
-            sub.add_argument("--max-new-tokens", type=int, default=10)
-            sub.add_argument("--length-penalty", type=float, default=-1.0)
-
-    importer = commands.add_parser("import", help="convert a LAVIS or transformers BLIP-2 checkpoint into an export folder")
-    sources = importer.add_subparsers(dest="source", required=True)
-    lavis = sources.add_parser("lavis", help="a LAVIS blip2 / blip2_feature_extractor / blip2_opt / blip2_t5 .pth")
-    lavis.add_argument("checkpoint")
-    lavis.add_argument("--out", required=True)
-    lavis.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    lavis.add_argument("--stage", type=int, choices=[1, 2], help="check that the checkpoint is of this stage")
-    lavis.add_argument("--vision-weights", help="image encoder weights (LAVIS's eva_vit_g.pth or timm format) when the checkpoint has none")
-    lavis.add_argument("--lm", help="stage 2: local folder of the frozen LLM (OPT / FlanT5)")
-    lavis.add_argument("--bert", help="stage 1: local bert-base-uncased folder (tokenizer)")
-    lavis.add_argument("--vision-config", help='JSON VisionConfig fields, e.g. \'{"model_name": "eva_giant_patch14_clip_224", "image_size": 364}\'')
-    lavis.add_argument("--num-heads", type=int, help="Q-Former attention heads (default: width / 64, as BERT)")
-    lavis.set_defaults(func=cmd_import)
-    hf = sources.add_parser("hf", help="a transformers Blip2ForImageTextRetrieval / Blip2ForConditionalGeneration folder")
-    hf.add_argument("checkpoint", help="the folder")
-    hf.add_argument("--out", required=True)
-    hf.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    hf.set_defaults(func=cmd_import)
-
-    export_hf = commands.add_parser("export-hf", help="write a folder transformers' Blip2 classes load with from_pretrained")
-    export_hf.add_argument("folder", help="our export folder (either stage)")
-    export_hf.add_argument("--out", required=True)
-    export_hf.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    export_hf.set_defaults(func=cmd_export_hf)
-
-    make_data = commands.add_parser("make-data", help="write the built-in synthetic dataset")
-    make_data.add_argument("folder")
-    make_data.add_argument("--num-images", type=int, default=1000)
-    make_data.add_argument("--seed", type=int, default=0)
-    make_data.add_argument("--image-size", type=int, default=64)
-    make_data.add_argument("--val-images", type=int, default=None, help="validation images (default: 10%% of --num-images)")
-    make_data.add_argument("--test-images", type=int, default=None, help="test images (default: 10%% of --num-images)")
-    make_data.set_defaults(func=cmd_make_data)
+def leaf_parser(parser: argparse.ArgumentParser, words: list[str]) -> argparse.ArgumentParser:
+    """The (sub)command parser that `words` (command, task) lead to."""
+    for word in words:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions or word not in actions[0].choices:
+            break
+        parser = actions[0].choices[word]
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    from transformers.utils import logging as hf_logging
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser for `argv`; only the chosen command's module is imported (the others on --help)."""
+    parser = Parser(prog="qformer", description="BLIP-2 Q-Former two-stage trainer")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, target in COMMANDS.items():
+        _add_command(commands, name, target, load=chosen in (name, None) or "--help" in argv or "-h" in argv)
+    for name, text in TRAINING.items():
+        commands.add_parser(name, help=text, add_help=False)
+    return parser
 
-    hf_logging.disable_progress_bar()  # per-tensor loading bars: noise on the command line
-    if argv[:1] in (["stage1"], ["stage2"]):
-        return run_stage(argv[0], argv[1:])
-    args = build_parser().parse_args(argv)
+
+def _add_command(commands, name: str, target, load: bool) -> None:
+    if isinstance(target, dict):
+        group = commands.add_parser(name, help=f"{name} " + "|".join(target))
+        sub = group.add_subparsers(dest="task", required=True, parser_class=Parser, metavar="TASK")
+        for task, inner in target.items():
+            _add_command(sub, task, inner, load)
+        return
+    if not load:
+        commands.add_parser(name)
+        return
+    function = _function(target)
+    sub = commands.add_parser(name, help=_docs(function)[0].split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_function(sub, function)
+    sub.set_defaults(function=function)
+
+
+# --- running ------------------------------------------------------------------------------------------------
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What a user's input can raise: reported in one line, not as a traceback."""
+    import pickle
+
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    from stages.skeleton import TrainingStopped
+
+    return ValueError, OSError, KeyError, MisconfigurationException, pickle.UnpicklingError, TrainingStopped
+
+
+def describe(error: BaseException) -> str:
+    from qformer.files import unpickling_refusal
+
+    refusal = unpickling_refusal(error)
+    if refusal:
+        return f"--ckpt_path: {refusal}"
+    if isinstance(error, KeyError):
+        return str(error.args[0]) if error.args else "KeyError"
+    if type(error).__name__ == "MisconfigurationException":  # Lightning's word for a --trainer.* setting it cannot use
+        return f"{error} (check the --trainer.* options)"
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds: a half-written folder (`.NAME.partial-*`) is removed on the way out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = bool(os.environ.get("QFORMER_DEBUG")) or "--debug" in argv[:1]
+    argv = [a for i, a in enumerate(argv) if not (i == 0 and a == "--debug")]
+    from stages.terminal import quiet_library_notices
+
+    quiet_library_notices()
+    if threading_is_main():
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+    command = argv[0] if argv else None
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        print(f"qformer {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        if command in TRAINING:
+            from stages.training import run_training
+
+            run_training(command, argv[1:])
+            return 0
+        try:
+            parser = build_parser(argv)
+            namespace, unknown = parser.parse_known_args(argv)
+            if unknown:
+                leaf_parser(parser, [namespace.command, getattr(namespace, "task", None)]).unknown(unknown)
+        except SystemExit as exit:  # argparse's own exit: --help, or a mistake it has reported in one line
+            return exit.code if isinstance(exit.code, int) else 2
+        args = vars(namespace)
+        function = args.pop("function")
+        for key in ("command", "task", "debug"):
+            args.pop(key, None)
+        return call(function, args)
+    except user_errors() as error:
+        if debug:
+            raise
+        name = " ".join(a for a in argv[:2] if not a.startswith("-")) if command in COMMANDS and isinstance(COMMANDS[command], dict) else command
+        print(f"qformer {name}: error: {describe(error)}", file=sys.stderr)
+        from stages.skeleton import TrainingStopped
+
+        return 1 if isinstance(error, TrainingStopped) else 2
+    except KeyboardInterrupt:
+        print("qformer: interrupted", file=sys.stderr)
+        return 130
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

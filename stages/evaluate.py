@@ -1,4 +1,4 @@
-"""`qformer eval retrieval | caption | vqa`: the paper's evaluations on any annotation file.
+"""The paper's evaluations on any annotation file: `qformer eval retrieval | caption | vqa`.
 
 Each runs on one process, or sharded over several when started with `torchrun` (results are identical).
 Entries showing the same image are evaluated as one image with all their captions. Each image is read
@@ -7,44 +7,26 @@ once; a missing or unreadable one is named once on stderr, skipped and counted i
 
 from __future__ import annotations
 
-import logging
-import os
+import json as json_io
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from qformer.retrieval import RetrievalFeatures
-from stages.data import Entry, clean_caption, eval_transform, load_annotations, read_json
-from stages.images import DEFAULT_MAX_IMAGE_PIXELS, OUTSIDE_ROOT_HINT, SkippedImages, escapes_root, load_pixels
+from qformer.shard import Shard
+from qformer.stage2 import CAPTION_GENERATION, CAPTION_PROMPT, VQA_GENERATION, GenerationSettings, vqa_prompt
+from stages.data import Entry, clean_caption, load_annotations, read_json
+from stages.distributed import current_shard, device_for, gather_objects, init_distributed
+from stages.generation import generate_for_images
+from stages.images import DEFAULT_MAX_IMAGE_PIXELS, OUTSIDE_ROOT_HINT, ImageReader, escapes_root
 from stages.metrics import caption_metrics, retrieval_recalls, vqa_accuracy
 
-log = logging.getLogger(__name__)
 
-
-# --- processes ---------------------------------------------------------------------------------------
-def init_distributed(device: str) -> tuple[int, int]:
-    """(rank, world) for a `torchrun` launch (gloo on CPU, nccl on CUDA); (0, 1) otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def device_for(name: str, rank: int) -> torch.device:
-    if name == "cuda" and dist.is_initialized():
-        return torch.device("cuda", rank % torch.cuda.device_count())
-    return torch.device(name)
+class NoReadableImage(ValueError):
+    """Every image of an evaluation set was unreadable."""
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -53,10 +35,7 @@ class EvalSet:
     """One entry per distinct image (entries of the same image merged); its images are read when used."""
 
     entries: list[Entry]
-    image_root: Path
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-    allow_outside_root: bool = False
-    skipped: SkippedImages = field(default_factory=SkippedImages)
+    reader: ImageReader
 
     @classmethod
     def load(cls, annotations: str, image_root: str, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
@@ -64,29 +43,24 @@ class EvalSet:
         root = Path(image_root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
-        return cls(load_annotations(annotations, allow_outside_root), root, max_image_pixels, allow_outside_root)
+        return cls(load_annotations(annotations, allow_outside_root), ImageReader(max_image_pixels, root, allow_outside_root))
 
-    def load_images(self, entries: list[Entry], image_size: int) -> tuple[torch.Tensor | None, list[int]]:
-        """(pixels of the readable images, their indices in `entries`); the others are named once and counted."""
-        return load_pixels([e.image for e in entries], eval_transform(image_size), self.skipped, self.max_image_pixels,
-                           self.image_root, self.allow_outside_root)
+    @property
+    def image_root(self) -> Path:
+        return self.reader.root
+
+    def unreadable(self, shard: Shard) -> int:
+        """Unreadable images over all processes (each image is read, and so counted, by one process only)."""
+        count = len({path for part in gather_objects(list(self.reader.skipped.reasons)) for path in part}) if shard.world > 1 else len(self.reader.skipped)
+        self.reader.skipped.finish(count if shard.is_main else len(self.reader.skipped))
+        return count
+
+    def nothing_readable(self) -> NoReadableImage:
+        return NoReadableImage(f"no readable image among the {len(self.entries)} of the evaluation set under {self.image_root}")
 
 
 def progress(enabled: bool, desc: str):
     return lambda items: tqdm(items, desc=desc, disable=not enabled, file=sys.stderr)
-
-
-def skipped_count(skipped: SkippedImages, world: int) -> int:
-    """Unreadable images over all processes (each image is read, and so counted, by one process only)."""
-    if world == 1:
-        return len(skipped)
-    parts = [None] * world
-    dist.all_gather_object(parts, list(skipped.reasons))
-    return len({path for part in parts for path in part})
-
-
-class NoReadableImage(ValueError):
-    """Every image of an evaluation set was unreadable."""
 
 
 def nonfinite_rows(*features: torch.Tensor) -> list[int]:
@@ -96,7 +70,7 @@ def nonfinite_rows(*features: torch.Tensor) -> list[int]:
 
 # --- retrieval ----------------------------------------------------------------------------------------
 def evaluate_retrieval(model, tokenizer, data: EvalSet, k_test: int = 128, itc_only: bool = False, batch_size: int = 64,
-                       rank: int = 0, world: int = 1, show_progress: bool = True) -> tuple[dict, torch.Tensor, torch.Tensor]:
+                       shard: Shard = Shard(), show_progress: bool = True) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Recall@1/5/10 both ways (+ the score matrices over the readable images) of a stage-1 model.
 
     Images are read once; unreadable ones are dropped with their captions before anything is ranked.
@@ -104,18 +78,19 @@ def evaluate_retrieval(model, tokenizer, data: EvalSet, k_test: int = 128, itc_o
     scores never count as hits.
     """
     from qformer.retrieval import compute_image_features, compute_text_features, itc_only_scores, itc_similarity, rerank
+    from stages.data import eval_transform
 
     model.eval()
-    image_size = model.config.vision_config.image_size
+    transform = eval_transform(model.config.vision_config.image_size)
     starts = list(range(0, len(data.entries), batch_size))
     sizes = [len(data.entries[s : s + batch_size]) for s in starts]
     embeds, feats, readable = compute_image_features(
-        model, lambda c: data.load_images(data.entries[starts[c] : starts[c] + sizes[c]], image_size), sizes, rank, world,
-        reduce_sum, progress(show_progress and rank == 0, "image features"))
-    skipped = skipped_count(data.skipped, world)
+        model, lambda c: data.reader.load([e.image for e in data.entries[starts[c] : starts[c] + sizes[c]]], transform), sizes,
+        shard, progress(show_progress and shard.is_main, "image features"))
+    skipped = data.unreadable(shard)
     kept = readable.nonzero().flatten().tolist()
     if not kept:
-        raise NoReadableImage(f"no readable image among the {len(data.entries)} of the evaluation set under {data.image_root}")
+        raise data.nothing_readable()
     entries = [data.entries[i] for i in kept]
     texts, txt2img, img2txt = [], [], []
     for i, entry in enumerate(entries):
@@ -125,54 +100,42 @@ def evaluate_retrieval(model, tokenizer, data: EvalSet, k_test: int = 128, itc_o
             txt2img.append(i)
     tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=model.config.max_text_length, return_tensors="pt")
     rows = torch.tensor(kept, device=embeds.device)
-    features = RetrievalFeatures(embeds[rows], feats[rows], None, tokens["input_ids"], tokens["attention_mask"])
-    features.text_feat = compute_text_features(model, features.input_ids, features.attention_mask, batch_size, rank, world, reduce_sum)
-    features.input_ids, features.attention_mask = features.input_ids.to(embeds.device), features.attention_mask.to(embeds.device)
+    input_ids, attention_mask = tokens["input_ids"].to(embeds.device), tokens["attention_mask"].to(embeds.device)
+    text_feat = compute_text_features(model, input_ids, attention_mask, batch_size, shard)
+    features = RetrievalFeatures(embeds[rows], feats[rows], text_feat, input_ids, attention_mask)
     bad_images, bad_texts = nonfinite_rows(features.image_feats, features.text_feat)
-    if (bad_images or bad_texts) and rank == 0:
+    if (bad_images or bad_texts) and shard.is_main:
         print(f"warning: the model gives non-finite features for {bad_images} of {len(entries)} images and {bad_texts} of "
               f"{len(texts)} texts (diverged weights?); their scores never count as hits", file=sys.stderr)
     sim = itc_similarity(features.image_feats, features.text_feat)
     if itc_only:
         score_i2t, score_t2i = itc_only_scores(sim)
     else:
-        score_i2t, score_t2i = rerank(model, features, sim, k_test, batch_size, rank, world, reduce_sum,
-                                      progress(show_progress and rank == 0, f"ITM re-rank (k={k_test})"))
+        score_i2t, score_t2i = rerank(model, features, sim, k_test, batch_size, shard,
+                                      progress(show_progress and shard.is_main, f"ITM re-rank (k={k_test})"))
     result = retrieval_recalls(score_i2t.cpu(), score_t2i.cpu(), img2txt, txt2img)
     result.update(images=len(entries), texts=len(texts), skipped_images=skipped, nonfinite_features=bad_images + bad_texts)
     return result, score_i2t, score_t2i
 
 
 # --- captioning ---------------------------------------------------------------------------------------
-def generate_captions(model, tokenizer, data: EvalSet, prompt: str, batch_size: int, generation: dict, rank: int = 0,
-                      world: int = 1, show_progress: bool = True) -> dict[str, str]:
+def generate_captions(model, tokenizer, data: EvalSet, prompt: str, batch_size: int, settings: GenerationSettings,
+                      shard: Shard = Shard(), show_progress: bool = True) -> dict[str, str]:
     """{image id: caption} for every readable image; with several processes each captions its share, then all are gathered."""
-    from qformer.stage2 import generate_text
-
-    device = next(model.parameters()).device
-    mine = data.entries[rank::world]
-    captions = {}
-    for start in progress(show_progress and rank == 0, "captions")(range(0, len(mine), batch_size)):
-        chunk = mine[start : start + batch_size]
-        pixels, kept = data.load_images(chunk, model.config.vision_config.image_size)
-        if pixels is None:
-            continue
-        texts = generate_text(model, tokenizer, pixels.to(device), [prompt] * len(kept), **generation)
-        captions.update({chunk[i].image_id: text for i, text in zip(kept, texts)})
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, captions)
-        captions = {k: v for part in parts for k, v in part.items()}
-    return captions
+    mine = data.entries[shard.rank :: shard.world]
+    texts = generate_for_images(model, tokenizer, [e.image for e in mine], [[prompt]] * len(mine), data.reader, settings,
+                                batch_size, progress(show_progress and shard.is_main, "captions"))
+    captions = {entry.image_id: text[0] for entry, text in zip(mine, texts) if text is not None}
+    return {k: v for part in gather_objects(captions) for k, v in part.items()}
 
 
-def evaluate_captions(model, tokenizer, data: EvalSet, prompt: str, batch_size: int, generation: dict, rank: int = 0,
-                      world: int = 1, show_progress: bool = True) -> tuple[dict, dict[str, str], list[str]]:
+def evaluate_captions(model, tokenizer, data: EvalSet, prompt: str, batch_size: int, settings: GenerationSettings,
+                      shard: Shard = Shard(), show_progress: bool = True) -> tuple[dict, dict[str, str], list[str]]:
     """Caption scores against every reference caption of each readable image."""
-    captions = generate_captions(model, tokenizer, data, prompt, batch_size, generation, rank, world, show_progress)
-    skipped = skipped_count(data.skipped, world)
+    captions = generate_captions(model, tokenizer, data, prompt, batch_size, settings, shard, show_progress)
+    skipped = data.unreadable(shard)
     if not captions:
-        raise NoReadableImage(f"no readable image among the {len(data.entries)} of the evaluation set under {data.image_root}")
+        raise data.nothing_readable()
     references = {e.image_id: [clean_caption(c) for c in e.captions] for e in data.entries if e.image_id in captions}
     scores, notices = caption_metrics(captions, references)
     scores.update(images=len(captions), skipped_images=skipped)
@@ -207,37 +170,184 @@ def load_questions(path: str, allow_outside_root: bool = False) -> list[Question
     return questions
 
 
-def evaluate_vqa(model, tokenizer, questions: list[Question], image_root: Path, prompt: str, batch_size: int, generation: dict,
-                 show_progress: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                 allow_outside_root: bool = False) -> tuple[dict, list[dict]]:
+def evaluate_vqa(model, tokenizer, questions: list[Question], reader: ImageReader, prompt: str, batch_size: int,
+                 settings: GenerationSettings, show_progress: bool = True) -> tuple[dict, list[dict]]:
     """VQAv2 accuracy; each image is read once for all its questions, questions on unreadable images are counted."""
-    from qformer.stage2 import generate_text
-
-    device = next(model.parameters()).device
-    transform = eval_transform(model.config.vision_config.image_size)
-    by_image: dict[str, list[tuple[int, Question]]] = {}
-    for order, question in enumerate(questions):
-        by_image.setdefault(question.image, []).append((order, question))
-    images, skipped, answered = list(by_image), SkippedImages(), []
-    for start in progress(show_progress, "answers")(range(0, len(images), batch_size)):
-        chunk = images[start : start + batch_size]
-        pixels, kept = load_pixels(chunk, transform, skipped, max_image_pixels, image_root, allow_outside_root)
-        pairs = [(row, item) for row, i in enumerate(kept) for item in by_image[chunk[i]]]  # (pixel row, (order, question))
-        for part in (pairs[s : s + batch_size] for s in range(0, len(pairs), batch_size)):
-            texts = generate_text(model, tokenizer, pixels[[row for row, _ in part]].to(device),
-                                  [prompt.format(q.question) for _, (_, q) in part], **generation)
-            answered += [(order, q, text) for (_, (order, q)), text in zip(part, texts)]
+    by_image: dict[str, list[Question]] = {}
+    for question in questions:
+        by_image.setdefault(question.image, []).append(question)
+    images = list(by_image)
+    answers = generate_for_images(model, tokenizer, images, [[prompt.format(q.question) for q in by_image[i]] for i in images],
+                                  reader, settings, batch_size, progress(show_progress, "answers"))
+    reader.skipped.finish()
+    answered = {id(q): text for image, texts in zip(images, answers) if texts is not None for q, text in zip(by_image[image], texts)}
     if not answered:
-        raise NoReadableImage(f"no readable image among the {len(images)} the questions ask about under {image_root}")
-    predictions = [{"question_id": q.question_id, "answer": t, "accuracy": vqa_accuracy(t, q.answers)} for _, q, t in sorted(answered, key=lambda a: a[0])]
+        raise NoReadableImage(f"no readable image among the {len(images)} the questions ask about under {reader.root}")
+    predictions = [{"question_id": q.question_id, "answer": answered[id(q)], "accuracy": vqa_accuracy(answered[id(q)], q.answers)}
+                   for q in questions if id(q) in answered]
     accuracy = 100 * sum(p["accuracy"] for p in predictions) / len(predictions)
     return {"accuracy": accuracy, "questions": len(predictions), "skipped_questions": len(questions) - len(predictions),
-            "skipped_images": len(skipped)}, predictions
+            "skipped_images": len(reader.skipped)}, predictions
 
 
-# --- output ---------------------------------------------------------------------------------------------
+# --- the commands -----------------------------------------------------------------------------------------
 def print_scores(title: str, scores: dict) -> None:
     print(title)
     width = max(len(k) for k in scores)
     for key, value in scores.items():
         print(f"  {key:<{width}}  {value:.2f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
+
+
+def write_json(path: str | None, data) -> None:
+    if path:
+        Path(path).write_text(json_io.dumps(data, indent=2) + "\n")
+
+
+def _setup(device: str) -> tuple[Shard, torch.device]:
+    rank, _ = init_distributed(device)
+    return current_shard(), device_for(device, rank)
+
+
+def eval_retrieval(
+    *,
+    model: str,
+    data: str,
+    images: str,
+    k_test: int = 128,
+    itc_only: bool = False,
+    batch_size: int = 64,
+    device: str = "cpu",
+    json: str | None = None,
+    save_scores: str | None = None,
+    no_progress: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    allow_outside_root: bool = False,
+) -> int:
+    """Image-text retrieval recall@1/5/10 both ways of a stage-1 model: ITC shortlist, ITM re-rank (as LAVIS).
+
+    Exit status 1 when the model's features are not finite (diverged weights: everything then scores 0).
+
+    Args:
+        model: a stage-1 export folder.
+        data: annotation file (LAVIS / COCO-Karpathy list, or official COCO captions).
+        images: image root folder the annotation paths are relative to.
+        k_test: candidates re-ranked with ITM per query.
+        itc_only: rank by ITC similarity alone.
+        batch_size: images (and ITM pairs) per batch.
+        device: cpu, cuda or cuda:N (one GPU per process under torchrun).
+        json: also write the scores to this JSON file.
+        save_scores: torch file with both score matrices (-100 outside each top-k).
+        no_progress: no progress bars.
+        max_image_pixels: skip images whose header declares more pixels, before decoding.
+        allow_outside_root: read annotation paths that lead outside --images (absolute, '..', symbolic links).
+    """
+    from qformer.export import load_stage1
+
+    shard, torch_device = _setup(device)
+    stage1, tokenizer = load_stage1(model)
+    evalset = EvalSet.load(data, images, max_image_pixels, allow_outside_root)
+    scores, i2t, t2i = evaluate_retrieval(stage1.to(torch_device), tokenizer, evalset, k_test, itc_only, batch_size, shard, not no_progress)
+    if shard.is_main:
+        if save_scores:
+            torch.save({"score_i2t": i2t.cpu(), "score_t2i": t2i.cpu()}, save_scores)
+        print_scores(f"retrieval on {data} ({'ITC only' if itc_only else f'ITC top-{k_test} + ITM re-rank'})", scores)
+        write_json(json, scores)
+    if scores["nonfinite_features"]:
+        print(f"qformer eval: error: the model gives non-finite features ({scores['nonfinite_features']} images/texts): "
+              "its weights have diverged", file=sys.stderr)
+        return 1
+    return 0
+
+
+def eval_caption(
+    *,
+    model: str,
+    data: str,
+    images: str,
+    prompt: str = CAPTION_PROMPT,
+    generation: GenerationSettings = CAPTION_GENERATION,
+    batch_size: int = 64,
+    device: str = "cpu",
+    json: str | None = None,
+    predictions: str | None = None,
+    no_progress: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    allow_outside_root: bool = False,
+) -> int:
+    """Captioning scores of a stage-2 model: BLEU-1..4, CIDEr, ROUGE-L (+ METEOR when Java runs).
+
+    Args:
+        model: a stage-2 export folder.
+        data: annotation file whose captions are the references.
+        images: image root folder the annotation paths are relative to.
+        prompt: text every caption continues.
+        generation: beam search settings (COCO evaluation: beam 5, 8 to 30 tokens).
+        batch_size: images per generation batch.
+        device: cpu, cuda or cuda:N (one GPU per process under torchrun).
+        json: also write the scores to this JSON file.
+        predictions: write the generated captions to this JSON file ([{"image_id", "caption"}]).
+        no_progress: no progress bars.
+        max_image_pixels: skip images whose header declares more pixels, before decoding.
+        allow_outside_root: read annotation paths that lead outside --images (absolute, '..', symbolic links).
+    """
+    from qformer.export import load_stage2
+
+    shard, torch_device = _setup(device)
+    stage2, tokenizer = load_stage2(model)
+    evalset = EvalSet.load(data, images, max_image_pixels, allow_outside_root)
+    scores, captions, notices = evaluate_captions(stage2.to(torch_device), tokenizer, evalset, prompt, batch_size, generation, shard,
+                                                  not no_progress)
+    if shard.is_main:
+        for notice in notices:
+            print(f"note: {notice}", file=sys.stderr)
+        write_json(predictions, [{"image_id": k, "caption": v} for k, v in captions.items()])
+        print_scores(f"captioning on {data}", scores)
+        write_json(json, scores)
+    return 0
+
+
+def eval_vqa(
+    *,
+    model: str,
+    data: str,
+    images: str,
+    prompt_template: str | None = None,
+    generation: GenerationSettings = VQA_GENERATION,
+    batch_size: int = 64,
+    device: str = "cpu",
+    json: str | None = None,
+    predictions: str | None = None,
+    no_progress: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    allow_outside_root: bool = False,
+) -> int:
+    """Zero-shot VQAv2 accuracy of a stage-2 model (the official evaluator's answer normalisation).
+
+    Args:
+        model: a stage-2 export folder.
+        data: question file ([{"question_id", "image", "question", "answer": [human answers]}]).
+        images: image root folder the question paths are relative to.
+        prompt_template: default "Question: {} Answer:" (OPT), "Question: {} Short answer:" (T5).
+        generation: beam search settings (LAVIS's VQA defaults: short answers).
+        batch_size: questions per generation batch.
+        device: cpu, cuda or cuda:N.
+        json: also write the scores to this JSON file.
+        predictions: write the answers to this JSON file.
+        no_progress: no progress bars.
+        max_image_pixels: skip images whose header declares more pixels, before decoding.
+        allow_outside_root: read question paths that lead outside --images (absolute, '..', symbolic links).
+    """
+    from qformer.export import load_stage2
+
+    stage2, tokenizer = load_stage2(model)
+    questions = load_questions(data, allow_outside_root)
+    root = Path(images)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    prompt = vqa_prompt(stage2, prompt_template)
+    scores, answers = evaluate_vqa(stage2.to(device_for(device, 0)), tokenizer, questions, ImageReader(max_image_pixels, root, allow_outside_root),
+                                   prompt, batch_size, generation, not no_progress)
+    write_json(predictions, answers)
+    print_scores(f"zero-shot VQA on {data} (prompt {prompt!r})", scores)
+    write_json(json, scores)
+    return 0

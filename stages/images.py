@@ -14,6 +14,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -106,16 +107,28 @@ def image_under_root(root: Path, relative: str, allow_outside_root: bool = False
 
 # --- skipping and reporting ---------------------------------------------------------------------------------
 class SkippedImages:
-    """The unreadable images of a run: each named once (on stderr unless told otherwise) and counted."""
+    """The unreadable images of a run: each counted, and named once (on stderr unless told otherwise).
 
-    def __init__(self, report: Callable[[str], None] | None = None):
+    Past `shown` names the rest are only counted, and `finish()` says how many more there were: a wrong
+    `--images` folder gives one screen of names, not one line per image.
+    """
+
+    def __init__(self, report: Callable[[str], None] | None = None, shown: int = 20):
         self.reasons: dict[str, str] = {}
         self.report = report or (lambda line: print(line, file=sys.stderr))
+        self.shown = shown
 
     def add(self, error: UnreadableImage) -> None:
         if error.path not in self.reasons:
             self.reasons[error.path] = error.reason
-            self.report(f"skipping {error.path}: {error.reason}")
+            if len(self.reasons) <= self.shown:
+                self.report(f"skipping {error.path}: {error.reason}")
+
+    def finish(self, total: int | None = None) -> None:
+        """Say how many unreadable images were not named (`total`: the count over every process)."""
+        hidden = (len(self) if total is None else total) - min(len(self), self.shown)
+        if hidden > 0:
+            self.report(f"... and {hidden} more unreadable image(s) not listed")
 
     def __len__(self) -> int:
         return len(self.reasons)
@@ -124,21 +137,26 @@ class SkippedImages:
         return str(path) in self.reasons
 
 
-def load_pixels(paths: Sequence[str | Path], transform, skipped: SkippedImages, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                root: Path | None = None, allow_outside_root: bool = False) -> tuple[torch.Tensor | None, list[int]]:
-    """Decode and transform a batch of images once: (stacked pixels or None, indices of the readable ones).
+@dataclass
+class ImageReader:
+    """How a command reads its images: the pixel limit, the root they must stay inside, and what was skipped."""
 
-    With `root`, `paths` are relative to it and may not lead out of it unless `allow_outside_root`.
-    """
-    pixels, kept = [], []
-    for i, path in enumerate(paths):
-        try:
-            full = path if root is None else image_under_root(root, str(path), allow_outside_root)
-            pixels.append(transform(read_rgb(full, max_pixels)))
-            kept.append(i)
-        except UnreadableImage as error:
-            skipped.add(error)
-    return (torch.stack(pixels) if pixels else None), kept
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    root: Path | None = None  # paths are relative to it, and may not lead out of it ...
+    allow_outside_root: bool = False  # ... unless this is set
+    skipped: SkippedImages = field(default_factory=SkippedImages)
+
+    def load(self, paths: Sequence[str | Path], transform) -> tuple[torch.Tensor | None, list[int]]:
+        """Decode and transform a batch of images once: (stacked pixels or None, indices of the readable ones)."""
+        pixels, kept = [], []
+        for i, path in enumerate(paths):
+            try:
+                full = Path(path) if self.root is None else image_under_root(self.root, str(path), self.allow_outside_root)
+                pixels.append(transform(read_rgb(full, self.max_pixels)))
+                kept.append(i)
+            except UnreadableImage as error:
+                self.skipped.add(error)
+        return (torch.stack(pixels) if pixels else None), kept
 
 
 def image_files(inputs: Sequence[str | Path]) -> list[Path]:

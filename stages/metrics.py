@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import shutil
 import subprocess
+import sys
 
 import torch
 from torch import Tensor
@@ -52,6 +54,20 @@ def java_available() -> bool:
     return subprocess.run([java, "-version"], capture_output=True).returncode == 0
 
 
+@contextlib.contextmanager
+def _silent_stderr():
+    """Send file descriptor 2 (what subprocesses write to) to /dev/null for a while."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def simple_tokenize(text: str) -> str:
     """Lowercase, split punctuation off, drop the PTB tokenizer's punctuation tokens."""
     tokens = re.findall(r"[\w]+(?:'[\w]+)?|[^\w\s]", text.lower())
@@ -63,7 +79,8 @@ def tokenize_captions(captions: dict, tokenizer: str) -> dict:
     if tokenizer == "ptb":
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+        with _silent_stderr():  # the Java tokenizer reports its speed on the terminal's stderr
+            return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
     return {k: [simple_tokenize(c) for c in v] for k, v in captions.items()}
 
 

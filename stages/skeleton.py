@@ -21,6 +21,18 @@ from stages.optim import configure_adamw
 log = logging.getLogger(__name__)
 
 
+def checkpoint_callbacks(metric: str | None, best_filename: str) -> list:
+    """`last.ckpt` always (every epoch end and validation), and the best checkpoint by `metric` (higher is better)
+    when the run validates; that one is saved only after a validation, so a run too short to validate gives no warning."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    callbacks = [ModelCheckpoint(save_last=True, save_top_k=0)]
+    if metric is not None:
+        callbacks.append(ModelCheckpoint(monitor=metric, mode="max", filename=best_filename, auto_insert_metric_name=False,
+                                         save_on_train_epoch_end=False))
+    return callbacks
+
+
 class TrainingStopped(RuntimeError):
     """Training cannot go on usefully (diverged, or nothing to learn from); the message says why."""
 

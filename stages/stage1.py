@@ -10,8 +10,8 @@ from qformer.bert import init_from_bert, load_tokenizer
 from qformer.config import resolve_config
 from qformer.losses import stage1_losses
 from qformer.stage1 import Stage1Model
-from stages.distributed import all_gather_with_grad, world
-from stages.skeleton import TrainingSkeleton
+from stages.distributed import all_gather_with_grad, current_shard, world
+from stages.skeleton import TrainingSkeleton, checkpoint_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,10 @@ class Stage1Module(TrainingSkeleton):
         if tokenizer is None and bert is None:
             raise ValueError("model.tokenizer or model.bert: a local BERT tokenizer folder is needed")
         self.tokenizer = load_tokenizer(tokenizer or bert)
-        model_config = resolve_config(config)
+        try:
+            model_config = resolve_config(config)
+        except ValueError as error:
+            raise ValueError(f"model.config: {error}") from None
         if vision_weights is not None:
             model_config.vision_config.weights_path = vision_weights
         if model_config.qformer_config.vocab_size != len(self.tokenizer):
@@ -129,7 +132,6 @@ class Stage1Module(TrainingSkeleton):
     def _validation_recalls(self) -> dict[str, float]:
         """Retrieval recall over the whole validation split, gathered from every rank (same result on each)."""
         from qformer.retrieval import RetrievalFeatures, itc_only_scores, itc_similarity, rerank
-        from stages.evaluate import reduce_sum
         from stages.metrics import retrieval_recalls
 
         length = max(o["input_ids"].shape[1] for o in self.val_outputs)  # pad text to one length to concatenate
@@ -151,16 +153,12 @@ class Stage1Module(TrainingSkeleton):
         else:
             features = RetrievalFeatures(everything["image_embeds"][texts][images], image_feats, text_feat,
                                          everything["input_ids"][texts], everything["attention_mask"][texts])
-            score_i2t, score_t2i = rerank(self.model, features, sim, self.hparams.val_k_test, rank=self.global_rank,
-                                          world=self.trainer.world_size, reduce_sum=reduce_sum)
+            score_i2t, score_t2i = rerank(self.model, features, sim, self.hparams.val_k_test, shard=current_shard())
         recalls = retrieval_recalls(score_i2t.cpu(), score_t2i.cpu(), img2txt, txt2img)
         return {k: v for k, v in recalls.items() if k.startswith(("txt_r", "img_r", "r_mean"))}
 
     def configure_callbacks(self):
-        """Track the best checkpoint by validation recall when there is a validation split."""
+        """`last.ckpt`, and the best checkpoint by validation recall when there is a validation split."""
         data = getattr(self.trainer, "datamodule", None)
-        if self.hparams.val_retrieval == "off" or data is None or getattr(data.hparams, "val", None) is None:
-            return []
-        from pytorch_lightning.callbacks import ModelCheckpoint
-
-        return [ModelCheckpoint(monitor="val/r_mean", mode="max", save_last=True, filename="best-{step}-{val/r_mean:.2f}", auto_insert_metric_name=False)]
+        validated = self.hparams.val_retrieval != "off" and data is not None and getattr(data.hparams, "val", None) is not None
+        return checkpoint_callbacks("val/r_mean" if validated else None, "best-{step}-{val/r_mean:.2f}")

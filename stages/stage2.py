@@ -11,7 +11,8 @@ from qformer.bert import load_tokenizer
 from qformer.config import LanguageModelConfig
 from qformer.export import load_stage1_into_stage2, read_config, read_export_info
 from qformer.stage2 import Stage2Model, decoder_only_batch, encoder_decoder_batch, resolve_eos_text, load_lm_tokenizer, split_caption
-from stages.skeleton import TrainingSkeleton
+from stages.distributed import gather_objects
+from stages.skeleton import TrainingSkeleton, checkpoint_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class Stage2Module(TrainingSkeleton):
 
     @torch.no_grad()
     def _caption_new_images(self, batch: dict) -> None:
-        from qformer.stage2 import generate_text
+        from qformer.stage2 import GenerationSettings, generate_text
 
         image_ids = batch["image_ids"].tolist()
         for image_id, caption in zip(image_ids, batch["captions"]):
@@ -115,8 +116,8 @@ class Stage2Module(TrainingSkeleton):
         new = [n for n, i in enumerate(image_ids) if i not in self.val_captions and i not in image_ids[:n]]
         if not new:
             return
-        texts = generate_text(self.model, self.lm_tokenizer, batch["pixel_values"][new], [self.hparams.prompt] * len(new),
-                              num_beams=self.hparams.val_num_beams, max_new_tokens=self.hparams.val_max_new_tokens)
+        settings = GenerationSettings(num_beams=self.hparams.val_num_beams, max_new_tokens=self.hparams.val_max_new_tokens)
+        texts = generate_text(self.model, self.lm_tokenizer, batch["pixel_values"][new], [self.hparams.prompt] * len(new), settings)
         self.val_captions.update({image_ids[n]: t for n, t in zip(new, texts)})
 
     def on_validation_epoch_end(self) -> None:
@@ -126,10 +127,7 @@ class Stage2Module(TrainingSkeleton):
 
             captions, references = self.val_captions, self.val_references
             if self.trainer.world_size > 1:  # every rank scores the union, so every rank logs the same value
-                import torch.distributed as dist
-
-                parts = [None] * self.trainer.world_size
-                dist.all_gather_object(parts, (captions, references))
+                parts = gather_objects((captions, references))
                 captions = {k: v for c, _ in parts for k, v in c.items()}
                 references = {}
                 for _, r in parts:
@@ -141,10 +139,7 @@ class Stage2Module(TrainingSkeleton):
         self.val_captions, self.val_references = {}, {}
 
     def configure_callbacks(self):
-        """Track the best checkpoint by validation CIDEr when there is a validation split."""
+        """`last.ckpt`, and the best checkpoint by validation CIDEr when there is a validation split."""
         data = getattr(self.trainer, "datamodule", None)
-        if not self.hparams.val_caption or data is None or getattr(data.hparams, "val", None) is None:
-            return []
-        from pytorch_lightning.callbacks import ModelCheckpoint
-
-        return [ModelCheckpoint(monitor="val/cider", mode="max", save_last=True, filename="best-{step}-{val/cider:.1f}", auto_insert_metric_name=False)]
+        validated = self.hparams.val_caption and data is not None and getattr(data.hparams, "val", None) is not None
+        return checkpoint_callbacks("val/cider" if validated else None, "best-{step}-{val/cider:.1f}")

@@ -190,3 +190,20 @@ def write_lm_tokenizer(folder: str | Path, captions: list[str], encoder_decoder:
     folder.mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(str(folder))
     return folder
+
+
+def make_data(folder: str, *, num_images: int = 1000, seed: int = 0, image_size: int = 64, val_images: int | None = None,
+              test_images: int | None = None) -> int:
+    """Write the built-in synthetic dataset: PNGs, caption annotations, VQA questions, a BERT vocab.txt, LM tokenizers.
+
+    Args:
+        folder: where to write it.
+        num_images: images in all (validation + test + training).
+        seed: the random seed (the same seed writes the same files).
+        image_size: pixels per side.
+        val_images: validation images (default: 10% of --num-images).
+        test_images: test images (default: 10% of --num-images).
+    """
+    counts = make_dataset(folder, num_images, seed, image_size, val_images, test_images)
+    print(f"wrote {sum(counts.values())} images to {folder}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0

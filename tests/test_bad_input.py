@@ -199,7 +199,7 @@ def test_eval_commands_survive_broken_files_and_exit_clearly_when_nothing_is_rea
     capsys.readouterr()
     assert main(["eval", "retrieval", "--model", str(export), "--data", str(only_broken), "--images", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("qformer eval: error: no readable image among the 4") and len(err) == 5  # 4 named + 1 error
+    assert err[-1].startswith("qformer eval retrieval: error: no readable image among the 4") and len(err) == 5  # 4 named + 1 error
     empty = write_json(tmp_path / "empty.json", [])
     assert main(["eval", "retrieval", "--model", str(export), "--data", str(empty), "--images", str(tmp_path)]) == 2
     assert "no entries" in capsys.readouterr().err

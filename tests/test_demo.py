@@ -9,7 +9,7 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
 from qformer.export import load_stage1, load_stage2
 from stages.cli import main
-from stages.demo import attribute_accuracy
+from stages.demo.pipeline import attribute_accuracy
 
 RESULT_KEYS = {"retrieval", "caption", "vqa", "seconds", "encoder", "lm"}
 

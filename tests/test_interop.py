@@ -15,7 +15,7 @@ from qformer.convert import lavis_key
 from qformer.export import load_stage1, load_stage2, save_stage1, save_stage2
 from qformer.interop import export_hf, import_hf, import_lavis, read_torch_checkpoint
 from qformer.stage1 import Stage1Model
-from qformer.stage2 import Stage2Model, generate_text
+from qformer.stage2 import GenerationSettings, Stage2Model, generate_text
 from stages.synthetic import make_dataset
 
 pytestmark = pytest.mark.parity
@@ -198,9 +198,9 @@ def test_stage2_round_trip_through_transformers_generates_the_same_captions(data
     back, back_tokenizer = load_stage2(tmp_path / "back")
 
     pixels = torch.randn(3, 3, 32, 32)
-    settings = dict(num_beams=2, max_new_tokens=6, min_new_tokens=2)
-    before = generate_text(model, lm_tokenizer, pixels, ["a photo of"] * 3, **settings)
-    after = generate_text(back, back_tokenizer, pixels, ["a photo of"] * 3, **settings)
+    settings = GenerationSettings(num_beams=2, max_new_tokens=6, min_new_tokens=2)
+    before = generate_text(model, lm_tokenizer, pixels, ["a photo of"] * 3, settings)
+    after = generate_text(back, back_tokenizer, pixels, ["a photo of"] * 3, settings)
     assert after == before and all(before), (before, after)
     assert (back.config.language_model.eos_text, back.config.language_model.max_text_length) == ("</s>", 24)
     with torch.no_grad():
@@ -216,10 +216,10 @@ def test_generation_when_the_eos_text_is_no_token(data):
     model = Stage2Model(config).eval()
     pixels = torch.randn(1, 3, 32, 32)
     with pytest.warns(UserWarning, match=r"eos_text '\\n' tokenises to nothing.*'</s>'"):
-        assert len(generate_text(model, lm_tokenizer, pixels, ["a photo of"], num_beams=1, max_new_tokens=3)) == 1
+        assert len(generate_text(model, lm_tokenizer, pixels, ["a photo of"], GenerationSettings(num_beams=1, max_new_tokens=3))) == 1
     lm_tokenizer.eos_token = None
     with pytest.raises(ValueError, match="language_model.eos_text"):
-        generate_text(model, lm_tokenizer, pixels, ["a photo of"], num_beams=1, max_new_tokens=3)
+        generate_text(model, lm_tokenizer, pixels, ["a photo of"], GenerationSettings(num_beams=1, max_new_tokens=3))
 
 
 # --- LAVIS ---------------------------------------------------------------------------------------------------

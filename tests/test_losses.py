@@ -1,5 +1,7 @@
 """ITC / ITM / ITG checked against direct transcriptions of the LAVIS formulas, and the hard-negative sampler."""
 
+import math
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -76,9 +78,14 @@ def test_itg_loss_shifts_and_ignores_padding():
     torch.testing.assert_close(itg_loss(changed, ids, mask), itg_loss(logits, ids, mask))
 
 
-def test_itm_loss_is_cross_entropy():
-    logits, labels = torch.randn(6, 2), torch.tensor([1, 1, 0, 0, 0, 0])
-    torch.testing.assert_close(itm_loss(logits, labels), F.cross_entropy(logits, labels))
+def test_itm_loss_by_hand():
+    """Binary match / no-match cross-entropy, worked out by hand: -mean(log softmax(logits)[label])."""
+    logits = torch.tensor([[0.0, 2.0], [1.0, 1.0], [3.0, 0.0]], dtype=torch.bfloat16)  # the ITM head may run in bf16
+    labels = torch.tensor([1, 0, 0])
+    by_hand = -(math.log(math.exp(2) / (1 + math.exp(2))) + math.log(0.5) + math.log(math.exp(3) / (math.exp(3) + 1))) / 3
+    loss = itm_loss(logits, labels)
+    assert loss.dtype == torch.float32  # computed in fp32 whatever the head's precision
+    assert loss.item() == pytest.approx(by_hand, rel=1e-6)
 
 
 @pytest.mark.parametrize(

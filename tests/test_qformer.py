@@ -95,9 +95,17 @@ def test_itm_mode_queries_see_text(model):
 
 
 def test_text_only_mode_ignores_the_image(model):
-    _, ids, text_mask = inputs()
-    out = model.qformer(ids, padding_mask(text_mask), use_queries=False)
-    assert out.last_hidden_state.shape == (2, 7, model.config.qformer_config.hidden_size)
+    pixels, ids, text_mask = inputs()
+    one, other = model.encode_image(pixels), model.encode_image(torch.randn_like(pixels))
+    text = [model.qformer(ids, padding_mask(text_mask), image_embeds=image, use_queries=False).last_hidden_state
+            for image in (None, one, other)]
+    torch.testing.assert_close(text[1], text[0], rtol=0, atol=0)  # no cross-attention from text, whatever is passed
+    torch.testing.assert_close(text[2], text[0], rtol=0, atol=0)
+    assert text[0].shape == (2, 7, model.config.qformer_config.hidden_size)
+    # with the queries in the input (ITM) the same text does depend on the image: the test above could fail
+    Q = model.qformer.num_query_tokens
+    itm = [joint(model, image, ids, padding_mask(with_queries(Q, text_mask)))[:, Q:] for image in (one, other)]
+    assert not torch.allclose(itm[0], itm[1])
 
 
 def test_generation_mask_layout():

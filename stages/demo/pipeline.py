@@ -1,0 +1,198 @@
+"""`qformer demo`: stage 1, stage 2 and evaluation end to end on built-in synthetic data, on a CPU.
+
+Every step calls the function a user's command runs (`make-data`, `stage1 fit`, `export`, `stage2 fit`,
+`export`, the evaluations, `caption`, `ask`): the same LightningModules, data modules, config files (written
+to `OUT/configs` for the user to reuse), export folders and evaluation functions. The only step a real run
+does not have is the stand-in LLM (`stages.demo.language_model`). The frozen image encoder is a randomly
+initialised timm ViT (no pretrained vision weights can be had offline): the Q-Former learns to read what its
+random features preserve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+
+from qformer.stage2 import CAPTION_GENERATION, CAPTION_PROMPT, VQA_GENERATION, vqa_prompt
+from stages.demo.figures import plot_losses, plot_samples
+from stages.demo.language_model import pretrain_language_model
+from stages.demo.settings import ENCODER, DemoSettings, lm_config, model_config, write_configs, write_encoder_weights
+
+
+def attribute_accuracy(predictions: dict[str, str], entries: list[dict]) -> float:
+    """Fraction of images whose caption names every object's colour and shape (as "colour shape")."""
+    hits = 0
+    for entry in entries:
+        caption = predictions.get(str(entry["image_id"]), "")
+        hits += all(f"{o['color']} {o['shape']}" in caption for o in entry["objects"])
+    return hits / len(entries)
+
+
+
+def _step(title: str) -> None:
+    print(f"\n== {title}", file=sys.stderr)
+
+
+def _train(stage: str, config: Path) -> Path:
+    """`qformer STAGE fit --config CONFIG`, called as a function; returns the run's last checkpoint."""
+    from stages.training import run_training
+
+    _step(f"{stage} fit ({config})")
+    cli = run_training(stage, {"subcommand": "fit", "fit": yaml.safe_load(config.read_text())})
+    return Path(next(c.last_model_path for c in cli.trainer.checkpoint_callbacks if c.last_model_path))
+
+
+def _evaluate(settings: DemoSettings, data: Path, exports: Path, out: Path, phase) -> tuple[dict, dict, dict, dict[str, str]]:
+    """Retrieval, captioning and zero-shot VQA on the test split, as `qformer eval retrieval|caption|vqa` compute them."""
+    from qformer.export import load_stage1, load_stage2
+    from stages.evaluate import EvalSet, evaluate_captions, evaluate_retrieval, evaluate_vqa, load_questions
+    from stages.images import ImageReader
+
+    _step("eval retrieval (ITC top-16 + ITM re-rank)")
+    stage1, tokenizer = load_stage1(exports / "stage1")
+    retrieval, _, _ = evaluate_retrieval(stage1, tokenizer, EvalSet.load(str(data / "test.json"), str(data)), k_test=16)
+    phase("eval_retrieval")
+    _step("eval caption")
+    stage2, lm_tokenizer = load_stage2(exports / "stage2")
+    generation = dataclasses.replace(CAPTION_GENERATION, num_beams=settings.num_beams, max_new_tokens=20, min_new_tokens=3)
+    caption, predictions, notices = evaluate_captions(stage2, lm_tokenizer, EvalSet.load(str(data / "test.json"), str(data)),
+                                                      CAPTION_PROMPT, 64, generation)
+    for notice in notices:
+        print(f"note: {notice}", file=sys.stderr)
+    phase("eval_caption")
+    _step("eval vqa (zero-shot)")
+    questions = load_questions(str(data / "test_vqa.json"))
+    vqa, answers = evaluate_vqa(stage2, lm_tokenizer, questions, ImageReader(root=data), vqa_prompt(stage2), 64,
+                                dataclasses.replace(VQA_GENERATION, num_beams=settings.num_beams))
+    phase("eval_vqa")
+    for name, value in (("retrieval", retrieval), ("caption", caption), ("vqa", vqa), ("vqa_predictions", answers),
+                        ("predictions", [{"image_id": k, "caption": v} for k, v in predictions.items()])):
+        (out / f"{name}.json").write_text(json.dumps(value, indent=2) + "\n")
+    return retrieval, caption, vqa, predictions
+
+
+def _examples(settings: DemoSettings, data: Path, stage2_folder: Path, entries: list[dict]) -> list[dict]:
+    """Four test images, captioned and asked about as `qformer caption` and `qformer ask` do it."""
+    from qformer.export import load_stage2
+    from stages.generation import generate_for_images
+    from stages.images import ImageReader
+
+    _step("caption and ask")
+    model, tokenizer = load_stage2(stage2_folder)
+    questions = json.loads((data / "test_vqa.json").read_text())[:4]
+    images = [str(data / e["image"]) for e in entries[:4]]
+    captions = generate_for_images(model, tokenizer, images, [[CAPTION_PROMPT]] * len(images), ImageReader(),
+                                   dataclasses.replace(CAPTION_GENERATION, num_beams=settings.num_beams, min_new_tokens=3))
+    examples = []
+    for image, caption, entry, question in zip(images, captions, entries, questions):
+        [answer] = generate_for_images(model, tokenizer, [image], [[vqa_prompt(model).format(question["question"])]], ImageReader(),
+                                       VQA_GENERATION, batch_size=1)
+        examples.append({"image": image, "caption": caption[0], "reference": entry["caption"][0],
+                         "question": question["question"], "answer": answer[0], "expected": question["answer"][0]})
+    return examples
+
+
+def run_demo(settings: DemoSettings) -> dict:
+    from qformer.bert import load_tokenizer
+    from stages.checkpoints import export
+    from stages.synthetic import make_data
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data, exports = out / "data", out / "exports"
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 1)
+        clock = now
+
+    start = clock
+    _step("make-data")
+    make_data(str(data), num_images=settings.num_images, seed=settings.seed, image_size=64, val_images=settings.val_images,
+              test_images=settings.test_images)
+    phase("data")
+
+    num_queries = model_config(settings, 0)["num_query_tokens"]
+    lm_folder = pretrain_language_model(settings, data, out, slots=num_queries)
+    phase("lm_pretraining")
+
+    vocab_size = len(load_tokenizer(data))
+    configs = write_configs(settings, out, data, vocab_size, lm_folder, write_encoder_weights(settings, out))
+    # overwrite: the demo owns its --out folder, so a second run replaces its own exports
+    export(str(_train("stage1", configs["stage1"])), out=str(exports / "stage1"), overwrite=True)
+    phase("stage1")
+    export(str(_train("stage2", configs["stage2"])), out=str(exports / "stage2"), overwrite=True)
+    phase("stage2")
+
+    retrieval, caption, vqa, predictions = _evaluate(settings, data, exports, out, phase)
+    entries = json.loads((data / "test.json").read_text())
+    caption["attribute_accuracy"] = 100 * attribute_accuracy(predictions, entries)
+    examples = _examples(settings, data, exports / "stage2", entries)
+    phase("examples")
+
+    plot_samples(out, data, entries, predictions)
+    plot_losses(out, lm_folder)
+    phase("figures")
+    seconds["total"] = round(time.perf_counter() - start, 1)
+
+    results = {
+        "retrieval": retrieval,
+        "caption": caption,
+        "vqa": vqa,
+        "seconds": seconds,
+        "encoder": ENCODER,
+        "lm": f"{'T5' if settings.encoder_decoder else 'OPT'} architecture ({lm_config(settings, vocab_size)}), pre-trained here for "
+              f"{settings.lm_steps} steps on the training captions' text (and questions with answers) after a context of one embedding "
+              "per object, then frozen",
+        "data": {split: len(json.loads((data / f'{split}.json').read_text())) for split in ("val", "test")} | {"train_captions": len(json.loads((data / 'train.json').read_text()))},
+        "chance_r1": 100 / len(entries),
+        "examples": examples,
+        "settings": asdict(settings),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print_summary(results, out)
+    return results
+
+
+def demo(settings: DemoSettings = DemoSettings()) -> int:
+    """The main job: stage 1, stage 2 and evaluation end to end on built-in synthetic data (CPU, about 10 minutes).
+
+    Writes data, configs, runs, exports, results.json, samples.png and losses.png under --out.
+    """
+    run_demo(settings)
+    return 0
+
+
+def print_summary(results: dict, out: Path) -> None:
+    r, c = results["retrieval"], results["caption"]
+    print()
+    print(f"qformer demo — held-out test split: {r['images']} images, {r['texts']} captions (chance R@1 {results['chance_r1']:.1f}%)")
+    print(f"  image encoder: {results['encoder']}")
+    print(f"  language model: {results['lm'].split(' (')[0]}, pre-trained here on caption text, then frozen")
+    rows = [
+        ("text retrieval R@1 / R@5 / R@10", f"{r['txt_r1']:.1f} / {r['txt_r5']:.1f} / {r['txt_r10']:.1f}"),
+        ("image retrieval R@1 / R@5 / R@10", f"{r['img_r1']:.1f} / {r['img_r5']:.1f} / {r['img_r10']:.1f}"),
+        ("caption BLEU-4 / CIDEr", f"{c['bleu4']:.1f} / {c['cider']:.1f}"),
+        ("caption attribute accuracy", f"{c['attribute_accuracy']:.1f} %"),
+        ("zero-shot VQA accuracy", f"{results['vqa']['accuracy']:.1f} % ({results['vqa']['questions']} questions)"),
+        ("time (s)", ", ".join(f"{k} {v}" for k, v in results["seconds"].items())),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    print("  examples:")
+    for e in results["examples"]:
+        print(f"    {Path(e['image']).name}: caption {e['caption']!r} (reference {e['reference']!r}); "
+              f"{e['question']!r} -> {e['answer']!r} (expected {e['expected']!r})")
+    print(f"  everything is in {out}/ (results.json, samples.png, losses.png, configs/, runs/, exports/)")

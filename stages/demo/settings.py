@@ -1,0 +1,154 @@
+"""The demo's settings, architectures and training configs, and its stand-in frozen image encoder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+
+from qformer.stage2 import CAPTION_PROMPT
+
+ENCODER = ("timm vit_tiny_patch16_224 architecture (64 wide, 3 blocks of which 2 are used, 8 px patches, 48 px input), "
+           "randomly initialised with a fixed 2-D sin-cos position embedding, and frozen")
+
+
+@dataclass
+class DemoSettings:
+    """What the demo runs.
+
+    Args:
+        out: folder for data, configs, runs, exports and results.
+        lm: the language model's kind: opt (decoder-only) or t5 (encoder-decoder).
+        seed: the random seed (the same seed gives the same numbers).
+        num_images: synthetic images in all (val_images + test_images, the rest train).
+        val_images: validation images.
+        test_images: held-out test images the results are measured on.
+        image_size: pixels per side the encoder sees.
+        lm_steps: pre-training steps of the stand-in language model.
+        stage1_steps: stage-1 training steps.
+        stage2_steps: stage-2 training steps.
+        batch_size: training batch size of both stages.
+        num_beams: beam width of the evaluation's generation.
+    """
+
+    out: str = "demo_out"
+    lm: Literal["opt", "t5"] = "opt"
+    seed: int = 0
+    num_images: int = 10000
+    val_images: int = 250
+    test_images: int = 250
+    image_size: int = 48
+    lm_steps: int = 400
+    stage1_steps: int = 900
+    stage2_steps: int = 1000
+    batch_size: int = 48
+    num_beams: int = 3
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return self.lm == "t5"
+
+
+ENCODER_KWARGS = {"patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 4}
+
+
+def model_config(settings: DemoSettings, vocab_size: int, encoder_weights: Path | None = None) -> dict:
+    """The demo's architecture: a small frozen ViT and a small Q-Former (8 queries)."""
+    return {
+        "vision_config": {
+            "model_name": "vit_tiny_patch16_224",
+            "image_size": settings.image_size,
+            "drop_last_blocks": 1,
+            "precision": "fp32",
+            "weights_path": None if encoder_weights is None else str(encoder_weights),
+            "model_kwargs": ENCODER_KWARGS,
+        },
+        "qformer_config": {
+            "vocab_size": vocab_size,
+            "hidden_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "intermediate_size": 256,
+            "max_position_embeddings": 64,
+            "encoder_hidden_size": 64,
+            "cross_attention_frequency": 2,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+        },
+        "num_query_tokens": 8,
+        "image_text_hidden_size": 64,
+        "max_text_length": 20,
+    }
+
+
+def lm_config(settings: DemoSettings, vocab_size: int) -> dict:
+    if settings.encoder_decoder:
+        return dict(model_type="t5", vocab_size=vocab_size, d_model=128, d_ff=256, d_kv=32, num_layers=2, num_heads=4,
+                    feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
+    return dict(model_type="opt", vocab_size=vocab_size, hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
+                word_embed_proj_dim=128, max_position_embeddings=64, bos_token_id=2, eos_token_id=2, pad_token_id=1, dropout=0.0)
+
+
+# --- the stand-in image encoder ------------------------------------------------------------------------
+def write_encoder_weights(settings: DemoSettings, out: Path) -> Path:
+    """A randomly initialised ViT saved as a local weights file, loaded by the configs like real weights.
+
+    timm initialises position embeddings with std 0.02, a hundredth of what the patch embeddings carry,
+    so a random ViT all but hides where a patch is, which a pretrained one does not: the captions need
+    left and right. A fixed 2-D sin-cos position embedding (as in MAE) puts it back.
+    """
+    import timm
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+    from qformer.export import save_encoder_weights
+
+    torch.manual_seed(settings.seed)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=settings.image_size, **ENCODER_KWARGS)
+    grid = vit.patch_embed.grid_size
+    with torch.no_grad():
+        vit.pos_embed[0, vit.num_prefix_tokens:] = build_sincos2d_pos_embed(list(grid), vit.embed_dim)
+        vit.pos_embed[0, : vit.num_prefix_tokens] = 0
+    return save_encoder_weights(vit.state_dict(), out / "encoder", name="vit_random_sincos.safetensors")
+
+
+# --- the stand-in LLM -------------------------------------------------------------------------------------
+
+
+# --- configs --------------------------------------------------------------------------------------------
+def write_configs(settings: DemoSettings, out: Path, data: Path, vocab_size: int, lm_folder: Path, encoder_weights: Path) -> dict[str, Path]:
+    configs = out / "configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    (configs / "model.json").write_text(json.dumps(model_config(settings, vocab_size, encoder_weights), indent=2) + "\n")
+    data_section = {
+        "train": str(data / "train.json"), "val": str(data / "val.json"), "image_root": str(data),
+        "image_size": settings.image_size, "batch_size": settings.batch_size, "num_workers": 0, "max_length": 20,
+        "hflip": False, "crop_scale": [1.0, 1.0],  # captions say left/right and small/large
+    }
+    trainer = {"accelerator": "cpu", "devices": 1, "precision": "32", "log_every_n_steps": 25, "gradient_clip_val": 1.0,
+               "enable_model_summary": False, "num_sanity_val_steps": 0, "deterministic": True}  # same seed, same numbers
+    stage1 = {
+        "seed_everything": settings.seed,
+        "trainer": {**trainer, "max_steps": settings.stage1_steps, "default_root_dir": str(out / "runs" / "stage1"),
+                    "check_val_every_n_epoch": None, "val_check_interval": max(1, settings.stage1_steps // 2)},
+        "model": {"config": str(configs / "model.json"), "tokenizer": str(data), "lr": 3e-3, "min_lr": 1e-4,
+                  "weight_decay": 0.05, "warmup_steps": 100, "val_retrieval": "itc"},
+        "data": data_section,
+    }
+    stage2 = {
+        "seed_everything": settings.seed,
+        "trainer": {**trainer, "max_steps": settings.stage2_steps, "default_root_dir": str(out / "runs" / "stage2"),
+                    "check_val_every_n_epoch": None, "val_check_interval": max(1, settings.stage2_steps // 2)},
+        "model": {"stage1": str(out / "exports" / "stage1"), "lm_path": str(lm_folder), "lm_precision": "fp32",
+                  "prompt": CAPTION_PROMPT if settings.encoder_decoder else f"{CAPTION_PROMPT} ", "eos_text": "</s>",
+                  "max_text_length": 32, "lr": 2e-3, "min_lr": 1e-4, "weight_decay": 0.05, "warmup_steps": 100,
+                  "val_num_beams": 1, "val_max_new_tokens": 16},
+        "data": data_section,
+    }
+    paths = {"stage1": configs / "stage1.yaml", "stage2": configs / "stage2.yaml"}
+    paths["stage1"].write_text(yaml.safe_dump(stage1, sort_keys=False))
+    paths["stage2"].write_text(yaml.safe_dump(stage2, sort_keys=False))
+    return paths
