@@ -25,8 +25,9 @@ class RunFiles(pl.Callback):
                 link.unlink(missing_ok=True)
                 link.symlink_to(os.path.relpath(path, root))
                 lines.append(f"  {name + ' checkpoint':<16} {link} -> {path}")
-        if trainer.log_dir:
-            lines.append(f"  {'logs':<16} {trainer.log_dir}")
+        log_dir = trainer.loggers[0].log_dir if trainer.loggers else None  # (trainer.log_dir is a collective call)
+        if log_dir:
+            lines.append(f"  {'logs':<16} {log_dir}")
         if lines:
             print("\n".join(["run files:", *lines]))
 

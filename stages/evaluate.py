@@ -18,7 +18,7 @@ from tqdm import tqdm
 from qformer.retrieval import RetrievalFeatures
 from qformer.shard import Shard
 from qformer.stage2 import CAPTION_GENERATION, CAPTION_PROMPT, VQA_GENERATION, GenerationSettings, vqa_prompt
-from stages.data import Entry, clean_caption, load_annotations, read_json
+from stages.annotations import Entry, clean_caption, load_annotations, read_json
 from stages.distributed import current_shard, device_for, gather_objects, init_distributed
 from stages.generation import generate_for_images
 from stages.images import DEFAULT_MAX_IMAGE_PIXELS, OUTSIDE_ROOT_HINT, ImageReader, escapes_root

@@ -12,6 +12,7 @@ _WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's internals on newer torch
     r"Found \d+ module\(s\) in eval mode at the start of training",  # the frozen towers, on purpose
     r"The number of training batches \(\d+\) is smaller than the logging interval",
+    r"torch\.distributed\.nn\.functional\.all_gather is deprecated",  # inside Lightning's own all_gather
 )
 # log records (logger name, message start)
 _RECORDS = (

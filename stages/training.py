@@ -48,13 +48,18 @@ class ValidationReport(Callback):
             print(f"validation at step {trainer.global_step}: {shown}", file=sys.stderr)
 
 
-def describe_progress_by_steps(trainer: Trainer) -> None:
-    """Rich's bar reads "Epoch 0/-2" when a run is measured in steps (max_epochs -1): say "step N/max_steps" there."""
+def tidy_progress_bar(trainer: Trainer) -> None:
+    """Rich's bar reads "Epoch 0/-2" when a run is measured in steps (max_epochs -1): name the step limit instead;
+    and the logger's version number (`v_num`) is no metric."""
     from pytorch_lightning.callbacks import RichProgressBar
 
     bar = trainer.progress_bar_callback
+    if bar is None:
+        return
     if isinstance(bar, RichProgressBar) and trainer.max_steps > 0:
         bar._get_train_description = lambda epoch: f"Epoch {epoch} (steps up to {trainer.max_steps})"
+    metrics = bar.get_metrics
+    bar.get_metrics = lambda *args: {k: v for k, v in metrics(*args).items() if k != "v_num"}
 
 
 class QFormerCLI(LightningCLI):
@@ -82,7 +87,7 @@ class QFormerCLI(LightningCLI):
                 loggers.append(TensorBoardLogger(self.trainer.default_root_dir, version=csv.version))
             self.trainer.loggers = loggers
         self.trainer.callbacks += [ValidationReport(), RunFiles()]
-        describe_progress_by_steps(self.trainer)
+        tidy_progress_bar(self.trainer)
 
 
 def command_line_wins(argv: list[str]) -> list[str]:

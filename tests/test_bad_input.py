@@ -12,7 +12,8 @@ from qformer.export import save_stage1
 from qformer.stage1 import Stage1Model
 from stages import evaluate as ev
 from stages.cli import main
-from stages.data import AnnotationError, CaptionDataset, clean_caption, eval_transform, load_annotations
+from stages.annotations import AnnotationError, clean_caption, load_annotations
+from stages.data import CaptionDataset, eval_transform
 from stages.images import UnreadableImage, read_rgb
 from stages.metrics import retrieval_recalls
 from stages.synthetic import make_dataset

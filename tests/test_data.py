@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.data import AnnotationError, CaptionDataset, Collate, clean_caption, eval_transform, load_annotations
+from stages.annotations import AnnotationError, clean_caption, load_annotations
+from stages.data import CaptionDataset, Collate, eval_transform
 from stages.synthetic import make_dataset
 
 

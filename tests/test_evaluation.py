@@ -16,7 +16,8 @@ from qformer.retrieval import NOT_RANKED, RetrievalFeatures, compute_image_featu
 from qformer.stage1 import Stage1Model
 from stages.cli import main
 from qformer.shard import Shard
-from stages.data import clean_caption, eval_transform
+from stages.annotations import clean_caption
+from stages.data import eval_transform
 from stages.distributed import reduce_sum
 from stages.evaluate import EvalSet, evaluate_retrieval, load_questions
 from stages.images import read_rgb

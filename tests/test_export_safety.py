@@ -81,7 +81,7 @@ def one_line_error(capsys, argv: list[str]) -> str:
     err = capsys.readouterr().err
     assert code == 2, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"qformer {argv[0]}: error: "), err
+    assert len(lines) == 1 and lines[0].startswith(f"qformer {argv[0]}") and ": error: " in lines[0], err
     return lines[0]
 
 

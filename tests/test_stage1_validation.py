@@ -2,7 +2,8 @@
 
 import torch
 
-from stages.data import CaptionDataset, Collate, eval_transform, load_annotations
+from stages.annotations import load_annotations
+from stages.data import CaptionDataset, Collate, eval_transform
 from stages.stage1 import Stage1Module
 from stages.synthetic import make_dataset
 
