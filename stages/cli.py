@@ -216,43 +216,52 @@ def _exit_on_signal(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = bool(os.environ.get("QFORMER_DEBUG")) or "--debug" in argv[:1]
-    argv = [a for i, a in enumerate(argv) if not (i == 0 and a == "--debug")]
+    debug = bool(os.environ.get("QFORMER_DEBUG")) or argv[:1] == ["--debug"]
+    argv = argv[1:] if argv[:1] == ["--debug"] else argv
     from stages.terminal import quiet_library_notices
 
     quiet_library_notices()
     if threading_is_main():
         signal.signal(signal.SIGTERM, _exit_on_signal)
-    command = argv[0] if argv else None
     try:
-        if command in TRAINING:
-            from stages.training import run_training
-
-            run_training(command, argv[1:])
-            return 0
-        try:
-            parser = build_parser(argv)
-            namespace, unknown = parser.parse_known_args(argv)
-            if unknown:
-                leaf_parser(parser, [namespace.command, getattr(namespace, "task", None)]).unknown(unknown)
-        except SystemExit as exit:  # argparse's own exit: --help, or a mistake it has reported in one line
-            return exit.code if isinstance(exit.code, int) else 2
-        args = vars(namespace)
-        function = args.pop("function")
-        for key in ("command", "task", "debug"):
-            args.pop(key, None)
-        return call(function, args)
+        return run(argv)
     except user_errors() as error:
         if debug:
             raise
-        name = " ".join(a for a in argv[:2] if not a.startswith("-")) if command in COMMANDS and isinstance(COMMANDS[command], dict) else command
-        print(f"qformer {name}: error: {describe(error)}", file=sys.stderr)
         from stages.skeleton import TrainingStopped
 
+        print(f"qformer {command_name(argv)}: error: {describe(error)}", file=sys.stderr)
         return 1 if isinstance(error, TrainingStopped) else 2
     except KeyboardInterrupt:
         print("qformer: interrupted", file=sys.stderr)
         return 130
+
+
+def run(argv: list[str]) -> int:
+    """Parse `argv` and run its command; argparse's own exits (--help, a reported mistake) return their status."""
+    if argv[:1] and argv[0] in TRAINING:
+        from stages.training import run_training
+
+        run_training(argv[0], argv[1:])
+        return 0
+    parser = build_parser(argv)
+    try:
+        namespace, unknown = parser.parse_known_args(argv)
+        if unknown:
+            leaf_parser(parser, [namespace.command, getattr(namespace, "task", None)]).unknown(unknown)
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else 2
+    args = vars(namespace)
+    function = args.pop("function")
+    for key in ("command", "task", "debug"):
+        args.pop(key, None)
+    return call(function, args)
+
+
+def command_name(argv: list[str]) -> str:
+    """`eval retrieval`, `import lavis`, `stage1`, ...: the words that name the command in `argv`."""
+    words = [a for a in argv[:2] if not a.startswith("-")]
+    return " ".join(words[:2] if words and isinstance(COMMANDS.get(words[0]), dict) else words[:1])
 
 
 def threading_is_main() -> bool:
