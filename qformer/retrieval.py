@@ -128,3 +128,15 @@ def rerank(
 def itc_only_scores(sim: Tensor) -> tuple[Tensor, Tensor]:
     """Ranking by ITC alone (`--itc-only`): the similarity itself, both ways."""
     return sim, sim.T
+
+
+def discard_nonfinite(score_i2t: Tensor, score_t2i: Tensor, image_feats: Tensor, text_feat: Tensor) -> tuple[int, int]:
+    """Images and texts whose features hold NaN/inf (a diverged model) never score: every score they take part in
+    becomes NaN, which recall never counts as a hit, even where the re-rank left a finite -100. In place; returns
+    (bad images, bad texts)."""
+    bad_images = ~torch.isfinite(image_feats.flatten(1)).all(1)  # (I,)
+    bad_texts = ~torch.isfinite(text_feat).all(1)  # (T,)
+    for scores, rows, columns in ((score_i2t, bad_images, bad_texts), (score_t2i, bad_texts, bad_images)):
+        scores[rows.to(scores.device)] = float("nan")
+        scores[:, columns.to(scores.device)] = float("nan")
+    return int(bad_images.sum()), int(bad_texts.sum())

@@ -9,6 +9,7 @@ Shapes: B batch, Q queries, L tokens, H the LM's embedding width.
 
 from __future__ import annotations
 
+import logging
 import random
 import warnings
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from qformer.files import read_tokenizer
 from qformer.frozen import Frozen
 from qformer.qformer import QFormer
 from qformer.vision import FrozenImageEncoder
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100
 DEFAULT_EOS_TEXT = "\n"  # LAVIS ends OPT captions with a newline and stops generating there
@@ -209,11 +212,18 @@ def split_caption(caption: str, rng: random.Random) -> tuple[str, str]:
     return " ".join(words[:cut]), " ".join(words[cut:])
 
 
-def prompt_batch(tokenizer, prompts: list[str], encoder_decoder: bool) -> dict:
-    """Prompts for generation: left-padded for decoder-only LMs so every row ends where generation starts."""
+def prompt_batch(tokenizer, prompts: list[str], encoder_decoder: bool, max_length: int | None = None) -> dict:
+    """Prompts for generation: left-padded for decoder-only LMs so every row ends where generation starts.
+
+    A prompt longer than `max_length` tokens keeps its end (where "Answer:" stands), with a warning.
+    """
     tokenizer.padding_side = "right" if encoder_decoder else "left"
-    tokens = tokenizer(prompts, padding="longest", return_tensors="pt")
-    tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "left"
+    tokens = tokenizer(prompts, padding="longest", truncation=max_length is not None, max_length=max_length, return_tensors="pt")
+    if max_length is not None and max(len(tokenizer(p)["input_ids"]) for p in prompts) > max_length:
+        log.warning("a prompt longer than %d tokens (what the LM's positions leave after the soft prompts and the new "
+                    "tokens) was cut to its last %d tokens", max_length, max_length)
+    tokenizer.padding_side, tokenizer.truncation_side = "right", "right"
     return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
 
@@ -264,6 +274,20 @@ class GenerationSettings:
     top_p: float | None = None
     temperature: float = 1.0
 
+    def __post_init__(self):
+        problems = []
+        if self.num_beams < 1:
+            problems.append(f"num_beams must be at least 1, got {self.num_beams}")
+        if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            problems.append(f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got {self.min_new_tokens} "
+                            f"and {self.max_new_tokens}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature <= 0:
+            problems.append(f"temperature must be positive, got {self.temperature}")
+        if problems:
+            raise ValueError("generation settings: " + "; ".join(problems))
+
 
 CAPTION_GENERATION = GenerationSettings(min_new_tokens=8)  # LAVIS's COCO captioning: beam 5, 8 to 30 tokens
 VQA_GENERATION = GenerationSettings(max_new_tokens=10, length_penalty=-1.0)  # LAVIS's zero-shot VQA: short answers
@@ -274,6 +298,18 @@ def vqa_prompt(model: "Stage2Model", template: str | None = None) -> str:
     return template or VQA_PROMPTS["encoder_decoder" if model.is_encoder_decoder else "decoder"]
 
 
+def prompt_room(model: "Stage2Model", max_new_tokens: int) -> int | None:
+    """How many prompt tokens fit in the LM's positions beside the soft prompts and the new tokens (None: no limit)."""
+    positions = getattr(model.language_model.model.config, "max_position_embeddings", None)
+    if positions is None or model.is_encoder_decoder:  # T5 has relative positions
+        return None
+    room = positions - model.config.num_query_tokens - max_new_tokens
+    if room < 2:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the LM's {positions} positions "
+                         f"({model.config.num_query_tokens} are the soft prompts)")
+    return room
+
+
 def generate_text(
     model: Stage2Model,
     tokenizer,
@@ -282,7 +318,8 @@ def generate_text(
     settings: GenerationSettings = GenerationSettings(),
 ) -> list[str]:
     """Captions or answers for a batch of images, one prompt each."""
-    batch = {k: v.to(pixel_values.device) for k, v in prompt_batch(tokenizer, prompts, model.is_encoder_decoder).items()}
+    room = prompt_room(model, settings.max_new_tokens)
+    batch = {k: v.to(pixel_values.device) for k, v in prompt_batch(tokenizer, prompts, model.is_encoder_decoder, room).items()}
     kwargs = dict(
         num_beams=settings.num_beams,
         max_new_tokens=settings.max_new_tokens,

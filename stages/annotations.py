@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,10 @@ class AnnotationError(ValueError):
 
 @dataclass
 class Entry:
-    image: str  # path relative to the image root
+    image: str  # path relative to the image root, normalised ("a/./b.jpg" and "a//b.jpg" are "a/b.jpg")
     captions: list[str]
-    image_id: str
+    image_id: str  # the id as text: what entries of one image share
+    source_id: object = None  # the id as the file wrote it (an int for COCO), for result files; None without one
 
 
 def clean_caption(caption: str, max_words: int = 50) -> str:
@@ -66,14 +68,28 @@ def load_annotations(path: str | Path, allow_outside_root: bool = False) -> list
         entries = [_lavis_entry(path, i, item) for i, item in enumerate(data)]
     else:
         raise AnnotationError(f"{path}: expected a list of entries or a COCO dict with 'images' and 'annotations'")
+    entries = without_empty_captions(entries, path)
     if not entries:
-        raise AnnotationError(f"{path}: no entries")
+        raise AnnotationError(f"{path}: no entries (with a caption that is not empty)")
     if not allow_outside_root:
         for i, entry in enumerate(entries):
             if escapes_root(entry.image):
                 raise AnnotationError(f"{path}: entry {i}: image path {entry.image!r} leads outside the image root; "
                                       f"annotation paths are relative to it ({OUTSIDE_ROOT_HINT})")
     return group_by_image(entries, path)
+
+
+def without_empty_captions(entries: list[Entry], source: Path) -> list[Entry]:
+    """Drop captions that are empty or blank (and entries left without one), saying how many."""
+    kept, dropped = [], 0
+    for entry in entries:
+        captions = [c for c in entry.captions if c.strip()]
+        dropped += len(entry.captions) - len(captions)
+        if captions:
+            kept.append(Entry(entry.image, captions, entry.image_id, entry.source_id))
+    if dropped:
+        log.warning("%s: %d empty caption(s) dropped (%d entries left without a caption)", source, dropped, len(entries) - len(kept))
+    return kept
 
 
 def group_by_image(entries: list[Entry], source: Path) -> list[Entry]:
@@ -87,7 +103,7 @@ def group_by_image(entries: list[Entry], source: Path) -> list[Entry]:
                                   f"{entry.image_id!r}; one image must have one id")
         group = by_id.get(entry.image_id)
         if group is None:
-            by_id[entry.image_id] = Entry(entry.image, list(dict.fromkeys(entry.captions)), entry.image_id)
+            by_id[entry.image_id] = Entry(entry.image, list(dict.fromkeys(entry.captions)), entry.image_id, entry.source_id)
         elif group.image != entry.image:
             raise AnnotationError(f"{source}: image id {entry.image_id!r} is used for two images, {group.image!r} and "
                                   f"{entry.image!r}")
@@ -120,19 +136,22 @@ def _lavis_entry(path: Path, index: int, item) -> Entry:
     captions = [captions] if isinstance(captions, str) else captions
     if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
         raise AnnotationError(f"{where}: 'caption' must be a string or a non-empty list of strings")
-    image_id = item["image"] if item.get("image_id") is None else _image_id(where, item["image_id"])
-    return Entry(item["image"], captions, image_id)
+    image = posixpath.normpath(item["image"])
+    if item.get("image_id") is None:
+        return Entry(image, captions, image)
+    return Entry(image, captions, _image_id(where, item["image_id"]), item["image_id"])
 
 
 def _coco_entries(path: Path, data: dict) -> list[Entry]:
     if not isinstance(data["images"], list) or not isinstance(data["annotations"], list):
         raise AnnotationError(f"{path}: 'images' and 'annotations' must be lists")
-    files = {}
+    files, source_ids = {}, {}
     for i, image in enumerate(data["images"]):
         if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
             raise AnnotationError(f"{path}: images[{i}] needs 'id' and 'file_name'")
         image_id = _image_id(f"{path}: images[{i}]", image["id"])
-        if files.setdefault(image_id, image["file_name"]) != image["file_name"]:
+        source_ids[image_id] = image["id"]
+        if files.setdefault(image_id, posixpath.normpath(image["file_name"])) != posixpath.normpath(image["file_name"]):
             raise AnnotationError(f"{path}: images[{i}]: id {image_id!r} is used for two files, {files[image_id]!r} "
                                   f"and {image['file_name']!r}")
     captions: dict = {}
@@ -144,4 +163,4 @@ def _coco_entries(path: Path, data: dict) -> list[Entry]:
         if image_id not in files:
             raise AnnotationError(f"{where}: image_id {image_id!r} is not in 'images'")
         captions.setdefault(image_id, []).append(ann["caption"])
-    return [Entry(files[i], c, i) for i, c in captions.items()]
+    return [Entry(files[i], c, i, source_ids[i]) for i, c in captions.items()]

@@ -15,7 +15,7 @@ from torchvision import transforms as T
 
 from qformer.vision import IMAGE_MEAN, IMAGE_STD
 from stages.annotations import Entry, clean_caption, load_annotations
-from stages.images import DEFAULT_MAX_IMAGE_PIXELS, UnreadableImage, image_under_root, read_rgb
+from stages.images import DEFAULT_MAX_IMAGE_PIXELS, UnreadableImage, check_pixel_limit, image_under_root, read_rgb
 
 
 def train_transform(image_size: int, hflip: bool = True, crop_scale: tuple[float, float] = (0.5, 1.0)) -> T.Compose:
@@ -138,9 +138,17 @@ class CaptionDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = None
+        for name in ("batch_size", "max_length", "max_words", "image_size"):
+            if getattr(self.hparams, name) < 1:
+                raise ValueError(f"data.{name} must be at least 1, got {getattr(self.hparams, name)}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be 0 or more, got {num_workers}")
+        check_pixel_limit(max_image_pixels, "data.max_image_pixels")
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
+        if not Path(hp.image_root).is_dir():  # before a whole epoch of "file not found"
+            raise FileNotFoundError(f"data.image_root: image folder not found: {hp.image_root}")
         if self.tokenizer is None and hp.tokenizer_dir is not None:
             from qformer.bert import load_tokenizer
 

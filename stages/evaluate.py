@@ -8,6 +8,7 @@ once; a missing or unreadable one is named once on stderr, skipped and counted i
 from __future__ import annotations
 
 import json as json_io
+import posixpath
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,11 +64,6 @@ def progress(enabled: bool, desc: str):
     return lambda items: tqdm(items, desc=desc, disable=not enabled, file=sys.stderr)
 
 
-def nonfinite_rows(*features: torch.Tensor) -> list[int]:
-    """How many rows of each feature tensor hold NaN or infinity."""
-    return [int((~torch.isfinite(f.flatten(1))).any(1).sum()) for f in features]
-
-
 # --- retrieval ----------------------------------------------------------------------------------------
 def evaluate_retrieval(model, tokenizer, data: EvalSet, k_test: int = 128, itc_only: bool = False, batch_size: int = 64,
                        shard: Shard = Shard(), show_progress: bool = True) -> tuple[dict, torch.Tensor, torch.Tensor]:
@@ -77,8 +73,12 @@ def evaluate_retrieval(model, tokenizer, data: EvalSet, k_test: int = 128, itc_o
     `nonfinite_features` counts images and texts whose features hold NaN/inf (a diverged model): their
     scores never count as hits.
     """
-    from qformer.retrieval import compute_image_features, compute_text_features, itc_only_scores, itc_similarity, rerank
+    from qformer.retrieval import (compute_image_features, compute_text_features, discard_nonfinite, itc_only_scores,
+                                   itc_similarity, rerank)
     from stages.data import eval_transform
+
+    if k_test < 1 or batch_size < 1:
+        raise ValueError(f"--k-test and --batch-size must be at least 1, got {k_test} and {batch_size}")
 
     model.eval()
     transform = eval_transform(model.config.vision_config.image_size)
@@ -103,16 +103,16 @@ def evaluate_retrieval(model, tokenizer, data: EvalSet, k_test: int = 128, itc_o
     input_ids, attention_mask = tokens["input_ids"].to(embeds.device), tokens["attention_mask"].to(embeds.device)
     text_feat = compute_text_features(model, input_ids, attention_mask, batch_size, shard)
     features = RetrievalFeatures(embeds[rows], feats[rows], text_feat, input_ids, attention_mask)
-    bad_images, bad_texts = nonfinite_rows(features.image_feats, features.text_feat)
-    if (bad_images or bad_texts) and shard.is_main:
-        print(f"warning: the model gives non-finite features for {bad_images} of {len(entries)} images and {bad_texts} of "
-              f"{len(texts)} texts (diverged weights?); their scores never count as hits", file=sys.stderr)
     sim = itc_similarity(features.image_feats, features.text_feat)
     if itc_only:
         score_i2t, score_t2i = itc_only_scores(sim)
     else:
         score_i2t, score_t2i = rerank(model, features, sim, k_test, batch_size, shard,
                                       progress(show_progress and shard.is_main, f"ITM re-rank (k={k_test})"))
+    bad_images, bad_texts = discard_nonfinite(score_i2t, score_t2i, features.image_feats, features.text_feat)
+    if (bad_images or bad_texts) and shard.is_main:
+        print(f"warning: the model gives non-finite features for {bad_images} of {len(entries)} images and {bad_texts} of "
+              f"{len(texts)} texts (diverged weights?); their scores never count as hits", file=sys.stderr)
     result = retrieval_recalls(score_i2t.cpu(), score_t2i.cpu(), img2txt, txt2img)
     result.update(images=len(entries), texts=len(texts), skipped_images=skipped, nonfinite_features=bad_images + bad_texts)
     return result, score_i2t, score_t2i
@@ -157,16 +157,26 @@ def load_questions(path: str, allow_outside_root: bool = False) -> list[Question
     if not isinstance(data, list) or not data:
         raise ValueError(f"{path}: expected a non-empty list of questions like "
                          '[{"question_id": 1, "image": "x.jpg", "question": "...", "answer": ["...", ...]}]')
-    questions = []
+    questions, seen = [], set()
     for i, item in enumerate(data):
+        where = f"{path}: entry {i}"
         if not isinstance(item, dict) or not all(k in item for k in ("image", "question", "answer")):
-            raise ValueError(f"{path}: entry {i} needs 'image', 'question' and 'answer' (a list of human answers)")
-        if not isinstance(item["image"], str) or not isinstance(item["question"], str):
-            raise ValueError(f"{path}: entry {i}: 'image' and 'question' must be strings")
-        if not allow_outside_root and escapes_root(item["image"]):
-            raise ValueError(f"{path}: entry {i}: image path {item['image']!r} leads outside the image root ({OUTSIDE_ROOT_HINT})")
+            raise ValueError(f"{where} needs 'image', 'question' and 'answer' (a list of human answers)")
+        if not isinstance(item["image"], str) or not item["image"] or not isinstance(item["question"], str):
+            raise ValueError(f"{where}: 'image' and 'question' must be strings")
+        image = posixpath.normpath(item["image"])
+        if not allow_outside_root and escapes_root(image):
+            raise ValueError(f"{where}: image path {item['image']!r} leads outside the image root ({OUTSIDE_ROOT_HINT})")
         answers = item["answer"] if isinstance(item["answer"], list) else [item["answer"]]
-        questions.append(Question(item.get("question_id", i), item["image"], item["question"], [str(a) for a in answers]))
+        if not answers or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in answers):
+            raise ValueError(f"{where}: 'answer' must be a non-empty list of human answers")
+        question_id = item.get("question_id", i)
+        if isinstance(question_id, bool) or not isinstance(question_id, (str, int)):
+            raise ValueError(f"{where}: 'question_id' must be a string or an integer, got {json_io.dumps(question_id)}")
+        if question_id in seen:
+            raise ValueError(f"{where}: question_id {question_id!r} appears twice")
+        seen.add(question_id)
+        questions.append(Question(question_id, image, item["question"], [str(a) for a in answers]))
     return questions
 
 
@@ -196,6 +206,15 @@ def print_scores(title: str, scores: dict) -> None:
     width = max(len(k) for k in scores)
     for key, value in scores.items():
         print(f"  {key:<{width}}  {value:.2f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
+
+
+def check_output_files(**paths: str | None) -> None:
+    """Fail before any work when a result file could not be written (its folder is missing, or it is a folder)."""
+    for option, path in paths.items():
+        if path is None:
+            continue
+        if Path(path).is_dir() or not Path(path).parent.is_dir():
+            raise ValueError(f"--{option.replace('_', '-')} {path}: " + ("is a folder" if Path(path).is_dir() else "its folder does not exist"))
 
 
 def write_json(path: str | None, data) -> None:
@@ -243,6 +262,7 @@ def eval_retrieval(
     """
     from qformer.export import load_stage1
 
+    check_output_files(json=json, save_scores=save_scores)
     shard, torch_device = _setup(device)
     stage1, tokenizer = load_stage1(model)
     evalset = EvalSet.load(data, images, max_image_pixels, allow_outside_root)
@@ -253,7 +273,7 @@ def eval_retrieval(
         print_scores(f"retrieval on {data} ({'ITC only' if itc_only else f'ITC top-{k_test} + ITM re-rank'})", scores)
         write_json(json, scores)
     if scores["nonfinite_features"]:
-        print(f"qformer eval: error: the model gives non-finite features ({scores['nonfinite_features']} images/texts): "
+        print(f"qformer eval retrieval: error: the model gives non-finite features ({scores['nonfinite_features']} images/texts): "
               "its weights have diverged", file=sys.stderr)
         return 1
     return 0
@@ -292,6 +312,7 @@ def eval_caption(
     """
     from qformer.export import load_stage2
 
+    check_output_files(json=json, predictions=predictions)
     shard, torch_device = _setup(device)
     stage2, tokenizer = load_stage2(model)
     evalset = EvalSet.load(data, images, max_image_pixels, allow_outside_root)
@@ -300,7 +321,8 @@ def eval_caption(
     if shard.is_main:
         for notice in notices:
             print(f"note: {notice}", file=sys.stderr)
-        write_json(predictions, [{"image_id": k, "caption": v} for k, v in captions.items()])
+        source_ids = {e.image_id: e.image_id if e.source_id is None else e.source_id for e in evalset.entries}
+        write_json(predictions, [{"image_id": source_ids[k], "caption": v} for k, v in captions.items()])  # ids as in the file
         print_scores(f"captioning on {data}", scores)
         write_json(json, scores)
     return 0
@@ -339,6 +361,7 @@ def eval_vqa(
     """
     from qformer.export import load_stage2
 
+    check_output_files(json=json, predictions=predictions)
     stage2, tokenizer = load_stage2(model)
     questions = load_questions(data, allow_outside_root)
     root = Path(images)

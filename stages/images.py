@@ -10,7 +10,9 @@ The pixel count is checked from the header, before anything is decoded: a 109 KB
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -41,8 +43,9 @@ def read_rgb(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     """Decode any image file as 8-bit RGB (gray, palette, CMYK, alpha on white and 16-bit included).
 
     Raises `UnreadableImage` for every failure. `max_pixels` (None: no limit of ours) is checked against the
-    header's width x height before decoding.
+    header's width x height before decoding. Only regular files are opened: a FIFO or a device would block.
     """
+    _check_regular_file(path)
     if max_pixels is not None and max_pixels > (Image.MAX_IMAGE_PIXELS or 0) and Image.MAX_IMAGE_PIXELS is not None:
         Image.MAX_IMAGE_PIXELS = max_pixels  # the user asked for more than Pillow allows: raise Pillow's bomb limit too
     try:
@@ -52,7 +55,7 @@ def read_rgb(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
                 width, height = image.size
                 if max_pixels is not None and width * height > max_pixels:
                     raise UnreadableImage(path, f"{width}x{height} = {width * height:,} pixels is over the limit of "
-                                                f"{max_pixels:,} (--max-image-pixels)")
+                                                f"{max_pixels:,} (max_image_pixels)")
                 image.load()
                 return _to_rgb(image)
     except UnreadableImage:
@@ -60,14 +63,27 @@ def read_rgb(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     except Image.DecompressionBombError as error:  # over twice Pillow's own limit: refused by Image.open itself
         pixels = re.search(r"\((\d+) pixels\)", str(error))
         count = f"{int(pixels.group(1)):,} pixels" if pixels else "the pixel count"
-        raise UnreadableImage(path, f"{count} is over the limit of {max_pixels or Image.MAX_IMAGE_PIXELS:,} (--max-image-pixels)") from None
-    except FileNotFoundError:
-        raise UnreadableImage(path, "file not found") from None
+        raise UnreadableImage(path, f"{count} is over the limit of {max_pixels or Image.MAX_IMAGE_PIXELS:,} (max_image_pixels)") from None
     except Exception as error:  # decoders of hostile files raise many types (OSError, SyntaxError, struct.error, ...)
+        if getattr(error, "strerror", None):  # an OSError from the file system: its words, without the path again
+            raise UnreadableImage(path, error.strerror.lower()) from None
         reason = (str(error) or type(error).__name__).replace(f" '{path}'", "").replace(str(path), "the file")
-        if Path(path).is_file() and Path(path).stat().st_size == 0:
+        if Path(path).stat().st_size == 0:
             reason = "empty file"
         raise UnreadableImage(path, reason) from None
+
+
+def _check_regular_file(path: str | Path) -> None:
+    """Refuse what is not a regular file (missing, a folder, a FIFO, a device, a link that leads nowhere) by name."""
+    try:
+        mode = os.stat(path).st_mode  # follows symbolic links
+    except FileNotFoundError:
+        raise UnreadableImage(path, "file not found" if not os.path.islink(path) else "symbolic link to a missing file") from None
+    except (OSError, ValueError) as error:  # a symbolic link loop (ELOOP), a NUL byte in the name, ...
+        raise UnreadableImage(path, getattr(error, "strerror", None) or str(error)) from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise UnreadableImage(path, f"{kind}, not an image file")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -81,6 +97,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def check_pixel_limit(max_pixels: int | None, option: str = "--max-image-pixels") -> None:
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"{option} must be a positive number of pixels (or unset for no limit), got {max_pixels}")
 
 
 # --- image roots ----------------------------------------------------------------------------------------------
@@ -100,7 +121,15 @@ def escapes_root(relative: str) -> bool:
 def image_under_root(root: Path, relative: str, allow_outside_root: bool = False) -> Path:
     """`root / relative`, refused (UnreadableImage) when it leads out of `root`, symbolic links followed."""
     path = root / relative
-    if not allow_outside_root and not path.resolve().is_relative_to(root.resolve()):
+    if allow_outside_root:
+        return path
+    try:
+        inside = path.resolve().is_relative_to(root.resolve())
+    except RuntimeError:  # Python 3.11's Path.resolve on a loop
+        raise UnreadableImage(path, "too many levels of symbolic links (a link loop)") from None
+    except (OSError, ValueError) as error:  # a NUL byte in the name, ...
+        raise UnreadableImage(path, getattr(error, "strerror", None) or str(error) or "cannot be resolved") from None
+    if not inside:
         raise UnreadableImage(path, f"leads outside the image root {root} ({OUTSIDE_ROOT_HINT})")
     return path
 
@@ -146,6 +175,9 @@ class ImageReader:
     allow_outside_root: bool = False  # ... unless this is set
     skipped: SkippedImages = field(default_factory=SkippedImages)
 
+    def __post_init__(self):
+        check_pixel_limit(self.max_pixels)
+
     def load(self, paths: Sequence[str | Path], transform) -> tuple[torch.Tensor | None, list[int]]:
         """Decode and transform a batch of images once: (stacked pixels or None, indices of the readable ones)."""
         pixels, kept = [], []
@@ -164,7 +196,8 @@ def image_files(inputs: Sequence[str | Path]) -> list[Path]:
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            # not only regular files: a broken link or a FIFO named like an image is named when it is read
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
         else:
             paths.append(item)  # a missing file is named when it is read
     return paths

@@ -131,7 +131,7 @@ class Stage1Module(TrainingSkeleton):
     @torch.no_grad()
     def _validation_recalls(self) -> dict[str, float]:
         """Retrieval recall over the whole validation split, gathered from every rank (same result on each)."""
-        from qformer.retrieval import RetrievalFeatures, itc_only_scores, itc_similarity, rerank
+        from qformer.retrieval import RetrievalFeatures, discard_nonfinite, itc_only_scores, itc_similarity, rerank
         from stages.metrics import retrieval_recalls
 
         length = max(o["input_ids"].shape[1] for o in self.val_outputs)  # pad text to one length to concatenate
@@ -154,6 +154,7 @@ class Stage1Module(TrainingSkeleton):
             features = RetrievalFeatures(everything["image_embeds"][texts][images], image_feats, text_feat,
                                          everything["input_ids"][texts], everything["attention_mask"][texts])
             score_i2t, score_t2i = rerank(self.model, features, sim, self.hparams.val_k_test, shard=current_shard())
+        discard_nonfinite(score_i2t, score_t2i, image_feats, text_feat)  # a diverged model's checkpoint is never the best
         recalls = retrieval_recalls(score_i2t.cpu(), score_t2i.cpu(), img2txt, txt2img)
         return {k: v for k, v in recalls.items() if k.startswith(("txt_r", "img_r", "r_mean"))}
 

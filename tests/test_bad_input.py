@@ -1,6 +1,7 @@
 """Bad input never costs a run, a result or a file: broken images, duplicated entries, NaN, hostile paths."""
 
 import json
+import posixpath
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,7 @@ def test_paths_out_of_the_image_root_are_refused_unless_allowed(tmp_path, image)
     path = write_json(tmp_path / "ann.json", [{"image": image, "caption": "a cat"}])
     with pytest.raises(AnnotationError, match="leads outside the image root.*--allow-outside-root"):
         load_annotations(path)
-    assert load_annotations(path, allow_outside_root=True)[0].image == image
+    assert load_annotations(path, allow_outside_root=True)[0].image == posixpath.normpath(image)
 
 
 def test_a_symbolic_link_out_of_the_root_is_skipped_and_named(tmp_path):
@@ -235,3 +236,111 @@ def test_resuming_from_a_checkpoint_with_pickled_code_is_refused_in_one_line(dat
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("qformer stage1: error: --ckpt_path: refused to unpickle GLOBAL posix.system")
     assert "weights_only=False" not in last
+
+
+# --- what a hostile-input trial found -----------------------------------------------------------------------------
+def test_a_fifo_named_like_an_image_is_skipped_not_waited_on(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(UnreadableImage, read_rgb, fifo)), daemon=True)
+    reader.start()
+    reader.join(timeout=20)
+    if reader.is_alive():  # opening the write end releases a reader blocked on the FIFO
+        with open(fifo, "wb"):
+            pass
+    assert outcome and "FIFO" in outcome[0].value.reason
+
+
+def test_a_symbolic_link_loop_is_skipped(tmp_path):
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    entries = load_annotations(write_json(tmp_path / "ann.json", [{"image": "loop.png", "caption": "a cat"}]))
+    sample = CaptionDataset(entries, tmp_path, eval_transform(32))[0]
+    assert sample["skipped"] == str(tmp_path / "loop.png") and "symbolic links" in sample["reason"]
+
+
+def test_one_image_spelt_two_ways_is_one_image(tmp_path):
+    items = [{"image": "a/x.png", "caption": "one"}, {"image": "a/./x.png", "caption": "two"}, {"image": "a//x.png", "caption": "three"}]
+    [entry] = load_annotations(write_json(tmp_path / "ann.json", items))
+    assert (entry.image, entry.captions) == ("a/x.png", ["one", "two", "three"])
+    with pytest.raises(AnnotationError, match="appears under two image ids"):
+        load_annotations(write_json(tmp_path / "ids.json", [{**items[0], "image_id": 1}, {**items[1], "image_id": 2}]))
+
+
+def test_a_diverged_model_scores_zero_with_the_itm_rerank_too(stage1, data):
+    model, tokenizer, _ = stage1
+    diverged = Stage1Model(model.config).eval()
+    diverged.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        diverged.vision_proj.weight.fill_(float("nan"))
+    # 8 images, k_test 4: the positives outside the top 4 keep a finite -100, rank at most 8th, and would count at R@10
+    few = write_json(data / "eight.json", json.loads((data / "test.json").read_text())[:8])
+    result, _, _ = ev.evaluate_retrieval(diverged, tokenizer, ev.EvalSet.load(str(few), str(data)), k_test=4, show_progress=False)
+    assert result["txt_r10"] == result["img_r10"] == 0.0
+
+
+@pytest.mark.parametrize("question, message", [
+    ({"answer": []}, "'answer' must be a non-empty list"),
+    ({"question_id": float("nan")}, "'question_id' must be a string or an integer, got NaN"),
+    ({"question_id": 0}, "question_id 0 appears twice"),
+])
+def test_vqa_questions_that_would_crash_or_mislead_are_refused(tmp_path, question, message):
+    items = [{"question_id": 0, "image": "x.png", "question": "what?", "answer": ["a"]}, {"image": "y.png", "question": "why?",
+                                                                                       "answer": ["b"], **question}]
+    with pytest.raises(ValueError, match=message):
+        ev.load_questions(str(write_json(tmp_path / "q.json", items)))
+
+
+def test_a_prompt_longer_than_the_lms_positions_keeps_its_end(data):
+    from qformer.config import LanguageModelConfig
+    from qformer.stage2 import GenerationSettings, Stage2Model, generate_text, load_lm_tokenizer
+
+    config = preset("tiny")
+    config.language_model = LanguageModelConfig(config=dict(model_type="opt", vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                                            num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=48),
+                                                tokenizer=str(data / "lm_tokenizer_decoder"), precision="fp32", eos_text="</s>")
+    model, tokenizer = Stage2Model(config).eval(), load_lm_tokenizer(config.language_model)
+    long_question = "what color is " + "the red circle " * 100 + "?"
+    texts = generate_text(model, tokenizer, torch.randn(1, 3, 32, 32), [long_question], GenerationSettings(num_beams=1, max_new_tokens=4))
+    assert len(texts) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["caption", "--model", "{stage2}", "{image}", "--num-beams", "0"], "num_beams must be at least 1, got 0"),
+    (["caption", "--model", "{stage2}", "{image}", "--max-new-tokens", "4"], "need 0 <= min_new_tokens <= max_new_tokens"),
+    (["caption", "--model", "{stage2}", "{image}", "--max-image-pixels", "0"], "--max-image-pixels must be a positive number"),
+    (["eval", "retrieval", "--model", "{stage1}", "--data", "{ann}", "--images", "{root}", "--k-test", "0"], "--k-test and --batch-size must be at least 1"),
+    (["eval", "retrieval", "--model", "{stage1}", "--data", "{ann}", "--images", "{root}", "--json", "{root}"], "is a folder"),
+])
+def test_bad_option_values_are_one_line(stage1, data, tmp_path, capsys, argv, message):
+    from qformer.config import LanguageModelConfig
+    from qformer.export import save_stage2
+    from qformer.stage2 import Stage2Model, load_lm_tokenizer
+
+    config = preset("tiny")
+    config.qformer_config.vocab_size = stage1[0].config.qformer_config.vocab_size
+    config.language_model = LanguageModelConfig(config=dict(model_type="opt", vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                                            num_attention_heads=2, word_embed_proj_dim=32), tokenizer=str(data / "lm_tokenizer_decoder"))
+    stage2 = save_stage2(Stage2Model(config), load_lm_tokenizer(config.language_model), tmp_path / "stage2")
+    values = {"stage1": str(stage1[2]), "stage2": str(stage2), "image": str(data / "images" / "000001.png"),
+              "ann": str(data / "test.json"), "root": str(data)}
+    capsys.readouterr()
+    assert main([a.format(**values) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_a_folder_search_names_links_and_fifos_it_cannot_read(tmp_path):
+    import os
+
+    from stages.images import image_files
+
+    (tmp_path / "broken.png").symlink_to(tmp_path / "missing.png")
+    os.mkfifo(tmp_path / "fifo.jpg")
+    (tmp_path / "folder.jpg").mkdir()
+    assert sorted(p.name for p in image_files([tmp_path])) == ["broken.png", "fifo.jpg"]  # both then named as unreadable
+    with pytest.raises(UnreadableImage, match="symbolic link to a missing file"):
+        read_rgb(tmp_path / "broken.png")
