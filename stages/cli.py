@@ -33,7 +33,7 @@ COMMANDS: dict = {
     "eval": {
         "retrieval": "stages.evaluate:eval_retrieval",
         "caption": "stages.evaluate:eval_caption",
-        "vqa": "stages.evaluate:eval_vqa",
+        "vqa": "stages.vqa:eval_vqa",
     },
     "import": {"lavis": "stages.conversions:import_lavis", "hf": "stages.conversions:import_hf"},
     "export-hf": "stages.conversions:export_hf",

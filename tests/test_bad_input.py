@@ -12,12 +12,13 @@ from qformer.config import preset
 from qformer.export import save_stage1
 from qformer.stage1 import Stage1Model
 from stages import evaluate as ev
-from stages.cli import main
 from stages.annotations import AnnotationError, clean_caption, load_annotations
+from stages.cli import main
 from stages.data import CaptionDataset, eval_transform
 from stages.images import UnreadableImage, read_rgb
 from stages.metrics import retrieval_recalls
 from stages.synthetic import make_dataset
+from stages.vqa import load_questions
 from broken_files import write_broken_images, write_png_bomb
 
 
@@ -291,7 +292,7 @@ def test_vqa_questions_that_would_crash_or_mislead_are_refused(tmp_path, questio
     items = [{"question_id": 0, "image": "x.png", "question": "what?", "answer": ["a"]}, {"image": "y.png", "question": "why?",
                                                                                        "answer": ["b"], **question}]
     with pytest.raises(ValueError, match=message):
-        ev.load_questions(str(write_json(tmp_path / "q.json", items)))
+        load_questions(str(write_json(tmp_path / "q.json", items)))
 
 
 def test_a_prompt_longer_than_the_lms_positions_keeps_its_end(data):

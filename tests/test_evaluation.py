@@ -13,16 +13,17 @@ from qformer.bert import load_tokenizer
 from qformer.config import preset
 from qformer.export import save_stage1
 from qformer.retrieval import NOT_RANKED, RetrievalFeatures, compute_image_features, compute_text_features, itc_similarity, rerank
-from qformer.stage1 import Stage1Model
-from stages.cli import main
 from qformer.shard import Shard
+from qformer.stage1 import Stage1Model
 from stages.annotations import clean_caption
+from stages.cli import main
 from stages.data import eval_transform
 from stages.distributed import reduce_sum
-from stages.evaluate import EvalSet, evaluate_retrieval, load_questions
+from stages.evaluate import EvalSet, evaluate_retrieval
 from stages.images import read_rgb
 from stages.metrics import caption_metrics, normalize_answer, retrieval_recalls, simple_tokenize, vqa_accuracy
 from stages.synthetic import make_dataset
+from stages.vqa import load_questions
 
 
 # --- recall on a hand-built matrix -------------------------------------------------------------------

@@ -52,7 +52,8 @@ def _train(stage: str, config: Path) -> Path:
 def _evaluate(settings: DemoSettings, data: Path, exports: Path, out: Path, phase) -> tuple[dict, dict, dict, dict[str, str]]:
     """Retrieval, captioning and zero-shot VQA on the test split, as `qformer eval retrieval|caption|vqa` compute them."""
     from qformer.export import load_stage1, load_stage2
-    from stages.evaluate import EvalSet, evaluate_captions, evaluate_retrieval, evaluate_vqa, load_questions
+    from stages.evaluate import EvalSet, evaluate_captions, evaluate_retrieval
+    from stages.vqa import evaluate_vqa, load_questions
     from stages.images import ImageReader
 
     _step("eval retrieval (ITC top-16 + ITM re-rank)")

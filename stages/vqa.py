@@ -1,0 +1,121 @@
+"""Zero-shot VQAv2 evaluation, `qformer eval vqa`: LAVIS's question files, each image read once for all its questions."""
+
+from __future__ import annotations
+
+import json as json_io
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+
+from qformer.stage2 import VQA_GENERATION, GenerationSettings, vqa_prompt
+from stages.annotations import read_json
+from stages.distributed import device_for
+from stages.evaluate import NoReadableImage, check_output_files, print_scores, progress, write_json
+from stages.generation import generate_for_images
+from stages.images import DEFAULT_MAX_IMAGE_PIXELS, OUTSIDE_ROOT_HINT, ImageReader, escapes_root
+from stages.metrics import vqa_accuracy
+
+
+@dataclass
+class Question:
+    question_id: object
+    image: str
+    question: str
+    answers: list[str]
+
+
+def load_questions(path: str, allow_outside_root: bool = False) -> list[Question]:
+    """`[{"question_id", "image", "question", "answer": [10 human answers]}]` (LAVIS's VQAv2 eval format)."""
+    data = read_json(path, "question file")
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: expected a non-empty list of questions like "
+                         '[{"question_id": 1, "image": "x.jpg", "question": "...", "answer": ["...", ...]}]')
+    questions, seen = [], set()
+    for i, item in enumerate(data):
+        where = f"{path}: entry {i}"
+        if not isinstance(item, dict) or not all(k in item for k in ("image", "question", "answer")):
+            raise ValueError(f"{where} needs 'image', 'question' and 'answer' (a list of human answers)")
+        if not isinstance(item["image"], str) or not item["image"] or not isinstance(item["question"], str):
+            raise ValueError(f"{where}: 'image' and 'question' must be strings")
+        image = posixpath.normpath(item["image"])
+        if not allow_outside_root and escapes_root(image):
+            raise ValueError(f"{where}: image path {item['image']!r} leads outside the image root ({OUTSIDE_ROOT_HINT})")
+        answers = item["answer"] if isinstance(item["answer"], list) else [item["answer"]]
+        if not answers or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in answers):
+            raise ValueError(f"{where}: 'answer' must be a non-empty list of human answers")
+        question_id = item.get("question_id", i)
+        if isinstance(question_id, bool) or not isinstance(question_id, (str, int)):
+            raise ValueError(f"{where}: 'question_id' must be a string or an integer, got {json_io.dumps(question_id)}")
+        if question_id in seen:
+            raise ValueError(f"{where}: question_id {question_id!r} appears twice")
+        seen.add(question_id)
+        questions.append(Question(question_id, image, item["question"], [str(a) for a in answers]))
+    return questions
+
+
+def evaluate_vqa(model, tokenizer, questions: list[Question], reader: ImageReader, prompt: str, batch_size: int,
+                 settings: GenerationSettings, show_progress: bool = True) -> tuple[dict, list[dict]]:
+    """VQAv2 accuracy; each image is read once for all its questions, questions on unreadable images are counted."""
+    by_image: dict[str, list[Question]] = {}
+    for question in questions:
+        by_image.setdefault(question.image, []).append(question)
+    images = list(by_image)
+    answers = generate_for_images(model, tokenizer, images, [[prompt.format(q.question) for q in by_image[i]] for i in images],
+                                  reader, settings, batch_size, progress(show_progress, "answers"))
+    reader.skipped.finish()
+    answered = {id(q): text for image, texts in zip(images, answers) if texts is not None for q, text in zip(by_image[image], texts)}
+    if not answered:
+        raise NoReadableImage(f"no readable image among the {len(images)} the questions ask about under {reader.root}")
+    predictions = [{"question_id": q.question_id, "answer": answered[id(q)], "accuracy": vqa_accuracy(answered[id(q)], q.answers)}
+                   for q in questions if id(q) in answered]
+    accuracy = 100 * sum(p["accuracy"] for p in predictions) / len(predictions)
+    return {"accuracy": accuracy, "questions": len(predictions), "skipped_questions": len(questions) - len(predictions),
+            "skipped_images": len(reader.skipped)}, predictions
+
+
+def eval_vqa(
+    *,
+    model: str,
+    data: str,
+    images: str,
+    prompt_template: str | None = None,
+    generation: GenerationSettings = VQA_GENERATION,
+    batch_size: int = 64,
+    device: str = "cpu",
+    json: str | None = None,
+    predictions: str | None = None,
+    no_progress: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    allow_outside_root: bool = False,
+) -> int:
+    """Zero-shot VQAv2 accuracy of a stage-2 model (the official evaluator's answer normalisation).
+
+    Args:
+        model: a stage-2 export folder.
+        data: question file ([{"question_id", "image", "question", "answer": [human answers]}]).
+        images: image root folder the question paths are relative to.
+        prompt_template: default "Question: {} Answer:" (OPT), "Question: {} Short answer:" (T5).
+        generation: beam search settings (LAVIS's VQA defaults: short answers).
+        batch_size: questions per generation batch.
+        device: cpu, cuda or cuda:N.
+        json: also write the scores to this JSON file.
+        predictions: write the answers to this JSON file.
+        no_progress: no progress bars.
+        max_image_pixels: skip images whose header declares more pixels, before decoding.
+        allow_outside_root: read question paths that lead outside --images (absolute, '..', symbolic links).
+    """
+    from qformer.export import load_stage2
+
+    check_output_files(json=json, predictions=predictions)
+    stage2, tokenizer = load_stage2(model)
+    questions = load_questions(data, allow_outside_root)
+    root = Path(images)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    prompt = vqa_prompt(stage2, prompt_template)
+    scores, answers = evaluate_vqa(stage2.to(device_for(device, 0)), tokenizer, questions, ImageReader(max_image_pixels, root, allow_outside_root),
+                                   prompt, batch_size, generation, not no_progress)
+    write_json(predictions, answers)
+    print_scores(f"zero-shot VQA on {data} (prompt {prompt!r})", scores)
+    write_json(json, scores)
+    return 0
