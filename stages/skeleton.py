@@ -79,8 +79,6 @@ class TrainingSkeleton(pl.LightningModule):
         return sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad)
 
     def _any_rank(self, flag: bool) -> bool:
-        if self.trainer.world_size == 1:
-            return flag
         return self._sum_over_ranks(float(flag)) > 0
 
     def _sum_over_ranks(self, value: float) -> float:
@@ -90,13 +88,11 @@ class TrainingSkeleton(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Apply the step only when every process has a finite loss and finite gradients; otherwise drop the gradients."""
-        if self._step_problem is None:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            checks = torch.stack([torch.isfinite(g).all() for g in [self._step_loss, *grads] if g is not None]).tolist()
-            if not checks[0] and self._step_loss is not None:
-                self._step_problem = f"loss is {self._step_loss.item()}"
-            elif not all(checks):
-                self._step_problem = "non-finite gradient"
+        if self._step_problem is None and self._step_loss is not None and not torch.isfinite(self._step_loss):
+            self._step_problem = f"loss is {self._step_loss.item()}"
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self._step_problem is None and grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
+            self._step_problem = "non-finite gradient"
         if not self._any_rank(self._step_problem is not None):
             self.consecutive_skips = 0
             self.applied_steps += 1

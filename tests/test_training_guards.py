@@ -126,3 +126,28 @@ def test_ddp_ranks_skip_together(data, tmp_path):
     ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
     assert ranks[0][:2] == ranks[1][:2] == [1, 2]  # rank 0's own step was fine, but it skipped it too
     assert ranks[0][2] == ranks[1][2]  # and the weights stayed identical across ranks
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+class GradientPoisonedStage1(Stage1Module):
+    def training_loss(self, batch):
+        loss = super().training_loss(batch)
+        return _NaNGradient.apply(loss) if self.global_step == 1 else loss
+
+
+def test_a_finite_loss_with_a_nan_gradient_is_skipped_too(data, tmp_path):
+    module = GradientPoisonedStage1(tokenizer=str(data), lr=1e-3, warmup_steps=1)
+    fit(module, data, tmp_path, max_steps=3)
+    assert (module.skipped_steps, module.applied_steps, module.last_skip_reason) == (1, 2, "non-finite gradient")
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())
