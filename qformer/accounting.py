@@ -11,7 +11,10 @@ from qformer.stage1 import Stage1Model
 def stage1_parameter_counts(config: Blip2Config) -> dict[str, int]:
     """Trainable / frozen / total parameters of the stage-1 model, built on the meta device."""
     with torch.device("meta"):
-        model = Stage1Model(_without_weights(config))
+        return _counts(Stage1Model(_without_weights(config)))
+
+
+def _counts(model: torch.nn.Module) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return {"trainable": trainable, "frozen": frozen, "total": trainable + frozen}
@@ -34,7 +37,4 @@ def stage2_parameter_counts(config: Blip2Config) -> dict[str, int]:
     if lm["path"] is not None:  # its config.json, never its weights
         lm["config"], lm["path"] = transformers.AutoConfig.from_pretrained(lm["path"], local_files_only=True).to_dict(), None
     with torch.device("meta"):
-        model = Stage2Model(Blip2Config.from_dict(data))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return {"trainable": trainable, "frozen": frozen, "total": trainable + frozen}
+        return _counts(Stage2Model(Blip2Config.from_dict(data)))

@@ -161,33 +161,31 @@ def decoder_only_batch(tokenizer, texts: list[str], prompt: str = "", eos_text: 
     that space belongs to the next word, whose token must stay in the loss.
     """
     tokenizer.padding_side = "right"
-    full = [prompt + t + eos_text for t in texts]
-    tokens = tokenizer(full, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    fast = getattr(tokenizer, "is_fast", False)  # then one tokenisation gives the ids and the character offsets
+    tokens = tokenizer([prompt + t + eos_text for t in texts], padding="longest", truncation=True, max_length=max_length,
+                       return_tensors="pt", return_offsets_mapping=fast, return_special_tokens_mask=fast)
     labels = tokens["input_ids"].masked_fill(tokens["attention_mask"] == 0, IGNORE)
-    for row, length in enumerate(prompt_token_counts(tokenizer, full, prompt, max_length)):
+    for row, length in enumerate(prompt_token_counts(tokenizer, tokens, prompt)):
         labels[row, :length] = IGNORE
     return TextBatch(tokens["input_ids"], tokens["attention_mask"], labels)
 
 
-def prompt_token_counts(tokenizer, full_texts: list[str], prompt: str, max_length: int) -> list[int]:
-    """Per text, how many leading tokens (special ones included) lie entirely inside `prompt`.
+def prompt_token_counts(tokenizer, tokens, prompt: str) -> list[int]:
+    """Per row of `tokens`, how many leading tokens (special ones included) lie entirely inside `prompt`.
 
-    Fast tokenizers answer from character offsets; others by the common start of the ids of the prompt alone
-    and of the whole text (a token the prompt shares with the text is then not counted).
+    From character offsets when the tokenizer is fast; otherwise by the common start of the ids of the prompt
+    alone and of the whole text (a token the prompt shares with the text is then not counted).
     """
-    if getattr(tokenizer, "is_fast", False):
-        encoded = tokenizer(full_texts, truncation=True, max_length=max_length, return_offsets_mapping=True,
-                            return_special_tokens_mask=True)
-        counts = []
-        for offsets, special in zip(encoded["offset_mapping"], encoded["special_tokens_mask"]):
+    counts = []
+    if "offset_mapping" in tokens:
+        for offsets, special in zip(tokens["offset_mapping"].tolist(), tokens["special_tokens_mask"].tolist()):
             count = 0
             while count < len(offsets) and (special[count] or offsets[count][1] <= len(prompt)):
                 count += 1
             counts.append(count)
         return counts
     prompt_ids = tokenizer(prompt)["input_ids"]
-    counts = []
-    for ids in tokenizer(full_texts, truncation=True, max_length=max_length)["input_ids"]:
+    for ids in tokens["input_ids"].tolist():
         count = 0
         while count < min(len(ids), len(prompt_ids)) and ids[count] == prompt_ids[count]:
             count += 1
@@ -218,12 +216,14 @@ def prompt_batch(tokenizer, prompts: list[str], encoder_decoder: bool, max_lengt
     A prompt longer than `max_length` tokens keeps its end (where "Answer:" stands), with a warning.
     """
     tokenizer.padding_side = "right" if encoder_decoder else "left"
-    tokenizer.truncation_side = "left"
-    tokens = tokenizer(prompts, padding="longest", truncation=max_length is not None, max_length=max_length, return_tensors="pt")
-    if max_length is not None and max(len(tokenizer(p)["input_ids"]) for p in prompts) > max_length:
+    tokens = tokenizer(prompts, padding="longest", return_tensors="pt")
+    if max_length is not None and tokens["input_ids"].shape[1] > max_length:  # rare: tokenise again, keeping the ends
         log.warning("a prompt longer than %d tokens (what the LM's positions leave after the soft prompts and the new "
                     "tokens) was cut to its last %d tokens", max_length, max_length)
-    tokenizer.padding_side, tokenizer.truncation_side = "right", "right"
+        tokenizer.truncation_side = "left"
+        tokens = tokenizer(prompts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+        tokenizer.truncation_side = "right"
+    tokenizer.padding_side = "right"
     return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
 

@@ -19,7 +19,7 @@ class RunFiles(pl.Callback):
             return
         root = Path(trainer.default_root_dir)
         lines = []
-        for name, path in (("last", _last(trainer)), ("best", _best(trainer))):
+        for name, path in (("last", last_checkpoint(trainer)), ("best", _best(trainer))):
             if path and Path(path).is_file():
                 link = root / f"{name}.ckpt"
                 link.unlink(missing_ok=True)
@@ -36,7 +36,8 @@ def _checkpoint_callbacks(trainer: pl.Trainer) -> list[ModelCheckpoint]:
     return [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
 
 
-def _last(trainer: pl.Trainer) -> str | None:
+def last_checkpoint(trainer: pl.Trainer) -> str | None:
+    """The run's `last.ckpt`, once it has been saved."""
     return next((c.last_model_path for c in _checkpoint_callbacks(trainer) if c.last_model_path), None)
 
 

@@ -15,7 +15,7 @@ from torchvision import transforms as T
 
 from qformer.vision import IMAGE_MEAN, IMAGE_STD
 from stages.annotations import Entry, clean_caption, load_annotations
-from stages.images import DEFAULT_MAX_IMAGE_PIXELS, UnreadableImage, check_pixel_limit, image_under_root, read_rgb
+from stages.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, UnreadableImage, check_pixel_limit
 
 
 def train_transform(image_size: int, hflip: bool = True, crop_scale: tuple[float, float] = (0.5, 1.0)) -> T.Compose:
@@ -40,11 +40,9 @@ class CaptionDataset(Dataset):
 
     def __init__(self, entries: list[Entry], image_root: str | Path, transform, max_words: int = 50, strict: bool = False,
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, allow_outside_root: bool = False):
-        self.image_root = Path(image_root)
+        self.reader = ImageReader(max_image_pixels, Path(image_root), allow_outside_root)  # skips are reported per batch
         self.transform = transform
         self.strict = strict
-        self.max_image_pixels = max_image_pixels
-        self.allow_outside_root = allow_outside_root
         image_index = {}
         self.samples = []
         for entry in entries:
@@ -58,8 +56,7 @@ class CaptionDataset(Dataset):
     def __getitem__(self, i: int):
         image, caption, image_index = self.samples[i]
         try:
-            path = image_under_root(self.image_root, image, self.allow_outside_root)
-            pixels = self.transform(read_rgb(path, self.max_image_pixels))
+            pixels = self.transform(self.reader.open(image))
         except UnreadableImage as error:
             if self.strict:
                 raise

@@ -40,7 +40,8 @@ def generate_for_images(
     return texts
 
 
-def _load(model: str, device: str):
+def load_stage2_on(model: str, device: str):
+    """A stage-2 export folder's (model, LM tokenizer), the model on `device` (checked)."""
     from qformer.export import load_stage2
     from stages.distributed import device_for
 
@@ -76,7 +77,7 @@ def caption(
     paths = image_files(images)
     if not paths:
         raise ValueError("no image files given (folders are searched for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
-    stage2, tokenizer = _load(model, device)
+    stage2, tokenizer = load_stage2_on(model, device)
     reader = ImageReader(max_image_pixels)
     texts = generate_for_images(stage2, tokenizer, paths, [[prompt]] * len(paths), reader, generation, batch_size)
     results = [{"image": str(path), "caption": t[0]} for path, t in zip(paths, texts) if t is not None]
@@ -112,7 +113,7 @@ def ask(
         device: cpu, cuda or cuda:N.
         max_image_pixels: refuse an image whose header declares more pixels, before decoding.
     """
-    stage2, tokenizer = _load(model, device)
+    stage2, tokenizer = load_stage2_on(model, device)
     reader = ImageReader(max_image_pixels)
     [answer] = generate_for_images(stage2, tokenizer, [image], [[vqa_prompt(stage2, prompt_template).format(question)]],
                                    reader, generation, batch_size=1)

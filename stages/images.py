@@ -135,6 +135,10 @@ def image_under_root(root: Path, relative: str, allow_outside_root: bool = False
 
 
 # --- skipping and reporting ---------------------------------------------------------------------------------
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 class SkippedImages:
     """The unreadable images of a run: each counted, and named once (on stderr unless told otherwise).
 
@@ -144,7 +148,7 @@ class SkippedImages:
 
     def __init__(self, report: Callable[[str], None] | None = None, shown: int = 20):
         self.reasons: dict[str, str] = {}
-        self.report = report or (lambda line: print(line, file=sys.stderr))
+        self.report = report or _to_stderr
         self.shown = shown
 
     def add(self, error: UnreadableImage) -> None:
@@ -178,13 +182,17 @@ class ImageReader:
     def __post_init__(self):
         check_pixel_limit(self.max_pixels)
 
+    def open(self, path: str | Path) -> Image.Image:
+        """One image as RGB; `UnreadableImage` (not counted here) when it cannot be used."""
+        full = Path(path) if self.root is None else image_under_root(self.root, str(path), self.allow_outside_root)
+        return read_rgb(full, self.max_pixels)
+
     def load(self, paths: Sequence[str | Path], transform) -> tuple[torch.Tensor | None, list[int]]:
         """Decode and transform a batch of images once: (stacked pixels or None, indices of the readable ones)."""
         pixels, kept = [], []
         for i, path in enumerate(paths):
             try:
-                full = Path(path) if self.root is None else image_under_root(self.root, str(path), self.allow_outside_root)
-                pixels.append(transform(read_rgb(full, self.max_pixels)))
+                pixels.append(transform(self.open(path)))
                 kept.append(i)
             except UnreadableImage as error:
                 self.skipped.add(error)

@@ -3,6 +3,7 @@ nobody can act on. Each filter names one notice precisely; no warning category i
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 
@@ -33,6 +34,7 @@ class _DropNotices(logging.Filter):
         return not record.getMessage().startswith(self.starts)
 
 
+@functools.cache  # once per process: `qformer` may be called many times from Python (tests, notebooks)
 def quiet_library_notices() -> None:
     for message in _WARNINGS:
         warnings.filterwarnings("ignore", message=message)

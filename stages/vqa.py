@@ -9,9 +9,8 @@ from pathlib import Path
 
 from qformer.stage2 import VQA_GENERATION, GenerationSettings, vqa_prompt
 from stages.annotations import read_json
-from stages.distributed import device_for
 from stages.evaluate import NoReadableImage, check_output_files, print_scores, progress, write_json
-from stages.generation import generate_for_images
+from stages.generation import generate_for_images, load_stage2_on
 from stages.images import DEFAULT_MAX_IMAGE_PIXELS, OUTSIDE_ROOT_HINT, ImageReader, escapes_root
 from stages.metrics import vqa_accuracy
 
@@ -104,17 +103,15 @@ def eval_vqa(
         max_image_pixels: skip images whose header declares more pixels, before decoding.
         allow_outside_root: read question paths that lead outside --images (absolute, '..', symbolic links).
     """
-    from qformer.export import load_stage2
-
     check_output_files(json=json, predictions=predictions)
-    stage2, tokenizer = load_stage2(model)
+    stage2, tokenizer = load_stage2_on(model, device)
     questions = load_questions(data, allow_outside_root)
     root = Path(images)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     prompt = vqa_prompt(stage2, prompt_template)
-    scores, answers = evaluate_vqa(stage2.to(device_for(device, 0)), tokenizer, questions, ImageReader(max_image_pixels, root, allow_outside_root),
-                                   prompt, batch_size, generation, not no_progress)
+    scores, answers = evaluate_vqa(stage2, tokenizer, questions, ImageReader(max_image_pixels, root, allow_outside_root), prompt,
+                                   batch_size, generation, not no_progress)
     write_json(predictions, answers)
     print_scores(f"zero-shot VQA on {data} (prompt {prompt!r})", scores)
     write_json(json, scores)

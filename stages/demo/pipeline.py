@@ -42,11 +42,12 @@ def _step(title: str) -> None:
 
 def _train(stage: str, config: Path) -> Path:
     """`qformer STAGE fit --config CONFIG`, called as a function; returns the run's last checkpoint."""
+    from stages.checkpoints import last_checkpoint
     from stages.training import run_training
 
     _step(f"{stage} fit ({config})")
     cli = run_training(stage, {"subcommand": "fit", "fit": yaml.safe_load(config.read_text())})
-    return Path(next(c.last_model_path for c in cli.trainer.checkpoint_callbacks if c.last_model_path))
+    return Path(last_checkpoint(cli.trainer))
 
 
 def _evaluate(settings: DemoSettings, data: Path, exports: Path, out: Path, phase) -> tuple[dict, dict, dict, dict[str, str]]:
