@@ -78,6 +78,15 @@ class FrozenImageEncoder(Frozen):
             )
 
     @torch.no_grad()
-    def forward(self, pixel_values: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, N, width)
-        dtype = self.compute_dtype(pixel_values.device)
-        return self.model.forward_features(pixel_values.to(dtype)).float()
+    def forward(self, images: Tensor) -> Tensor:
+        """Pixels (B, 3, H, W) -> patch tokens (B, N, width) in fp32.
+
+        Tokens this encoder computed earlier (B, N, width), read from a feature cache, pass through as fp32:
+        every model and loss takes either, so training and evaluation from a cache need no other path.
+        """
+        if images.ndim == 3:
+            if images.shape[-1] != self.width:
+                raise ValueError(f"cached image features are {images.shape[-1]} wide, the image encoder {self.width}")
+            return images.float()
+        dtype = self.compute_dtype(images.device)
+        return self.model.forward_features(images.to(dtype)).float()
