@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qformer.qformer import ImageKV
+
 Gather = Callable[[Tensor], Tensor]
 
 
@@ -91,7 +93,6 @@ def sample_hard_negatives(sim: Tensor, positive: Tensor, generator: torch.Genera
 def itm_pairs(
     sim_i2t: Tensor,  # (B, G) from ITC
     sim_t2i: Tensor,  # (B, G)
-    image_embeds: Tensor,  # (B, N, Dv)
     input_ids: Tensor,  # (B, L)
     attention_mask: Tensor,  # (B, L)
     image_ids: Tensor | None = None,  # (B,)
@@ -100,18 +101,48 @@ def itm_pairs(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The ITM batch: B positives, one hard-negative image per text, one hard-negative text per image.
 
-    Returns image_embeds, input_ids, attention_mask and labels (1 = match) for up to 3B pairs.
+    Returns, for up to 3B pairs, each pair's image as a row of the global batch (rank * B + b is local
+    image b), input_ids, attention_mask and labels (1 = match).
     """
-    image_embeds_all, ids_all, mask_all = gather(image_embeds), gather(input_ids), gather(attention_mask)
-    positive = positives(image_ids, len(input_ids), gather, rank, input_ids.device)
+    B = len(input_ids)
+    ids_all, mask_all = gather(input_ids), gather(attention_mask)
+    positive = positives(image_ids, B, gather, rank, input_ids.device)
     neg_image, has_neg_image = sample_hard_negatives(sim_t2i, positive)  # for each text
     neg_text, has_neg_text = sample_hard_negatives(sim_i2t, positive)  # for each image
 
-    images = torch.cat([image_embeds, image_embeds_all[neg_image][has_neg_image], image_embeds[has_neg_text]])
+    local = rank * B + torch.arange(B, device=input_ids.device)
+    image_rows = torch.cat([local, neg_image[has_neg_image], local[has_neg_text]])
     ids = torch.cat([input_ids, input_ids[has_neg_image], ids_all[neg_text][has_neg_text]])
     masks = torch.cat([attention_mask, attention_mask[has_neg_image], mask_all[neg_text][has_neg_text]])
-    labels = torch.cat([torch.ones_like(input_ids[:, 0]), torch.zeros_like(ids[len(input_ids) :, 0])])
-    return images, ids, masks, labels
+    labels = torch.cat([torch.ones_like(input_ids[:, 0]), torch.zeros_like(ids[B:, 0])])
+    return image_rows, ids, masks, labels
+
+
+def pair_images(
+    model,  # qformer.stage1.Stage1Model
+    image_embeds: Tensor,  # (B, N, Dv) the local images
+    local_kv: ImageKV,  # their keys/values, already projected for the ITC pass
+    image_rows: Tensor,  # (P,) rows of the global batch, from `itm_pairs`
+    gather: Gather = no_gather,
+    rank: int = 0,
+) -> ImageKV:
+    """The ITM pairs' images as keys/values, each distinct image projected once: the local images reuse the
+    ITC pass's projection, and each distinct hard-negative image from another rank (at most B) is projected
+    here. Gradients reach ln_vision and the key/value weights of every image's owner exactly as if every
+    pair had projected its own copy.
+    """
+    B = len(image_embeds)
+    # Every rank gathers and uses the result (even for no row), so every rank's backward reaches the
+    # gather's all-reduce: a rank skipping it would leave the others waiting.
+    image_embeds_all = gather(image_embeds)  # (G, N, Dv)
+    is_local = (image_rows >= rank * B) & (image_rows < (rank + 1) * B)
+    foreign, foreign_slot = torch.unique(image_rows[~is_local], return_inverse=True)
+    foreign_kv = model.image_kv(image_embeds_all[foreign])  # (F, H, N, Dh) per layer, F <= B
+    layers = [None if mine is None else (torch.cat([mine[0], theirs[0]]), torch.cat([mine[1], theirs[1]]))
+              for mine, theirs in zip(local_kv.layers, foreign_kv.layers)]
+    index = image_rows - rank * B
+    index[~is_local] = B + foreign_slot
+    return ImageKV(layers, index)
 
 
 def itm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -119,15 +150,20 @@ def itm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
-def itg_loss(logits: Tensor, input_ids: Tensor, attention_mask: Tensor, label_smoothing: float = 0.1) -> Tensor:
-    """Next-token cross-entropy on the text: position i predicts token i + 1; padding ignored.
+def itg_targets(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Position i predicts token i + 1: which positions predict a real token ((B, L) bool) and those tokens ((P,)).
 
-    logits (B, L, V) from the [DEC]-prefixed text, input_ids (B, L), attention_mask (B, L).
+    Only these P positions need the vocabulary projection; padding and the last position never do.
     """
-    labels = input_ids.masked_fill(attention_mask == 0, -100)[:, 1:]
-    return F.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=label_smoothing
-    )
+    real_next = attention_mask[:, 1:].bool()  # (B, L - 1)
+    positions = torch.zeros_like(attention_mask, dtype=torch.bool)
+    positions[:, :-1] = real_next
+    return positions, input_ids[:, 1:][real_next]
+
+
+def itg_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.1) -> Tensor:
+    """Next-token cross-entropy: logits (P, V) at the positions `itg_targets` picks, targets (P,) their next tokens."""
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
 
 
 def stage1_losses(
@@ -140,18 +176,22 @@ def stage1_losses(
     gather: Gather = no_gather,
     rank: int = 0,
 ) -> Stage1Losses:
-    """The three stage-1 losses of one batch, sharing one image pass."""
+    """The three stage-1 losses of one batch, sharing one image pass: each image is encoded and projected to
+    cross-attention keys/values once, for the ITC pass and every ITM pair it takes part in."""
     image_embeds = model.encode_image(pixel_values)  # (B, N, Dv)
-    query = model.query_forward(image_embeds)
+    image_kv = model.image_kv(image_embeds)
+    query = model.query_forward(image_kv)
     image_feats = model.image_feats(query.last_hidden_state)
     text_feat = model.text_feat(input_ids, attention_mask)
     itc, sim_i2t, sim_t2i = itc_loss(image_feats, text_feat, model.temp, image_ids, gather, rank)
 
-    pairs = itm_pairs(sim_i2t, sim_t2i, image_embeds, input_ids, attention_mask, image_ids, gather, rank)
-    itm = itm_loss(model.itm_logits(*pairs[:3]), pairs[3])
+    image_rows, pair_ids, pair_masks, labels = itm_pairs(sim_i2t, sim_t2i, input_ids, attention_mask, image_ids, gather, rank)
+    images = pair_images(model, image_embeds, image_kv, image_rows, gather, rank)
+    itm = itm_loss(model.itm_logits(images, pair_ids, pair_masks), labels)
 
     decoder_ids = input_ids.clone()
     decoder_ids[:, 0] = dec_token_id  # [DEC] replaces [CLS]
-    logits = model.itg_logits(decoder_ids, attention_mask, query.query_kv)  # reuses the image pass
-    itg = itg_loss(logits, decoder_ids, attention_mask)
+    positions, targets = itg_targets(decoder_ids, attention_mask)
+    logits = model.itg_logits(decoder_ids, attention_mask, query.query_kv, positions)  # reuses the image pass
+    itg = itg_loss(logits, targets)
     return Stage1Losses(itc=itc, itm=itm, itg=itg, image_embeds=image_embeds, image_feats=image_feats, text_feat=text_feat)

@@ -6,7 +6,13 @@ What each position may see is decided by one boolean attention mask (see `qforme
 forward serves all four stage-1 modes: queries only (ITC image side), text only (ITC text side),
 queries + text bidirectional (ITM), and causal text over cached query keys/values (ITG).
 
-Shapes: B batch, Q queries, L text tokens, T = Q + L, N image tokens, D hidden, H heads, Dh = D / H.
+The image enters the cross-attention as keys/values only. `QFormer.image_kv` projects a set of images once
+(an `ImageKV`); any number of query passes then read it, each batch row through an index into the set. Stage 1
+runs four passes over each image per step (ITC, and three ITM pairs) and the retrieval re-rank one per
+candidate pair, so projecting once per distinct image removes most of the cross-attention's cost.
+
+Shapes: B batch, Q queries, L text tokens, T = Q + L, N image tokens, D hidden, H heads, Dh = D / H,
+I distinct images.
 """
 
 from __future__ import annotations
@@ -16,10 +22,30 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from qformer.config import QFormerConfig
 
 KeyValue = tuple[Tensor, Tensor]  # (B, H, Q, Dh) each
+
+
+@dataclass
+class ImageKV:
+    """Cross-attention keys/values of I images, per layer (None for a layer without cross-attention),
+    and which image each batch row attends to (`index` (B,) into I; None: row b attends to image b)."""
+
+    layers: list[KeyValue | None]  # (I, H, N, Dh) each
+    index: Tensor | None = None
+
+    def select(self, index: Tensor) -> "ImageKV":
+        """The same projected images, read by a new batch whose row b shows image `index[b]`."""
+        return ImageKV(self.layers, index if self.index is None else self.index[index])
+
+    def for_layer(self, i: int) -> KeyValue | None:
+        kv = self.layers[i]
+        if kv is None or self.index is None:
+            return kv
+        return kv[0][self.index], kv[1][self.index]  # a gather: no projection is repeated
 
 
 class AttentionBlock(nn.Module):
@@ -37,20 +63,21 @@ class AttentionBlock(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def _heads(self, x: Tensor) -> Tensor:
-        B, T, _ = x.shape
-        return x.view(B, T, self.num_heads, -1).transpose(1, 2)  # (B, H, T, Dh)
+        B, T, D = x.shape
+        return x.view(B, T, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, H, T, Dh)
+
+    def key_value(self, source: Tensor) -> KeyValue:  # (B, S, Dc) -> (B, H, S, Dh) each
+        return self._heads(self.key(source)), self._heads(self.value(source))
 
     def forward(
         self,
         x: Tensor,  # (B, T, D)
-        context: Tensor | None = None,  # (B, N, Dc); None = self-attention
+        context: KeyValue | None = None,  # projected context (B, H, N, Dh) each; None = self-attention
         mask: Tensor | None = None,  # bool (B, 1, T, S), True = may attend
         past: KeyValue | None = None,  # keys/values prepended to this call's own (self-attention only)
     ) -> tuple[Tensor, KeyValue]:
-        source = x if context is None else context
         q = self._heads(self.query(x))  # (B, H, T, Dh)
-        k = self._heads(self.key(source))  # (B, H, S, Dh)
-        v = self._heads(self.value(source))
+        k, v = self.key_value(x) if context is None else context  # (B, H, S, Dh)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
@@ -89,16 +116,16 @@ class QFormerLayer(nn.Module):
         x: Tensor,  # (B, T, D), the first num_queries positions are queries
         num_queries: int,
         mask: Tensor | None,  # bool (B, 1, T, P + T)
-        image_embeds: Tensor | None,  # (B, N, Dv)
+        image_kv: KeyValue | None,  # this layer's image keys/values (B, H, N, Dh)
         past: KeyValue | None,  # (B, H, P, Dh) cached query keys/values
     ) -> tuple[Tensor, KeyValue]:
         x, (k, v) = self.self_attn(x, mask=mask, past=past)
         queries, text = x[:, :num_queries], x[:, num_queries:]
         if num_queries > 0:
             if self.cross_attn is not None:
-                if image_embeds is None:
-                    raise ValueError("queries need image_embeds in a cross-attention layer")
-                queries, _ = self.cross_attn(queries, context=image_embeds)
+                if image_kv is None:
+                    raise ValueError("queries need an image in a cross-attention layer")
+                queries, _ = self.cross_attn(queries, context=image_kv)
             queries = self.query_ffn(queries)
         if text.shape[1] > 0:
             text = self.text_ffn(text)
@@ -155,6 +182,8 @@ class QFormer(nn.Module):
         )
         self.apply(self._init_weights)
         nn.init.normal_(self.query_tokens, std=config.initializer_range)
+        # Recompute each layer's activations in the backward pass instead of storing them: less memory, ~1/3 more compute.
+        self.gradient_checkpointing = False
 
     def _init_weights(self, module: nn.Module) -> None:
         """BERT's initialisation: N(0, 0.02) weights, zero biases, unit norms."""
@@ -170,11 +199,15 @@ class QFormer(nn.Module):
     def num_query_tokens(self) -> int:
         return self.query_tokens.shape[1]
 
+    def image_kv(self, image_embeds: Tensor) -> ImageKV:
+        """Project I images (I, N, Dv) to every cross-attention layer's keys/values, once."""
+        return ImageKV([None if layer.cross_attn is None else layer.cross_attn.key_value(image_embeds) for layer in self.layers])
+
     def forward(
         self,
         input_ids: Tensor | None = None,  # (B, L)
         attention_mask: Tensor | None = None,  # bool (B, 1, T, P + T) from qformer.masks; None = all visible
-        image_embeds: Tensor | None = None,  # (B, N, Dv); needed when queries are in the input
+        image_embeds: Tensor | ImageKV | None = None,  # (B, N, Dv), or images already projected; needed with queries
         use_queries: bool = True,
         past_query_kv: list[KeyValue] | None = None,  # from an earlier query pass; P = its Q
     ) -> QFormerOutput:
@@ -185,13 +218,27 @@ class QFormer(nn.Module):
         """
         if not use_queries and input_ids is None:
             raise ValueError("QFormer.forward needs queries, text or both")
-        batch = input_ids.shape[0] if input_ids is not None else image_embeds.shape[0]
+        image_kv = self.image_kv(image_embeds) if isinstance(image_embeds, Tensor) else image_embeds
+        batch = input_ids.shape[0] if input_ids is not None else batch_size(image_kv)
         query_embeds = self.query_tokens.expand(batch, -1, -1) if use_queries else None
         num_queries = self.num_query_tokens if use_queries else 0
         x = self.embeddings(query_embeds, input_ids)  # (B, T, D)
         query_kv = []
         for i, layer in enumerate(self.layers):
             past = past_query_kv[i] if past_query_kv is not None else None
-            x, kv = layer(x, num_queries, attention_mask, image_embeds, past)
+            layer_image = image_kv.for_layer(i) if use_queries and image_kv is not None else None
+            x, kv = self.run_layer(layer, x, num_queries, attention_mask, layer_image, past)
             query_kv.append(kv)
         return QFormerOutput(last_hidden_state=x, query_kv=query_kv)
+
+    def run_layer(self, layer: QFormerLayer, *args) -> tuple[Tensor, KeyValue]:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # Non-reentrant checkpointing keeps the RNG state, so dropout draws the same masks when recomputed.
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+
+def batch_size(image_kv: ImageKV) -> int:
+    if image_kv.index is not None:
+        return len(image_kv.index)
+    return next(kv[0].shape[0] for kv in image_kv.layers if kv is not None)

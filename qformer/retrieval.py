@@ -6,11 +6,13 @@
 3. for every image its top-k texts, and for every text its top-k images, are re-scored with
    ITM positive logit + ITC similarity; every other entry is -100.
 
-Only the (images x texts) score matrices are held, never an ITM matrix: the re-rank runs k pairs per row,
-`batch_size` pairs at a time. Work is split over processes by a `Shard` (chunk c and row r go to rank
-c % world / r % world) and put together by its `reduce_sum`, a sum over processes (identity for one).
-Every entry is computed by exactly one process and the others add exact zeros, so any number of
-processes gives the same bits as one.
+The re-rank scores each distinct (image, text) pair once, though a pair is often in both an image's and a
+text's top k (the ITM logit does not depend on the direction), `batch_size` pairs at a time. Pairs are sorted
+by image, so a batch holds few distinct images, and each of them is projected to cross-attention keys/values
+once for all its pairs. Work is split over processes by a `Shard` (chunk c and pair batch p go to rank
+c % world / p % world) and put together by its `reduce_sum`, a sum over processes (identity for one). Every
+entry is computed by exactly one process and the others add exact zeros, and the batches do not depend on
+the number of processes, so any number of processes gives the same bits as one.
 """
 
 from __future__ import annotations
@@ -104,25 +106,30 @@ def rerank(
     progress: Callable[[Iterable], Iterable] = lambda x: x,
 ) -> tuple[Tensor, Tensor]:
     """ITM re-rank of each row's top-k: (score_i2t (I, T), score_t2i (T, I)), NOT_RANKED elsewhere."""
+    in_i2t, in_t2i = top_k_pairs(sim, k)  # (I, T) each
+    pairs = (in_i2t | in_t2i).nonzero()  # (P, 2) distinct (image, text) pairs, sorted by image
+    itm = torch.zeros_like(sim)  # (I, T) ITM positive logit of every pair scored
+    batches = range(0, len(pairs), batch_size)
+    for start in progress([batches[b] for b in shard.owned(len(batches))]):
+        images, texts = pairs[start : start + batch_size].unbind(1)
+        distinct, index = images.unique_consecutive(return_inverse=True)
+        image_kv = model.image_kv(features.image_embeds[distinct]).select(index)  # each image projected once
+        logits = model.itm_logits(image_kv, features.input_ids[texts], features.attention_mask[texts])
+        itm[images, texts] = logits[:, 1].float()
+    itm = shard.reduce_sum(itm)
+    score_i2t = torch.where(in_i2t, itm + sim, NOT_RANKED)
+    score_t2i = torch.where(in_t2i, itm + sim, NOT_RANKED)
+    return score_i2t, score_t2i.T
+
+
+def top_k_pairs(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(I, T) -> which pairs are among each image's top-k texts, and among each text's top-k images (bool, (I, T))."""
     I, T = sim.shape
-    k_i2t, k_t2i = min(k, T), min(k, I)
-    pairs = []  # (image index, text index, direction 0 = i2t / 1 = t2i)
-    for i in shard.owned(I):
-        pairs += [(i, t, 0) for t in sim[i].topk(k_i2t).indices.tolist()]
-    for t in shard.owned(T):
-        pairs += [(i, t, 1) for i in sim[:, t].topk(k_t2i).indices.tolist()]
-    device = sim.device
-    scores = torch.zeros(2, I, T, device=device)  # [i2t, t2i], both indexed (image, text)
-    filled = torch.zeros(2, I, T, device=device)
-    for start in progress(range(0, len(pairs), batch_size)):
-        chunk = torch.tensor(pairs[start : start + batch_size], device=device)
-        images, texts, direction = chunk[:, 0], chunk[:, 1], chunk[:, 2]
-        logits = model.itm_logits(features.image_embeds[images], features.input_ids[texts], features.attention_mask[texts])
-        scores[direction, images, texts] = logits[:, 1].float() + sim[images, texts]
-        filled[direction, images, texts] = 1.0
-    scores, filled = shard.reduce_sum(scores), shard.reduce_sum(filled)
-    scores = scores.masked_fill(filled == 0, NOT_RANKED)
-    return scores[0], scores[1].T
+    in_i2t = torch.zeros(I, T, dtype=torch.bool, device=sim.device)
+    in_t2i = torch.zeros_like(in_i2t)
+    in_i2t.scatter_(1, sim.topk(min(k, T), dim=1).indices, True)
+    in_t2i.scatter_(0, sim.topk(min(k, I), dim=0).indices, True)
+    return in_i2t, in_t2i
 
 
 def itc_only_scores(sim: Tensor) -> tuple[Tensor, Tensor]:

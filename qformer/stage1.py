@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from qformer.config import Blip2Config
 from qformer.masks import generation_mask, padding_mask, with_queries
-from qformer.qformer import KeyValue, QFormer, QFormerOutput
+from qformer.qformer import ImageKV, KeyValue, QFormer, QFormerOutput
 from qformer.vision import FrozenImageEncoder
 
 
@@ -54,9 +54,16 @@ class Stage1Model(nn.Module):
     def encode_image(self, pixel_values: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, N, Dv)
         return self.ln_vision(self.visual_encoder(pixel_values))
 
-    def query_forward(self, image_embeds: Tensor) -> QFormerOutput:
-        """Queries only, bidirectional, cross-attending to the image (the ITC image pass)."""
-        return self.qformer(image_embeds=image_embeds)
+    def image_kv(self, image_embeds: Tensor) -> ImageKV:
+        """The images' cross-attention keys/values, projected once for any number of passes that read them."""
+        return self.qformer.image_kv(image_embeds)
+
+    def query_forward(self, images: Tensor | ImageKV) -> QFormerOutput:
+        """Queries only, bidirectional, cross-attending to the image (the ITC image pass).
+
+        `images`: ln_vision outputs (B, N, Dv), or their `image_kv`.
+        """
+        return self.qformer(image_embeds=images)
 
     def image_feats(self, query_output: Tensor) -> Tensor:  # (B, Q, D) -> (B, Q, E), unit norm
         return F.normalize(self.vision_proj(query_output), dim=-1)
@@ -73,21 +80,28 @@ class Stage1Model(nn.Module):
         """Cosine similarity, max over queries: (Bi, Q, E), (Bt, E) -> (Bi, Bt). No temperature."""
         return torch.einsum("iqe,te->iqt", image_feats, text_feat).amax(dim=1)
 
-    def itm_logits(self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Queries + text, fully bidirectional; itm_head averaged over the query outputs. -> (B, 2)"""
+    def itm_logits(self, images: Tensor | ImageKV, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Queries + text, fully bidirectional; itm_head averaged over the query outputs. -> (B, 2)
+
+        `images`: ln_vision outputs (B, N, Dv), or an `image_kv` whose index gives each text's image.
+        """
         Q = self.qformer.num_query_tokens
         mask = padding_mask(with_queries(Q, attention_mask))
-        hidden = self.qformer(input_ids, mask, image_embeds=image_embeds).last_hidden_state  # (B, Q + L, D)
+        hidden = self.qformer(input_ids, mask, image_embeds=images).last_hidden_state  # (B, Q + L, D)
         return self.itm_head(hidden[:, :Q]).mean(dim=1)
 
-    def itg_logits(self, input_ids: Tensor, attention_mask: Tensor, query_kv: list[KeyValue]) -> Tensor:
-        """Causal text over the cached query keys/values of the image pass. -> (B, L, V)
+    def itg_logits(self, input_ids: Tensor, attention_mask: Tensor, query_kv: list[KeyValue],
+                   positions: Tensor | None = None) -> Tensor:
+        """Causal text over the cached query keys/values of the image pass. -> (B, L, V), or (P, V) at `positions`
 
-        `input_ids` must already start with [DEC]; position i predicts token i + 1.
+        `input_ids` must already start with [DEC]; position i predicts token i + 1. `positions` (B, L) bool picks
+        the positions to project onto the vocabulary (the loss needs only those that predict a real token).
         """
         Q = self.qformer.num_query_tokens
         mask = generation_mask(Q, attention_mask)[:, :, Q:]  # text rows only: (B, 1, L, Q + L)
         hidden = self.qformer(input_ids, mask, use_queries=False, past_query_kv=query_kv).last_hidden_state
+        if positions is not None:
+            hidden = hidden[positions]  # (P, D)
         return self.lm_head(hidden, self.qformer.embeddings.word_embeddings.weight)
 
     def trainable_parameters(self) -> int:

@@ -1,0 +1,48 @@
+"""The stage-1 losses as formulated before image keys/values were shared, kept as the reference that
+`qformer.losses.stage1_losses` must equal: every ITM pair carries its own copy of its image's ln_vision
+outputs, so every pass projects its image to cross-attention keys/values again, and the ITG head projects
+every position onto the vocabulary and ignores the padding in the loss.
+
+Also used by `benchmarks/run.py` to time the previous formulation side by side with the current one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qformer.losses import Gather, Stage1Losses, itc_loss, itm_loss, no_gather, positives, sample_hard_negatives
+
+
+def reference_itm_pairs(sim_i2t, sim_t2i, image_embeds, input_ids, attention_mask, image_ids, gather, rank):
+    image_embeds_all, ids_all, mask_all = gather(image_embeds), gather(input_ids), gather(attention_mask)
+    positive = positives(image_ids, len(input_ids), gather, rank, input_ids.device)
+    neg_image, has_neg_image = sample_hard_negatives(sim_t2i, positive)
+    neg_text, has_neg_text = sample_hard_negatives(sim_i2t, positive)
+    images = torch.cat([image_embeds, image_embeds_all[neg_image][has_neg_image], image_embeds[has_neg_text]])
+    ids = torch.cat([input_ids, input_ids[has_neg_image], ids_all[neg_text][has_neg_text]])
+    masks = torch.cat([attention_mask, attention_mask[has_neg_image], mask_all[neg_text][has_neg_text]])
+    labels = torch.cat([torch.ones_like(input_ids[:, 0]), torch.zeros_like(ids[len(input_ids):, 0])])
+    return images, ids, masks, labels
+
+
+def reference_itg_loss(logits, input_ids, attention_mask, label_smoothing=0.1):
+    labels = input_ids.masked_fill(attention_mask == 0, -100)[:, 1:]
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                           label_smoothing=label_smoothing)
+
+
+def reference_stage1_losses(model, pixel_values, input_ids, attention_mask, image_ids, dec_token_id,
+                            gather: Gather = no_gather, rank: int = 0) -> Stage1Losses:
+    image_embeds = model.encode_image(pixel_values)
+    query = model.query_forward(image_embeds)
+    image_feats = model.image_feats(query.last_hidden_state)
+    text_feat = model.text_feat(input_ids, attention_mask)
+    itc, sim_i2t, sim_t2i = itc_loss(image_feats, text_feat, model.temp, image_ids, gather, rank)
+    pairs = reference_itm_pairs(sim_i2t, sim_t2i, image_embeds, input_ids, attention_mask, image_ids, gather, rank)
+    itm = itm_loss(model.itm_logits(*pairs[:3]), pairs[3])
+    decoder_ids = input_ids.clone()
+    decoder_ids[:, 0] = dec_token_id
+    logits = model.itg_logits(decoder_ids, attention_mask, query.query_kv)
+    itg = reference_itg_loss(logits, decoder_ids, attention_mask)
+    return Stage1Losses(itc=itc, itm=itm, itg=itg, image_embeds=image_embeds, image_feats=image_feats, text_feat=text_feat)
