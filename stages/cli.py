@@ -92,6 +92,8 @@ def _add_parameter(parser: argparse.ArgumentParser, name: str, hint, default, he
             kwargs["help"] += f" (default: {default})"
     elif optional:
         required, kwargs["default"] = False, None
+    if kwargs["help"]:
+        kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse expands %-formats in help texts
     parser.add_argument(_option(name), dest=name, required=required, **kwargs)
 
 

@@ -71,6 +71,7 @@ def test_every_command_is_a_documented_function():
         assert parser.description, target
         undocumented = [a.dest for a in parser._actions if not a.help and not isinstance(a, argparse._HelpAction)]
         assert not undocumented, (target, undocumented)
+        assert "--" in parser.format_help()  # --help renders (a bare % in a docstring once broke it)
 
 
 # --- one line per mistake ----------------------------------------------------------------------------------------
