@@ -43,7 +43,8 @@ class VisionConfig:
     """The frozen timm image encoder.
 
     `drop_last_blocks=1` is the paper's choice: the Q-Former sees the second-to-last block's tokens,
-    without the final norm. `precision="auto"` keeps the weights in fp16 on CUDA and fp32 on CPU.
+    without the final norm. `precision="auto"` keeps the weights in fp16 on CUDA; on CPU in bf16 under a bf16
+    autocast (`--trainer.precision bf16-mixed`), fp32 otherwise.
     """
 
     model_name: str = "eva_giant_patch14_clip_224"
@@ -59,8 +60,8 @@ class VisionConfig:
 class LanguageModelConfig:
     """The frozen stage-2 language model: a local transformers folder, or a config to build (random) weights from.
 
-    `precision="auto"` keeps fp32 on CPU; on CUDA it is bf16 for encoder-decoder models (FlanT5 overflows in
-    fp16) and fp16 for decoder-only ones. fp16 is refused for encoder-decoder models.
+    `precision="auto"` on CUDA is bf16 for encoder-decoder models (FlanT5 overflows in fp16) and fp16 for
+    decoder-only ones; on CPU it is bf16 under a bf16 autocast (`--trainer.precision bf16-mixed`), fp32 otherwise. fp16 is refused for encoder-decoder models.
     """
 
     path: str | None = None  # folder with config.json + weights (+ tokenizer), loaded with from_pretrained

@@ -8,10 +8,19 @@ from torch import nn
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def cpu_autocast_dtype() -> torch.dtype:
+    """bf16 inside a CPU bf16 autocast (Lightning's bf16-mixed on a CPU), fp32 otherwise."""
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        return torch.bfloat16
+    return torch.float32
+
+
 class Frozen(nn.Module):
     """Subclasses put their weights in `self.model` and call `self.freeze()` once built.
 
-    `precision="auto"` keeps fp32 on CPU and casts to `cuda_dtype` the first time the tower runs on CUDA.
+    `precision="auto"` casts to `cuda_dtype` the first time the tower runs on CUDA; on a CPU it runs in bf16
+    under a bf16 autocast (`--trainer.precision bf16-mixed`: CPUs with native bf16 multiply ~4x faster) and in
+    fp32 otherwise. A frozen tower is never trained nor saved in a checkpoint, so it needs no fp32 master copy.
     """
 
     def __init__(self, precision: str, field: str, cuda_dtype: torch.dtype = torch.float16):
@@ -34,7 +43,7 @@ class Frozen(nn.Module):
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         """The dtype to run in on `device`, casting the weights once if "auto" asks for another."""
         if self.precision == "auto":
-            dtype = self.cuda_dtype if device.type == "cuda" else torch.float32
+            dtype = self.cuda_dtype if device.type == "cuda" else cpu_autocast_dtype()
         else:
             dtype = DTYPES[self.precision]
         if next(self.model.parameters()).dtype != dtype:

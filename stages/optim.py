@@ -40,8 +40,13 @@ def configure_adamw(
     total_steps: int,
     betas: tuple[float, float] = (0.9, 0.98),
 ) -> dict:
-    """The `configure_optimizers` answer for Lightning: AdamW + a schedule stepped every optimizer step."""
-    optimizer = torch.optim.AdamW(param_groups(module, weight_decay), lr=lr, betas=betas)
+    """The `configure_optimizers` answer for Lightning: AdamW + a schedule stepped every optimizer step.
+
+    On CUDA the fused AdamW kernel updates every parameter in one launch.
+    """
+    groups = param_groups(module, weight_decay)
+    on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True if on_cuda else None)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_lr / lr)
     )

@@ -40,11 +40,13 @@ class TrainingStopped(RuntimeError):
 class TrainingSkeleton(pl.LightningModule):
     """Subclasses build `self.model` and implement `training_loss(batch)` and `validation_step`."""
 
-    def __init__(self, max_consecutive_skips: int = 25):
+    def __init__(self, max_consecutive_skips: int = 25, compile: bool = False, gradient_checkpointing: bool = False):
         super().__init__()
         if max_consecutive_skips < 0:
             raise ValueError(f"model.max_consecutive_skips must be >= 0 (0: never stop), got {max_consecutive_skips}")
         self.max_consecutive_skips = max_consecutive_skips
+        self.compile_qformer = compile
+        self.gradient_checkpointing = gradient_checkpointing
         self.skipped: dict[str, list[str]] = {"train": [], "val": []}  # unreadable images, reported per epoch
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -125,7 +127,17 @@ class TrainingSkeleton(pl.LightningModule):
             named = [str(i) for i in ids]
         return ", ".join(named) + (" ..." if len(self._step_samples) > limit else "") if named else "(none readable)"
 
-    # --- optimiser and checkpoints ------------------------------------------------------------------------------
+    # --- options for big runs, optimiser and checkpoints ----------------------------------------------------------
+    def configure_model(self) -> None:
+        """`model.gradient_checkpointing` and `model.compile`, applied to the Q-Former once `self.model` exists.
+
+        `Module.compile` compiles in place: parameter names, and so checkpoints and exports, do not change.
+        """
+        qformer = self.model.qformer
+        qformer.gradient_checkpointing = self.gradient_checkpointing
+        if self.compile_qformer and getattr(qformer, "_compiled_call_impl", None) is None:
+            qformer.compile()
+
     def configure_optimizers(self):
         hp = self.hparams
         return configure_adamw(

@@ -43,6 +43,9 @@ class Stage1Module(TrainingSkeleton):
         val_k_test: candidates re-ranked per query with val_retrieval="itm".
         max_consecutive_skips: stop the run after this many skipped steps in a row (a step is skipped when its
             loss or gradients are not finite, or no image of the batch could be read); 0: never stop.
+        compile: torch.compile the Q-Former (minutes of compiling at start; then faster steps on GPU).
+        gradient_checkpointing: recompute each Q-Former layer's activations in the backward pass instead of
+            storing them (less memory, about a third more Q-Former compute: for 24 GB GPUs).
     """
 
     def __init__(
@@ -58,8 +61,10 @@ class Stage1Module(TrainingSkeleton):
         val_retrieval: str = "itc",
         val_k_test: int = 16,
         max_consecutive_skips: int = 25,
+        compile: bool = False,
+        gradient_checkpointing: bool = False,
     ):
-        super().__init__(max_consecutive_skips)
+        super().__init__(max_consecutive_skips, compile, gradient_checkpointing)
         self.save_hyperparameters()
         if val_retrieval not in ("itc", "itm", "off"):
             raise ValueError(f"model.val_retrieval must be itc, itm or off, got {val_retrieval!r}")

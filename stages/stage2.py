@@ -25,7 +25,8 @@ class Stage2Module(TrainingSkeleton):
         lm_path: local transformers folder of the frozen LM (OPT, FlanT5, any causal or seq2seq LM).
         lm_config: a transformers config dict to build the LM from instead (random weights; tests and demos).
         lm_tokenizer: the LM's tokenizer folder, when it is not inside `lm_path`.
-        lm_precision: auto (bf16 for T5-style, fp16 for decoder-only on GPU; fp32 on CPU), fp32, fp16 or bf16.
+        lm_precision: auto (on GPU bf16 for T5-style, fp16 for decoder-only; on CPU bf16 under
+            --trainer.precision bf16-mixed, else fp32), fp32, fp16 or bf16.
         prompt: decoder-only: text before every caption, excluded from the loss; encoder-decoder: the encoder
             text, with the whole caption as target. Empty (the paper's pre-training): decoder-only trains on the
             caption, encoder-decoder splits each caption at a random word into prefix and suffix.
@@ -37,6 +38,9 @@ class Stage2Module(TrainingSkeleton):
         val_num_beams, val_max_new_tokens: generation settings for those captions.
         max_consecutive_skips: stop the run after this many skipped steps in a row (a step is skipped when its
             loss or gradients are not finite, or no image of the batch could be read); 0: never stop.
+        compile: torch.compile the Q-Former (minutes of compiling at start; then faster steps on GPU).
+        gradient_checkpointing: recompute each Q-Former layer's activations in the backward pass instead of
+            storing them (less memory, about a third more Q-Former compute: for 24 GB GPUs).
     """
 
     def __init__(
@@ -58,8 +62,10 @@ class Stage2Module(TrainingSkeleton):
         val_num_beams: int = 3,
         val_max_new_tokens: int = 20,
         max_consecutive_skips: int = 25,
+        compile: bool = False,
+        gradient_checkpointing: bool = False,
     ):
-        super().__init__(max_consecutive_skips)
+        super().__init__(max_consecutive_skips, compile, gradient_checkpointing)
         self.save_hyperparameters()
         self.val_captions: dict = {}
         self.val_references: dict = {}

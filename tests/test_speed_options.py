@@ -1,0 +1,136 @@
+"""Options for big runs and bf16: gradient checkpointing gives identical gradients, torch.compile the same losses as
+eager, the frozen towers follow a CPU bf16 autocast, and both stages train under --trainer.precision bf16-mixed."""
+
+import csv
+import math
+
+import pytest
+import torch
+
+from qformer.frozen import cpu_autocast_dtype
+from qformer.losses import stage1_losses
+from qformer.stage1 import Stage1Model
+from test_shared_image_kv import batch
+
+DEC = 1
+
+
+def step(model, inputs, seed=0):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    losses = stage1_losses(model, *inputs, DEC)
+    losses.total.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return torch.stack([losses.itc, losses.itm, losses.itg]).detach(), grads
+
+
+def test_gradient_checkpointing_gives_identical_gradients(tiny_config):
+    """With dropout on: the recomputed forward must draw the same dropout masks."""
+    model = Stage1Model(tiny_config).train()
+    assert tiny_config.qformer_config.hidden_dropout_prob > 0
+    inputs = batch()
+    plain, plain_grads = step(model, inputs)
+    model.qformer.gradient_checkpointing = True
+    checkpointed, checkpointed_grads = step(model, inputs)
+    torch.testing.assert_close(checkpointed, plain, rtol=0, atol=0)
+    assert checkpointed_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, msg=lambda m: f"{name}: {m}")
+
+
+def test_compiled_qformer_matches_eager(tiny_config):
+    tiny_config.qformer_config.hidden_dropout_prob = 0.0
+    tiny_config.qformer_config.attention_probs_dropout_prob = 0.0
+    model = Stage1Model(tiny_config).train()
+    inputs = batch()
+    eager, eager_grads = step(model, inputs)
+    model.qformer.compile()
+    compiled, compiled_grads = step(model, inputs)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_frozen_towers_follow_a_cpu_bf16_autocast(tiny_config):
+    assert cpu_autocast_dtype() == torch.float32
+    tiny_config.vision_config.precision = "auto"
+    model = Stage1Model(tiny_config)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_autocast_dtype() == torch.bfloat16
+        model.encode_image(pixels)
+    assert next(model.visual_encoder.model.parameters()).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert cpu_autocast_dtype() == torch.float32  # only bf16 is native on CPUs
+
+
+# --- both stages train under bf16-mixed on a CPU ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from stages.synthetic import make_dataset
+
+    folder = tmp_path_factory.mktemp("bf16_data")
+    make_dataset(folder, num_images=40, seed=2)
+    return folder
+
+
+def fit(stage: str, config: str, data, root, *options: str):
+    from pathlib import Path
+
+    from stages.training import run_training
+
+    argv = ["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / stage / config),
+            "--data.train", str(data / "train.json"), "--data.val", str(data / "val.json"), "--data.image_root", str(data),
+            "--trainer.default_root_dir", str(root), "--trainer.max_steps", "24", "--trainer.log_every_n_steps", "2",
+            "--trainer.enable_progress_bar", "false", "--trainer.precision", "bf16-mixed", "--data.batch_size", "8", *options]
+    return run_training(stage, argv)
+
+
+def logged(root, name: str) -> list[float]:
+    with open(next(root.rglob("metrics.csv"))) as f:
+        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+
+
+def assert_finite_and_decreasing(values: list[float]) -> None:
+    assert len(values) >= 8 and all(math.isfinite(v) for v in values), values
+    assert sum(values[-3:]) / 3 < sum(values[:3]) / 3, values
+
+
+def auto_precision_config(tmp_path):
+    import dataclasses
+    import json
+
+    from qformer.config import preset
+
+    config = preset("tiny")
+    config.vision_config.precision = "auto"
+    path = tmp_path / "tiny_auto.json"
+    path.write_text(json.dumps(dataclasses.asdict(config)))
+    return path
+
+
+def test_stage1_trains_in_bf16_mixed_on_cpu(data, tmp_path):
+    cli = fit("stage1", "tiny.yaml", data, tmp_path, "--model.tokenizer", str(data), "--model.lr", "1e-3",
+              "--model.config", str(auto_precision_config(tmp_path)),
+              "--model.warmup_steps", "2", "--model.val_retrieval", "off")
+    assert_finite_and_decreasing(logged(tmp_path, "train/loss"))
+    assert next(cli.model.model.visual_encoder.model.parameters()).dtype == torch.bfloat16  # precision auto follows
+    assert cli.model.model.qformer.query_tokens.dtype == torch.float32  # trained weights keep fp32 master copies
+
+
+def test_stage2_trains_in_bf16_mixed_on_cpu(data, tmp_path):
+    from qformer.bert import load_tokenizer
+    from qformer.config import preset
+    from qformer.export import save_stage1
+
+    tokenizer = load_tokenizer(data)
+    config = preset("tiny")
+    config.vision_config.precision = "auto"
+    config.qformer_config.vocab_size = len(tokenizer)
+    export = save_stage1(Stage1Model(config), tokenizer, tmp_path / "stage1")
+    cli = fit("stage2", "tiny.yaml", data, tmp_path / "runs", "--model.stage1", str(export),
+              "--model.lm_tokenizer", str(data / "lm_tokenizer_decoder"), "--model.lm_precision", "auto",
+              "--model.lr", "1e-3", "--model.warmup_steps", "2", "--model.val_caption", "false")
+    assert_finite_and_decreasing(logged(tmp_path / "runs", "train/loss_lm"))
+    assert next(cli.model.model.language_model.model.parameters()).dtype == torch.bfloat16
+    assert next(cli.model.model.visual_encoder.model.parameters()).dtype == torch.bfloat16
