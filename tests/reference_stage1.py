@@ -46,3 +46,22 @@ def reference_stage1_losses(model, pixel_values, input_ids, attention_mask, imag
     logits = model.itg_logits(decoder_ids, attention_mask, query.query_kv)
     itg = reference_itg_loss(logits, decoder_ids, attention_mask)
     return Stage1Losses(itc=itc, itm=itm, itg=itg, image_embeds=image_embeds, image_feats=image_feats, text_feat=text_feat)
+
+
+@torch.no_grad()
+def reference_rerank(model, features, sim, k, batch_size=128, progress=lambda x: x):
+    """The re-rank before the change: every (row, top-k candidate) pair scored separately in each direction, every
+    pair with its own copy of its image (so its keys/values projected again). One process."""
+    I, T = sim.shape
+    pairs = [(i, t, 0) for i in range(I) for t in sim[i].topk(min(k, T)).indices.tolist()]
+    pairs += [(i, t, 1) for t in range(T) for i in sim[:, t].topk(min(k, I)).indices.tolist()]
+    scores = torch.zeros(2, I, T, device=sim.device)
+    filled = torch.zeros(2, I, T, device=sim.device)
+    for start in progress(range(0, len(pairs), batch_size)):
+        chunk = torch.tensor(pairs[start:start + batch_size], device=sim.device)
+        images, texts, direction = chunk[:, 0], chunk[:, 1], chunk[:, 2]
+        logits = model.itm_logits(features.image_embeds[images], features.input_ids[texts], features.attention_mask[texts])
+        scores[direction, images, texts] = logits[:, 1].float() + sim[images, texts]
+        filled[direction, images, texts] = 1.0
+    scores = scores.masked_fill(filled == 0, -100.0)
+    return scores[0], scores[1].T

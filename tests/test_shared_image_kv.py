@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 from qformer.losses import stage1_losses
 from qformer.retrieval import RetrievalFeatures, itc_similarity, rerank
 from qformer.stage1 import Stage1Model
-from reference_stage1 import reference_stage1_losses
+from reference_stage1 import reference_rerank, reference_stage1_losses
 
 DEC = 1
 
@@ -60,7 +60,7 @@ def test_itg_loss_ignores_padding_positions_entirely(tiny_config):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def _reference_rerank(model, features, sim, k):
+def _pair_by_pair(model, features, sim, k):
     """Each row's top-k re-scored pair by pair, every pair with its own copy of its image."""
     I, T = sim.shape
     i2t = torch.full((I, T), -100.0)
@@ -91,9 +91,9 @@ def test_rerank_equals_pair_by_pair_reference(tiny_config, k, batch_size):
     features = RetrievalFeatures(image_embeds, image_feats, text_feat, ids, mask)
     sim = itc_similarity(image_feats, text_feat)
     i2t, t2i = rerank(model, features, sim, k, batch_size=batch_size)
-    expected_i2t, expected_t2i = _reference_rerank(model, features, sim, k)
-    torch.testing.assert_close(i2t, expected_i2t)
-    torch.testing.assert_close(t2i, expected_t2i)
+    for expected_i2t, expected_t2i in (_pair_by_pair(model, features, sim, k), reference_rerank(model, features, sim, k, batch_size)):
+        torch.testing.assert_close(i2t, expected_i2t)
+        torch.testing.assert_close(t2i, expected_t2i)
     assert (i2t == -100).sum() == I * (T - min(k, T))  # exactly each row's top-k scored
 
 
