@@ -28,6 +28,7 @@ COMMANDS: dict = {
     "info": "stages.info:info",
     "make-data": "stages.synthetic:make_data",
     "export": "stages.checkpoints:export",
+    "cache-features": "stages.feature_cache:cache_features",
     "caption": "stages.generation:caption",
     "ask": "stages.generation:ask",
     "eval": {
