@@ -42,7 +42,7 @@ SETTINGS = "cache_settings.json"  # written first: what an interrupted run was m
 FORMAT = {"format": "qformer-feature-cache", "version": 1}
 STORAGE = {"fp16": ("float16", torch.float16), "bf16": ("uint16", torch.bfloat16), "fp32": ("float32", torch.float32)}
 SHARD_BYTES = 512 * 2**20  # resume granularity: at most this much work is redone after an interrupt
-ENCODER_FIELDS = ("model_name", "weights_sha256", "image_size", "drop_last_blocks", "width")
+ENCODER_FIELDS = ("model_name", "image_size", "drop_last_blocks", "width", "weights_sha256")  # checked in this order
 EVAL_VIEW = 0
 
 
