@@ -68,7 +68,7 @@ def encoder_identity(encoder) -> dict:
             "drop_last_blocks": config.drop_last_blocks, "width": encoder.width}
 
 
-def load_encoder(config: str, seed: int = 0):
+def load_encoder(config: str, seed: int = 0, vision_weights: str | None = None):
     """The frozen encoder of a model config (preset or file) or of an export folder, built as a training run builds it.
 
     A randomly initialised encoder (no weights file) depends on the seed: `seed_everything(seed)` runs first, as
@@ -85,6 +85,8 @@ def load_encoder(config: str, seed: int = 0):
         vision = read_config(config).vision_config
     else:
         vision = resolve_config(config).vision_config
+    if vision_weights is not None:
+        vision.weights_path = vision_weights
     seed_everything(seed, verbose=False)
     return FrozenImageEncoder(vision)
 
@@ -279,9 +281,11 @@ def _prepare_folder(out: Path, settings: dict, overwrite: bool) -> bool:
     return False
 
 
-def _command_line(config, data, images, out, views, dtype, batch_size, seed, device, hflip, crop_scale,
+def _command_line(config, vision_weights, data, images, out, views, dtype, batch_size, seed, device, hflip, crop_scale,
                   max_image_pixels, allow_outside_root) -> str:
-    words = ["qformer", "cache-features", "--config", config, "--data", *data, "--images", images, "--out", out,
+    words = ["qformer", "cache-features", "--config", config]
+    words += [] if vision_weights is None else ["--vision-weights", vision_weights]
+    words += ["--data", *data, "--images", images, "--out", out,
              "--views", views, "--dtype", dtype, "--batch-size", batch_size, "--seed", seed, "--device", device,
              "--crop-scale", *crop_scale]
     words += [] if hflip else ["--no-hflip"]
@@ -293,6 +297,7 @@ def _command_line(config, data, images, out, views, dtype, batch_size, seed, dev
 def cache_features(
     *,
     config: str,
+    vision_weights: str | None = None,
     data: list[str],
     images: str,
     out: str,
@@ -313,6 +318,7 @@ def cache_features(
 
     Args:
         config: the model whose encoder to run: a preset (vitg, vitl, tiny), a model config file, or an export folder.
+        vision_weights: the encoder's weights file, replacing the config's vision_config.weights_path (as --model.vision_weights).
         data: one or more annotation files (LAVIS / COCO-Karpathy lists, official COCO captions or VQA question files).
         images: image root folder the annotation paths are relative to.
         out: the cache folder to write.
@@ -341,10 +347,10 @@ def cache_features(
     root = Path(images)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {images}")
-    command = _command_line(config, data, images, out, views, dtype, batch_size, seed, device, hflip, crop_scale,
+    command = _command_line(config, vision_weights, data, images, out, views, dtype, batch_size, seed, device, hflip, crop_scale,
                             max_image_pixels, allow_outside_root)
     image_list = _images_of(data, allow_outside_root)
-    encoder = load_encoder(config, seed)
+    encoder = load_encoder(config, seed, vision_weights)
     identity = encoder_identity(encoder)  # before the first forward (precision auto casts on CUDA)
     torch_device = device_for(device, 0)
     encoder.to(torch_device)

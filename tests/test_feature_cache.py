@@ -291,3 +291,17 @@ def test_the_demos_training_views_are_its_eval_view():
     image = Image.effect_noise((64, 64), 60).convert("RGB")
     views = train_transform(48, HFLIP, tuple(CROP_SCALE))
     assert all(torch.equal(views(image), eval_transform(48)(image)) for _ in range(50))
+
+
+def test_vision_weights_replace_the_configs_encoder_weights(data, tmp_path):
+    from qformer.export import save_encoder_weights
+
+    torch.manual_seed(7)
+    weights = save_encoder_weights(Stage1Model(preset("tiny")).visual_encoder.model.state_dict(), tmp_path, "encoder.safetensors")
+    features = FeatureCache(cache(data, tmp_path / "c", "--vision-weights", str(weights), "--seed", "3", files=("val.json",)))
+    config = preset("tiny")
+    config.vision_config.weights_path = str(weights)
+    features.check_encoder(Stage1Model(config).visual_encoder)  # weights from a file: the seed does not matter
+    assert "--vision-weights" in features.manifest["command"]
+    with pytest.raises(ValueError, match="weights_sha256"):
+        features.check_encoder(load_encoder("tiny", seed=3))
