@@ -13,7 +13,7 @@ from qformer.config import preset
 from qformer.export import save_stage1
 from qformer.losses import stage1_losses
 from qformer.stage1 import Stage1Model
-from stages import feature_cache
+from stages import caching
 from stages.cli import main
 from stages.data import Collate, eval_transform, train_transform
 from stages.feature_cache import MANIFEST, CachedCaptionDataset, FeatureCache, encoder_identity, load_encoder
@@ -214,9 +214,9 @@ def test_eval_names_images_missing_from_the_cache_and_refuses_another_encoder(da
 
 # --- interrupted caching --------------------------------------------------------------------------------
 def test_an_interrupted_cache_is_refused_then_resumed_to_the_same_bytes(data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(feature_cache, "SHARD_BYTES", 3 * 17 * 32 * 2 * 10)  # 10 images per shard: 4 shards
+    monkeypatch.setattr(caching, "SHARD_BYTES", 3 * 17 * 32 * 2 * 10)  # 10 images per shard: 4 shards
     reference = cache(data, tmp_path / "reference", "--views", "2")
-    write_shard, calls = feature_cache._write_shard, []
+    write_shard, calls = caching._write_shard, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -224,7 +224,7 @@ def test_an_interrupted_cache_is_refused_then_resumed_to_the_same_bytes(data, tm
             raise KeyboardInterrupt  # Ctrl-C in the third shard
         return write_shard(*args, **kwargs)
 
-    monkeypatch.setattr(feature_cache, "_write_shard", interrupted)
+    monkeypatch.setattr(caching, "_write_shard", interrupted)
     out = tmp_path / "c"
     argv = ["cache-features", "--config", "tiny", "--data", str(data / "train.json"), "--images", str(data), "--out", str(out), "--views", "2"]
     assert main(argv) == 130
@@ -237,7 +237,7 @@ def test_an_interrupted_cache_is_refused_then_resumed_to_the_same_bytes(data, tm
     # Other settings are refused without --overwrite; the same command resumes.
     assert main([*argv[:-1], "3"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    monkeypatch.setattr(feature_cache, "_write_shard", write_shard)
+    monkeypatch.setattr(caching, "_write_shard", write_shard)
     assert main(argv) == 0
     assert "resuming" in capsys.readouterr().err and (out / MANIFEST).is_file()
     for name in ("features-00000.npy", "features-00001.npy", "features-00002.npy", "features-00003.npy"):

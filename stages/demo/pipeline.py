@@ -58,7 +58,7 @@ def _train(stage: str, config: Path) -> Path:
 
 def _cache_features(settings: DemoSettings, data: Path, model_config_file: Path, out: Path) -> None:
     """`qformer cache-features`: the frozen encoder runs once per image (and view) for all of training and evaluation."""
-    from stages.feature_cache import cache_features
+    from stages.caching import cache_features
 
     caches = feature_caches(out)
     common = dict(config=str(model_config_file), images=str(data), seed=settings.seed, hflip=HFLIP, crop_scale=CROP_SCALE,
