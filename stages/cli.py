@@ -28,6 +28,7 @@ COMMANDS: dict = {
     "info": "stages.info:info",
     "make-data": "stages.synthetic:make_data",
     "export": "stages.checkpoints:export",
+    "cache-features": "stages.caching:cache_features",
     "caption": "stages.generation:caption",
     "ask": "stages.generation:ask",
     "eval": {

@@ -35,6 +35,16 @@ def eval_transform(image_size: int) -> T.Compose:
     )
 
 
+def caption_samples(entries: list[Entry], max_words: int = 50) -> list[tuple[str, str, int]]:
+    """(image path, cleaned caption, image index) for every caption: the samples of one split."""
+    image_index: dict[str, int] = {}
+    samples = []
+    for entry in entries:
+        index = image_index.setdefault(entry.image_id, len(image_index))
+        samples += [(entry.image, clean_caption(caption, max_words), index) for caption in entry.captions]
+    return samples
+
+
 class CaptionDataset(Dataset):
     """One sample per (image, caption) pair. An unreadable image yields a `skipped` record (or raises with `strict`)."""
 
@@ -43,12 +53,7 @@ class CaptionDataset(Dataset):
         self.reader = ImageReader(max_image_pixels, Path(image_root), allow_outside_root)  # skips are reported per batch
         self.transform = transform
         self.strict = strict
-        image_index = {}
-        self.samples = []
-        for entry in entries:
-            index = image_index.setdefault(entry.image_id, len(image_index))
-            for caption in entry.captions:
-                self.samples.append((entry.image, clean_caption(caption, max_words), index))
+        self.samples = caption_samples(entries, max_words)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -103,7 +108,7 @@ class CaptionDataModule(pl.LightningDataModule):
     Args:
         train: annotation file for training.
         val: annotation file for validation (optional).
-        image_root: folder the annotation paths are relative to.
+        image_root: folder the annotation paths are relative to (not needed with `features`).
         image_size: must equal the model's `vision_config.image_size`.
         tokenizer_dir: BERT tokenizer folder (vocab.txt / tokenizer.json); the training module sets its own when omitted.
         max_length: text tokens per caption.
@@ -113,12 +118,16 @@ class CaptionDataModule(pl.LightningDataModule):
         strict: fail on the first unreadable image instead of skipping it.
         max_image_pixels: images whose header declares more pixels are skipped before decoding (null: no limit).
         allow_outside_root: read annotation paths that lead outside `image_root` (absolute, `..`, symbolic links).
+        features: a feature cache folder (`qformer cache-features`) holding every image of `train` (and of `val`,
+            unless `val_features` is given): no image is read; each training sample takes one of the cache's
+            training views at random (its eval view when it has none), validation the eval view.
+        val_features: the validation split's feature cache, when it is not `features` (e.g. one of eval views only).
     """
 
     def __init__(
         self,
         train: str,
-        image_root: str,
+        image_root: str | None = None,
         val: str | None = None,
         image_size: int = 224,
         tokenizer_dir: str | None = None,
@@ -131,6 +140,8 @@ class CaptionDataModule(pl.LightningDataModule):
         strict: bool = False,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         allow_outside_root: bool = False,
+        features: str | None = None,
+        val_features: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -144,18 +155,55 @@ class CaptionDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
-        if not Path(hp.image_root).is_dir():  # before a whole epoch of "file not found"
+        if hp.features is None and hp.val_features is not None:
+            raise ValueError("data.val_features: give data.features too (the training split's feature cache)")
+        if hp.features is None and hp.image_root is None:
+            raise ValueError("data.image_root: give the image folder the annotation paths are relative to (or data.features)")
+        if hp.features is None and not Path(hp.image_root).is_dir():  # before a whole epoch of "file not found"
             raise FileNotFoundError(f"data.image_root: image folder not found: {hp.image_root}")
         if self.tokenizer is None and hp.tokenizer_dir is not None:
             from qformer.bert import load_tokenizer
 
             self.tokenizer = load_tokenizer(hp.tokenizer_dir)
-        self.train_set = self._dataset(hp.train, train_transform(hp.image_size, hp.hflip, tuple(hp.crop_scale)))
-        self.val_set = None if hp.val is None else self._dataset(hp.val, eval_transform(hp.image_size))
+        if hp.features is None:
+            self.caches = []
+            self.train_set = self._dataset(hp.train, train_transform(hp.image_size, hp.hflip, tuple(hp.crop_scale)))
+            self.val_set = None if hp.val is None else self._dataset(hp.val, eval_transform(hp.image_size))
+        else:
+            self._cached_datasets()
         world = self.trainer.world_size if self.trainer is not None else 1
         if stage in (None, "fit") and len(self.train_set) < hp.batch_size * world:
             raise ValueError(f"data.train: {hp.train} has {len(self.train_set)} image-caption pairs, fewer than one batch "
                              f"(data.batch_size {hp.batch_size} x {world} process(es)); lower data.batch_size")
+
+    def _cached_datasets(self) -> None:
+        from stages.feature_cache import FeatureCache
+
+        hp = self.hparams
+        train_cache = FeatureCache(hp.features, "data.features")
+        train_cache.check_transform(hp.hflip, hp.crop_scale)
+        val_cache = train_cache if hp.val_features is None else FeatureCache(hp.val_features, "data.val_features")
+        self.caches = [train_cache] + ([val_cache] if val_cache is not train_cache else [])
+        self.train_set = self._cached_dataset(hp.train, train_cache, train=True)
+        self.val_set = None if hp.val is None else self._cached_dataset(hp.val, val_cache, train=False)
+
+    def _cached_dataset(self, annotations: str, cache, train: bool):
+        from stages.feature_cache import CachedCaptionDataset
+
+        hp = self.hparams
+        entries = load_annotations(annotations, hp.allow_outside_root)
+        cache.require([e.image for e in entries], annotations)
+        return CachedCaptionDataset(caption_samples(entries, hp.max_words), cache, train, hp.strict)
+
+    def check_encoder(self, encoder) -> None:
+        """The model's frozen encoder must be the one the feature caches were made with (or take this data's image size)."""
+        if self.hparams.features is None:
+            if self.hparams.image_size != encoder.config.image_size:
+                raise ValueError(f"data.image_size is {self.hparams.image_size} but the model's vision_config.image_size is "
+                                 f"{encoder.config.image_size}")
+            return
+        for cache in self.caches:
+            cache.check_encoder(encoder)
 
     def _dataset(self, annotations: str, transform) -> CaptionDataset:
         hp = self.hparams

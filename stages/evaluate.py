@@ -36,15 +36,17 @@ class EvalSet:
     """One entry per distinct image (entries of the same image merged); its images are read when used."""
 
     entries: list[Entry]
-    reader: ImageReader
+    reader: ImageReader  # or a `stages.feature_cache.FeatureReader`: the eval view of each image, from a cache
 
     @classmethod
-    def load(cls, annotations: str, image_root: str, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-             allow_outside_root: bool = False) -> "EvalSet":
-        root = Path(image_root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {root}")
-        return cls(load_annotations(annotations, allow_outside_root), ImageReader(max_image_pixels, root, allow_outside_root))
+    def load(cls, annotations: str, image_root: str | None, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+             allow_outside_root: bool = False, features: str | None = None, encoder=None) -> "EvalSet":
+        """The images are read from `image_root`, or their tokens from the feature cache `features` (checked against `encoder`)."""
+        from stages.feature_cache import image_source
+
+        entries = load_annotations(annotations, allow_outside_root)
+        reader = image_source(image_root, features, encoder, [e.image for e in entries], annotations, max_image_pixels, allow_outside_root)
+        return cls(entries, reader)
 
     @property
     def image_root(self) -> Path:
@@ -173,7 +175,8 @@ def eval_retrieval(
     *,
     model: str,
     data: str,
-    images: str,
+    images: str | None = None,
+    features: str | None = None,
     k_test: int = 128,
     itc_only: bool = False,
     batch_size: int = 64,
@@ -192,6 +195,7 @@ def eval_retrieval(
         model: a stage-1 export folder.
         data: annotation file (LAVIS / COCO-Karpathy list, or official COCO captions).
         images: image root folder the annotation paths are relative to.
+        features: read the images' eval view from this feature cache (qformer cache-features) instead of --images.
         k_test: candidates re-ranked with ITM per query.
         itc_only: rank by ITC similarity alone.
         batch_size: images (and ITM pairs) per batch.
@@ -207,7 +211,7 @@ def eval_retrieval(
     check_output_files(json=json, save_scores=save_scores)
     shard, torch_device = _setup(device)
     stage1, tokenizer = load_stage1(model)
-    evalset = EvalSet.load(data, images, max_image_pixels, allow_outside_root)
+    evalset = EvalSet.load(data, images, max_image_pixels, allow_outside_root, features, stage1.visual_encoder)
     scores, i2t, t2i = evaluate_retrieval(stage1.to(torch_device), tokenizer, evalset, k_test, itc_only, batch_size, shard, not no_progress)
     if shard.is_main:
         if save_scores:
@@ -225,7 +229,8 @@ def eval_caption(
     *,
     model: str,
     data: str,
-    images: str,
+    images: str | None = None,
+    features: str | None = None,
     prompt: str = CAPTION_PROMPT,
     generation: GenerationSettings = CAPTION_GENERATION,
     batch_size: int = 64,
@@ -242,6 +247,7 @@ def eval_caption(
         model: a stage-2 export folder.
         data: annotation file whose captions are the references.
         images: image root folder the annotation paths are relative to.
+        features: read the images' eval view from this feature cache (qformer cache-features) instead of --images.
         prompt: text every caption continues.
         generation: beam search settings (COCO evaluation: beam 5, 8 to 30 tokens).
         batch_size: images per generation batch.
@@ -257,7 +263,7 @@ def eval_caption(
     check_output_files(json=json, predictions=predictions)
     shard, torch_device = _setup(device)
     stage2, tokenizer = load_stage2(model)
-    evalset = EvalSet.load(data, images, max_image_pixels, allow_outside_root)
+    evalset = EvalSet.load(data, images, max_image_pixels, allow_outside_root, features, stage2.visual_encoder)
     scores, captions, notices = evaluate_captions(stage2.to(torch_device), tokenizer, evalset, prompt, batch_size, generation, shard,
                                                   not no_progress)
     if shard.is_main:

@@ -174,9 +174,7 @@ class TrainingSkeleton(pl.LightningModule):
             return
         if getattr(data, "tokenizer", None) is None:
             data.tokenizer = self.tokenizer
-        image_size = self.model.config.vision_config.image_size
-        if data.hparams.image_size != image_size:
-            raise ValueError(f"data.image_size is {data.hparams.image_size} but the model's vision_config.image_size is {image_size}")
+        data.check_encoder(self.model.visual_encoder)  # the image size, or a feature cache's encoder
 
     # --- unreadable images ----------------------------------------------------------------------------------------
     def _report_skipped(self, split: str) -> None:

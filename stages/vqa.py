@@ -5,12 +5,12 @@ from __future__ import annotations
 import json as json_io
 import posixpath
 from dataclasses import dataclass
-from pathlib import Path
 
 from qformer.stage2 import VQA_GENERATION, GenerationSettings, vqa_prompt
 from stages.annotations import read_json
 from stages.evaluate import NoReadableImage, check_output_files, print_scores, progress, write_json
 from stages.generation import generate_for_images, load_stage2_on
+from stages.feature_cache import image_source
 from stages.images import DEFAULT_MAX_IMAGE_PIXELS, OUTSIDE_ROOT_HINT, ImageReader, escapes_root
 from stages.metrics import vqa_accuracy
 
@@ -76,7 +76,8 @@ def eval_vqa(
     *,
     model: str,
     data: str,
-    images: str,
+    images: str | None = None,
+    features: str | None = None,
     prompt_template: str | None = None,
     generation: GenerationSettings = VQA_GENERATION,
     batch_size: int = 64,
@@ -93,6 +94,7 @@ def eval_vqa(
         model: a stage-2 export folder.
         data: question file ([{"question_id", "image", "question", "answer": [human answers]}]).
         images: image root folder the question paths are relative to.
+        features: read the images' eval view from this feature cache (qformer cache-features) instead of --images.
         prompt_template: default "Question: {} Answer:" (OPT), "Question: {} Short answer:" (T5).
         generation: beam search settings (LAVIS's VQA defaults: short answers).
         batch_size: questions per generation batch.
@@ -106,12 +108,9 @@ def eval_vqa(
     check_output_files(json=json, predictions=predictions)
     stage2, tokenizer = load_stage2_on(model, device)
     questions = load_questions(data, allow_outside_root)
-    root = Path(images)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+    reader = image_source(images, features, stage2.visual_encoder, [q.image for q in questions], data, max_image_pixels, allow_outside_root)
     prompt = vqa_prompt(stage2, prompt_template)
-    scores, answers = evaluate_vqa(stage2, tokenizer, questions, ImageReader(max_image_pixels, root, allow_outside_root), prompt,
-                                   batch_size, generation, not no_progress)
+    scores, answers = evaluate_vqa(stage2, tokenizer, questions, reader, prompt, batch_size, generation, not no_progress)
     write_json(predictions, answers)
     print_scores(f"zero-shot VQA on {data} (prompt {prompt!r})", scores)
     write_json(json, scores)

@@ -23,7 +23,13 @@ import yaml
 from qformer.stage2 import CAPTION_GENERATION, CAPTION_PROMPT, VQA_GENERATION, vqa_prompt
 from stages.demo.figures import plot_losses, plot_samples
 from stages.demo.language_model import pretrain_language_model
-from stages.demo.settings import ENCODER, DemoSettings, lm_config, model_config, write_configs, write_encoder_weights
+from stages.demo.settings import (CROP_SCALE, ENCODER, HFLIP, DemoSettings, feature_caches, lm_config, model_config, write_configs,
+                                  write_encoder_weights)
+
+# Training views cached per training image. With the demo's transform (crop_scale [1, 1], no flip) every
+# RandomResizedCrop draw is the whole image resized, pixel for pixel the eval view (checked in the tests), so one
+# view (the eval view) is all training would ever see; a dataset trained with crops and flips would take 4 to 8.
+TRAIN_VIEWS = 1
 
 
 def attribute_accuracy(predictions: dict[str, str], entries: list[dict]) -> float:
@@ -50,28 +56,43 @@ def _train(stage: str, config: Path) -> Path:
     return Path(last_checkpoint(cli.trainer))
 
 
+def _cache_features(settings: DemoSettings, data: Path, model_config_file: Path, out: Path) -> None:
+    """`qformer cache-features`: the frozen encoder runs once per image (and view) for all of training and evaluation."""
+    from stages.caching import cache_features
+
+    caches = feature_caches(out)
+    common = dict(config=str(model_config_file), images=str(data), seed=settings.seed, hflip=HFLIP, crop_scale=CROP_SCALE,
+                  overwrite=True)  # the demo owns its --out folder: a cache of other settings is replaced
+    _step(f"cache-features (train: eval view{f' + {TRAIN_VIEWS} training views' if TRAIN_VIEWS > 1 else ''}; val + test: eval view)")
+    cache_features(data=[str(data / "train.json")], out=str(caches["train"]), views=TRAIN_VIEWS, **common)
+    cache_features(data=[str(data / "val.json"), str(data / "test.json")], out=str(caches["eval"]), views=1, **common)
+
+
 def _evaluate(settings: DemoSettings, data: Path, exports: Path, out: Path, phase) -> tuple[dict, dict, dict, dict[str, str]]:
-    """Retrieval, captioning and zero-shot VQA on the test split, as `qformer eval retrieval|caption|vqa` compute them."""
+    """Retrieval, captioning and zero-shot VQA on the test split, as `qformer eval retrieval|caption|vqa --features` compute them."""
     from qformer.export import load_stage1, load_stage2
     from stages.evaluate import EvalSet, evaluate_captions, evaluate_retrieval
+    from stages.feature_cache import image_source
     from stages.vqa import evaluate_vqa, load_questions
-    from stages.images import ImageReader
 
+    features = str(feature_caches(out)["eval"])
     _step("eval retrieval (ITC top-16 + ITM re-rank)")
     stage1, tokenizer = load_stage1(exports / "stage1")
-    retrieval, _, _ = evaluate_retrieval(stage1, tokenizer, EvalSet.load(str(data / "test.json"), str(data)), k_test=16)
+    test = EvalSet.load(str(data / "test.json"), None, features=features, encoder=stage1.visual_encoder)
+    retrieval, _, _ = evaluate_retrieval(stage1, tokenizer, test, k_test=16)
     phase("eval_retrieval")
     _step("eval caption")
     stage2, lm_tokenizer = load_stage2(exports / "stage2")
     generation = dataclasses.replace(CAPTION_GENERATION, num_beams=settings.num_beams, max_new_tokens=20, min_new_tokens=3)
-    caption, predictions, notices = evaluate_captions(stage2, lm_tokenizer, EvalSet.load(str(data / "test.json"), str(data)),
-                                                      CAPTION_PROMPT, 64, generation)
+    test = EvalSet.load(str(data / "test.json"), None, features=features, encoder=stage2.visual_encoder)
+    caption, predictions, notices = evaluate_captions(stage2, lm_tokenizer, test, CAPTION_PROMPT, 64, generation)
     for notice in notices:
         print(f"note: {notice}", file=sys.stderr)
     phase("eval_caption")
     _step("eval vqa (zero-shot)")
     questions = load_questions(str(data / "test_vqa.json"))
-    vqa, answers = evaluate_vqa(stage2, lm_tokenizer, questions, ImageReader(root=data), vqa_prompt(stage2), 64,
+    reader = image_source(None, features, stage2.visual_encoder, [q.image for q in questions], str(data / "test_vqa.json"))
+    vqa, answers = evaluate_vqa(stage2, lm_tokenizer, questions, reader, vqa_prompt(stage2), 64,
                                 dataclasses.replace(VQA_GENERATION, num_beams=settings.num_beams))
     phase("eval_vqa")
     for name, value in (("retrieval", retrieval), ("caption", caption), ("vqa", vqa), ("vqa_predictions", answers),
@@ -131,6 +152,8 @@ def run_demo(settings: DemoSettings) -> dict:
 
     vocab_size = len(load_tokenizer(data))
     configs = write_configs(settings, out, data, vocab_size, lm_folder, write_encoder_weights(settings, out))
+    _cache_features(settings, data, configs["model"], out)
+    phase("cache_features")
     # overwrite: the demo owns its --out folder, so a second run replaces its own exports
     export(str(_train("stage1", configs["stage1"])), out=str(exports / "stage1"), overwrite=True)
     phase("stage1")
@@ -197,4 +220,4 @@ def print_summary(results: dict, out: Path) -> None:
     for e in results["examples"]:
         print(f"    {Path(e['image']).name}: caption {e['caption']!r} (reference {e['reference']!r}); "
               f"{e['question']!r} -> {e['answer']!r} (expected {e['expected']!r})")
-    print(f"  everything is in {out}/ (results.json, samples.png, losses.png, configs/, runs/, exports/)")
+    print(f"  everything is in {out}/ (results.json, samples.png, losses.png, configs/, features/, runs/, exports/)")

@@ -119,14 +119,25 @@ def write_encoder_weights(settings: DemoSettings, out: Path) -> Path:
 
 
 # --- configs --------------------------------------------------------------------------------------------
+# The training transform's settings: captions say left/right and small/large, so no flip and no zoom.
+HFLIP, CROP_SCALE = False, [1.0, 1.0]
+
+
+def feature_caches(out: Path) -> dict[str, Path]:
+    """Where the demo caches its encoder's features: the training split, and the val + test splits (eval view)."""
+    return {"train": out / "features" / "train", "eval": out / "features" / "eval"}
+
+
 def write_configs(settings: DemoSettings, out: Path, data: Path, vocab_size: int, lm_folder: Path, encoder_weights: Path) -> dict[str, Path]:
     configs = out / "configs"
     configs.mkdir(parents=True, exist_ok=True)
     (configs / "model.json").write_text(json.dumps(model_config(settings, vocab_size, encoder_weights), indent=2) + "\n")
+    caches = feature_caches(out)
     data_section = {
         "train": str(data / "train.json"), "val": str(data / "val.json"), "image_root": str(data),
+        "features": str(caches["train"]), "val_features": str(caches["eval"]),  # made by `qformer cache-features`
         "image_size": settings.image_size, "batch_size": settings.batch_size, "num_workers": 0, "max_length": 20,
-        "hflip": False, "crop_scale": [1.0, 1.0],  # captions say left/right and small/large
+        "hflip": HFLIP, "crop_scale": CROP_SCALE,
     }
     trainer = {"accelerator": "cpu", "devices": 1, "precision": "32", "log_every_n_steps": 25, "gradient_clip_val": 1.0,
                "enable_model_summary": False, "num_sanity_val_steps": 0, "deterministic": True}  # same seed, same numbers
@@ -148,7 +159,7 @@ def write_configs(settings: DemoSettings, out: Path, data: Path, vocab_size: int
                   "val_num_beams": 1, "val_max_new_tokens": 16},
         "data": data_section,
     }
-    paths = {"stage1": configs / "stage1.yaml", "stage2": configs / "stage2.yaml"}
+    paths = {"model": configs / "model.json", "stage1": configs / "stage1.yaml", "stage2": configs / "stage2.yaml"}
     paths["stage1"].write_text(yaml.safe_dump(stage1, sort_keys=False))
     paths["stage2"].write_text(yaml.safe_dump(stage2, sort_keys=False))
     return paths
