@@ -6,7 +6,8 @@
 Every measurement runs in its own process, so each one's peak memory (CUDA: max allocated; CPU: peak RSS of the
 process, weights and inputs included) is its own. References:
 - stage-1 step at the paper's shapes (bert-base Q-Former, 32 queries, ViT-g features [B, 257, 1408] given, text 32,
-  ITC + ITM + ITG + AdamW): the formulation before image keys/values were shared (`tests/reference_stage1.py`);
+  ITC + ITM + ITG + AdamW): the previous commit's step, i.e. the formulation before image keys/values were shared
+  (`tests/reference_stage1.py`) with torch's default AdamW (now fused);
 - ITM re-rank at the paper's shapes: the same reference, pair by pair, each direction separately;
 - stage-1 step with the real ViT-g/14 architecture (random weights): from the frozen-feature cache vs from pixels;
 - Q-Former joint (ITM) pass forward + backward: transformers' Blip2QFormerModel with the same weights;
@@ -65,7 +66,7 @@ def stage1_step(device, precision: str, formulation: str, batch: int, vision: st
     from qformer.losses import stage1_losses
     from qformer.stage1 import Stage1Model
     from reference_stage1 import reference_stage1_losses
-    from stages.optim import configure_adamw
+    from stages.optim import configure_adamw, param_groups
 
     torch.manual_seed(0)
     config = paper_config(vision)
@@ -73,7 +74,10 @@ def stage1_step(device, precision: str, formulation: str, batch: int, vision: st
     model.qformer.gradient_checkpointing = checkpointing
     if compile:
         model.qformer.compile()
-    optimizer = configure_adamw(model, 1e-4, 1e-5, 0.05, 10, 1000)["optimizer"]
+    if formulation == "reference":  # the previous commit's optimiser too: torch's default (foreach) AdamW
+        optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.98))
+    else:
+        optimizer = configure_adamw(model, 1e-4, 1e-5, 0.05, 10, 1000)["optimizer"]
     losses_of = reference_stage1_losses if formulation == "reference" else stage1_losses
     if formulation == "cached":  # the cache holds the frozen encoder's output; the model reads it instead of pixels
         images = torch.randn(batch, 257, model.visual_encoder.width, device=device)
@@ -179,7 +183,7 @@ def rows_to_run(args) -> list[tuple[str, str, dict, dict]]:
     step = {**dev, "measure": "stage1_step", "batch": args.batch}
     rows = []
     for precision in args.precisions.split(","):
-        rows.append(("stage1", f"stage-1 step, B={args.batch}, {precision}: previous formulation -> shared image K/V",
+        rows.append(("stage1", f"stage-1 step, B={args.batch}, {precision}: previous commit -> this change",
                      {**step, "precision": precision, "formulation": "reference"},
                      {**step, "precision": precision, "formulation": "ours"}))
     rr = {**dev, "measure": "rerank", "precision": args.rerank_precision}

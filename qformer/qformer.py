@@ -45,7 +45,7 @@ class ImageKV:
         kv = self.layers[i]
         if kv is None or self.index is None:
             return kv
-        return kv[0][self.index], kv[1][self.index]  # a gather: no projection is repeated
+        return kv[0].index_select(0, self.index), kv[1].index_select(0, self.index)  # a gather: no projection is repeated
 
 
 class AttentionBlock(nn.Module):
