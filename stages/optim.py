@@ -39,14 +39,15 @@ def configure_adamw(
     warmup_steps: int,
     total_steps: int,
     betas: tuple[float, float] = (0.9, 0.98),
+    fused: bool = True,
 ) -> dict:
     """The `configure_optimizers` answer for Lightning: AdamW + a schedule stepped every optimizer step.
 
     The fused AdamW kernel (CUDA and CPU) updates every parameter in one pass: on a 2-core CPU it takes 0.10 s
-    instead of the default's 0.60 s for stage 1's 187M trainable parameters.
+    instead of the default's 0.60 s for stage 1's 187M trainable parameters. `fused=False` keeps torch's default.
     """
     groups = param_groups(module, weight_decay)
-    fusable = all(p.device.type in ("cuda", "cpu") for group in groups for p in group["params"])
+    fusable = fused and all(p.device.type in ("cuda", "cpu") for group in groups for p in group["params"])
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True if fusable else None)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_lr / lr)

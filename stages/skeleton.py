@@ -140,8 +140,12 @@ class TrainingSkeleton(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
+        # Lightning refuses to clip gradients under mixed precision for an optimiser that unscales them itself, as a
+        # fused one declares it does: with both, the default AdamW is used.
+        clipped_mixed = "mixed" in str(self.trainer.precision) and bool(self.trainer.gradient_clip_val)
         return configure_adamw(
-            self.model, hp.lr, hp.min_lr, hp.weight_decay, hp.warmup_steps, int(self.trainer.estimated_stepping_batches)
+            self.model, hp.lr, hp.min_lr, hp.weight_decay, hp.warmup_steps, int(self.trainer.estimated_stepping_batches),
+            fused=not clipped_mixed,
         )
 
     def _rebuildable_prefixes(self) -> tuple[str, ...]:

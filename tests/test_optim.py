@@ -2,6 +2,7 @@
 
 import math
 
+import torch
 
 from qformer.stage1 import Stage1Model
 from stages.optim import configure_adamw, param_groups, warmup_cosine
@@ -42,3 +43,11 @@ def test_scheduler_steps_per_optimizer_step(tiny_config):
     assert lrs[:4] == [2.5e-4, 5e-4, 7.5e-4, 1e-3]
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
     assert math.isclose(optimizer.param_groups[0]["lr"], 1e-4, rel_tol=1e-6)
+
+
+def test_adamw_is_fused_unless_told_otherwise():
+    from stages.optim import configure_adamw
+
+    module = torch.nn.Linear(4, 4)
+    assert configure_adamw(module, 1e-3, 1e-4, 0.05, 1, 10)["optimizer"].defaults["fused"]
+    assert not configure_adamw(module, 1e-3, 1e-4, 0.05, 1, 10, fused=False)["optimizer"].defaults["fused"]

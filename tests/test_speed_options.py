@@ -116,6 +116,7 @@ def test_stage1_trains_in_bf16_mixed_on_cpu(data, tmp_path):
     assert_finite_and_decreasing(logged(tmp_path, "train/loss"))
     assert next(cli.model.model.visual_encoder.model.parameters()).dtype == torch.bfloat16  # precision auto follows
     assert cli.model.model.qformer.query_tokens.dtype == torch.float32  # trained weights keep fp32 master copies
+    assert not cli.model.optimizers().optimizer.defaults["fused"]  # Lightning clips (tiny.yaml) only unfused ones
 
 
 def test_stage2_trains_in_bf16_mixed_on_cpu(data, tmp_path):
