@@ -135,6 +135,8 @@ def pair_images(
     # Every rank gathers and uses the result (even for no row), so every rank's backward reaches the
     # gather's all-reduce: a rank skipping it would leave the others waiting.
     image_embeds_all = gather(image_embeds)  # (G, N, Dv)
+    if image_embeds_all is image_embeds:  # one process: every image is local, nothing to project or concatenate
+        return ImageKV(local_kv.layers, image_rows - rank * B)
     is_local = (image_rows >= rank * B) & (image_rows < (rank + 1) * B)
     foreign, foreign_slot = torch.unique(image_rows[~is_local], return_inverse=True)
     foreign_kv = model.image_kv(image_embeds_all[foreign])  # (F, H, N, Dh) per layer, F <= B
