@@ -27,6 +27,7 @@ COMMANDS: dict = {
     "demo": "stages.demo:demo",
     "info": "stages.info:info",
     "make-data": "stages.synthetic:make_data",
+    "make-shards": "stages.shards:make_shards",
     "export": "stages.checkpoints:export",
     "cache-features": "stages.caching:cache_features",
     "caption": "stages.generation:caption",
@@ -245,8 +246,8 @@ def run(argv: list[str]) -> int:
     if argv[:1] and argv[0] in TRAINING:
         from stages.training import run_training
 
-        run_training(argv[0], argv[1:])
-        return 0
+        stopped_by = run_training(argv[0], argv[1:]).stopped_by_signal()
+        return 0 if stopped_by is None else 128 + stopped_by  # as if killed by it, after saving a checkpoint
     parser = build_parser(argv)
     try:
         namespace, unknown = parser.parse_known_args(argv)

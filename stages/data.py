@@ -6,6 +6,7 @@ reported (or fails at once with `strict`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -16,6 +17,8 @@ from torchvision import transforms as T
 from qformer.vision import IMAGE_MEAN, IMAGE_STD
 from stages.annotations import Entry, clean_caption, load_annotations
 from stages.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, UnreadableImage, check_pixel_limit
+from stages.resume import ResumableSampler, sample_rng
+from stages.shards import ShardLoader, ShardStream, counted_samples, epoch_batches, expand_shards, is_shard_spec
 
 
 def train_transform(image_size: int, hflip: bool = True, crop_scale: tuple[float, float] = (0.5, 1.0)) -> T.Compose:
@@ -45,8 +48,16 @@ def caption_samples(entries: list[Entry], max_words: int = 50) -> list[tuple[str
     return samples
 
 
+def sample_key(key) -> tuple[int | None, int]:
+    """(epoch, index) from a training key of `ResumableSampler`, (None, index) from a plain index."""
+    return key if isinstance(key, tuple) else (None, key)
+
+
 class CaptionDataset(Dataset):
-    """One sample per (image, caption) pair. An unreadable image yields a `skipped` record (or raises with `strict`)."""
+    """One sample per (image, caption) pair. An unreadable image yields a `skipped` record (or raises with `strict`).
+
+    Keyed by (epoch, index) in training, a sample's random crop and flip are drawn from (`seed`, epoch, index).
+    """
 
     def __init__(self, entries: list[Entry], image_root: str | Path, transform, max_words: int = 50, strict: bool = False,
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, allow_outside_root: bool = False):
@@ -54,14 +65,21 @@ class CaptionDataset(Dataset):
         self.transform = transform
         self.strict = strict
         self.samples = caption_samples(entries, max_words)
+        self.seed = 0
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        epoch, i = sample_key(key)
         image, caption, image_index = self.samples[i]
         try:
-            pixels = self.transform(self.reader.open(image))
+            picture = self.reader.open(image)
+            if epoch is None:
+                pixels = self.transform(picture)
+            else:
+                with sample_rng(self.seed, epoch, i):
+                    pixels = self.transform(picture)
         except UnreadableImage as error:
             if self.strict:
                 raise
@@ -102,13 +120,25 @@ class Collate:
         return batch
 
 
+@dataclass
+class ShardSplit:
+    """A split given as webdataset shards (`stages.shards`): its files, and its samples per epoch when known."""
+
+    urls: list[str]
+    samples: int | None
+
+    def __len__(self) -> int:
+        return self.samples or 0
+
+
 class CaptionDataModule(pl.LightningDataModule):
     """Image-caption data for stage 1 and stage 2.
 
     Args:
-        train: annotation file for training.
-        val: annotation file for validation (optional).
-        image_root: folder the annotation paths are relative to (not needed with `features`).
+        train: annotation file for training, or webdataset shards in img2dataset's layout: a spec such as
+            `/data/cc3m/{00000..00331}.tar`, several joined by `::` (see stages/shards.py).
+        val: annotation file or shard spec for validation (optional).
+        image_root: folder the annotation paths are relative to (not needed with `features` or shards).
         image_size: must equal the model's `vision_config.image_size`.
         tokenizer_dir: BERT tokenizer folder (vocab.txt / tokenizer.json); the training module sets its own when omitted.
         max_length: text tokens per caption.
@@ -122,6 +152,14 @@ class CaptionDataModule(pl.LightningDataModule):
             unless `val_features` is given): no image is read; each training sample takes one of the cache's
             training views at random (its eval view when it has none), validation the eval view.
         val_features: the validation split's feature cache, when it is not `features` (e.g. one of eval views only).
+        seed: the training order's and augmentations' seed (each epoch's shuffle, each sample's crop, flip or cached
+            view); by default the run's seed (`seed_everything`). A resumed run keeps its checkpoint's.
+        train_samples: samples in a training epoch from shards (default: the sum of the shards' `_stats.json`
+            successes).
+        resampled: shards: draw training shards with replacement (open_clip's `--dataset-resampled`) instead of
+            splitting them among processes and workers, each of which then needs at least one shard.
+        shuffle_buffer: shards: samples in each training worker's shuffle buffer.
+        caption_key: shards: the caption's key in a sample's `.json` (used when it has no `.txt`).
     """
 
     def __init__(
@@ -142,10 +180,19 @@ class CaptionDataModule(pl.LightningDataModule):
         allow_outside_root: bool = False,
         features: str | None = None,
         val_features: str | None = None,
+        seed: int | None = None,
+        train_samples: int | None = None,
+        resampled: bool = False,
+        shuffle_buffer: int = 1000,
+        caption_key: str = "caption",
     ):
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = None
+        self.data_seed = seed
+        self.resume_at: tuple[int, int] | None = None  # (epoch, batches trained) of the checkpoint resumed from
+        self.resume_step = 0  # the global step of the checkpoint resumed from
+        self.train_sampler: ResumableSampler | None = None
         for name in ("batch_size", "max_length", "max_words", "image_size"):
             if getattr(self.hparams, name) < 1:
                 raise ValueError(f"data.{name} must be at least 1, got {getattr(self.hparams, name)}")
@@ -157,10 +204,15 @@ class CaptionDataModule(pl.LightningDataModule):
         hp = self.hparams
         if hp.features is None and hp.val_features is not None:
             raise ValueError("data.val_features: give data.features too (the training split's feature cache)")
-        if hp.features is None and hp.image_root is None:
+        if hp.features is not None and (is_shard_spec(hp.train) or is_shard_spec(hp.val)):
+            raise ValueError("data.features: a feature cache is read with annotation files, not with shards (data.train / data.val)")
+        reads_folder = hp.features is None and not (is_shard_spec(hp.train) and (hp.val is None or is_shard_spec(hp.val)))
+        if reads_folder and hp.image_root is None:
             raise ValueError("data.image_root: give the image folder the annotation paths are relative to (or data.features)")
-        if hp.features is None and not Path(hp.image_root).is_dir():  # before a whole epoch of "file not found"
+        if reads_folder and not Path(hp.image_root).is_dir():  # before a whole epoch of "file not found"
             raise FileNotFoundError(f"data.image_root: image folder not found: {hp.image_root}")
+        if self.data_seed is None:
+            self.data_seed = torch.initial_seed() % 2**31  # the run's seed after seed_everything
         if self.tokenizer is None and hp.tokenizer_dir is not None:
             from qformer.bert import load_tokenizer
 
@@ -205,26 +257,76 @@ class CaptionDataModule(pl.LightningDataModule):
         for cache in self.caches:
             cache.check_encoder(encoder)
 
-    def _dataset(self, annotations: str, transform) -> CaptionDataset:
+    def _dataset(self, annotations: str, transform) -> CaptionDataset | ShardSplit:
         hp = self.hparams
+        if is_shard_spec(annotations):
+            option = "data.train" if annotations == hp.train else "data.val"
+            urls = expand_shards(annotations, option)
+            samples = hp.train_samples or counted_samples(urls)
+            if option == "data.train" and samples is None:
+                raise ValueError(f"data.train_samples: give the samples per epoch (a shard of {annotations} has no _stats.json)")
+            return ShardSplit(urls, samples)
         entries = load_annotations(annotations, hp.allow_outside_root)
         return CaptionDataset(entries, hp.image_root, transform, hp.max_words, hp.strict, hp.max_image_pixels, hp.allow_outside_root)
 
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset, sampler=None) -> DataLoader:
         if self.tokenizer is None:
             raise ValueError("data.tokenizer_dir: give a BERT tokenizer folder (the training module sets its own when used with one)")
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
             collate_fn=Collate(self.tokenizer, self.hparams.max_length),
-            drop_last=shuffle,  # equal batches on every rank for the global-batch losses
+            drop_last=sampler is not None,  # equal batches on every rank for the global-batch losses
             persistent_workers=self.hparams.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.data_seed or 0),  # worker seeds, not a draw from the run's RNG
         )
 
+    def _rank_and_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
+    def _shard_loader(self, split: ShardSplit, train: bool) -> ShardLoader:
+        """Batches from shards (`stages.shards`); a resumed run's training stream is a fresh draw (restart = its step)."""
+        hp = self.hparams
+        rank, world = self._rank_and_world()
+        workers = hp.num_workers if train else 0  # validation: each process reads every name, decodes its share
+        transform = train_transform(hp.image_size, hp.hflip, tuple(hp.crop_scale)) if train else eval_transform(hp.image_size)
+        batches = epoch_batches(split.samples, hp.batch_size, world, workers, "data.train") if train else None
+        stream = ShardStream(split.urls, transform, Collate(self.tokenizer, hp.max_length), hp.batch_size, rank, world, workers,
+                             self.data_seed, train, batches, hp.resampled, hp.shuffle_buffer, hp.caption_key, hp.max_words,
+                             hp.max_image_pixels)
+        stream.restart = self.resume_step if train else 0
+        return ShardLoader(stream, lambda: self.trainer.current_epoch if self.trainer is not None else 0, workers)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        """Shuffled by `ResumableSampler`: one share per process, and a resumed run starts where its checkpoint was."""
+        if isinstance(self.train_set, ShardSplit):
+            return self._shard_loader(self.train_set, train=True)
+        rank, world = self._rank_and_world()
+        self.train_set.seed = self.data_seed
+        self.train_sampler = ResumableSampler(self.train_set, self.hparams.batch_size, world, rank, self.data_seed)
+        self.train_sampler.resume_at = self.resume_at
+        return self._loader(self.train_set, self.train_sampler)
 
     def val_dataloader(self) -> DataLoader | list:
-        return [] if self.val_set is None else self._loader(self.val_set, shuffle=False)
+        if isinstance(self.val_set, ShardSplit):
+            return self._shard_loader(self.val_set, train=False)
+        return [] if self.val_set is None else self._loader(self.val_set)
+
+    # --- the data position in checkpoints (see stages.resume) ---------------------------------------------------
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        if trainer is None or self.data_seed is None:
+            return {}
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"seed": self.data_seed, "epoch": trainer.current_epoch, "batches": batches, "step": trainer.global_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self.data_seed = state["seed"]
+        self.resume_at = (state["epoch"], state["batches"])
+        self.resume_step = state.get("step", 0)
+        if self.train_sampler is not None:
+            self.train_sampler.resume_at = self.resume_at

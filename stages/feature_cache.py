@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from stages.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, SkippedImages, UnreadableImage
+from stages.resume import sample_rng
 
 MANIFEST = "feature_cache.json"  # written last: a folder without it is not (yet) a cache
 SETTINGS = "cache_settings.json"  # written first: what an interrupted run was making, to resume it
@@ -203,19 +204,30 @@ class CachedCaptionDataset(torch.utils.data.Dataset):
         self.cache = cache
         self.views = cache.views if train else [EVAL_VIEW]
         self.strict = strict
+        self.seed = 0  # the data module's; a sample's view is drawn from (seed, epoch, index)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        from stages.data import sample_key
+
+        epoch, i = sample_key(key)
         image, caption, image_index = self.samples[i]
         error = self.cache.unreadable(image)
         if error is not None:
             if self.strict:
                 raise error
             return {"skipped": error.path, "reason": error.reason}
-        view = self.views[int(torch.randint(len(self.views), ()))] if len(self.views) > 1 else self.views[0]
+        view = self.views[0] if len(self.views) == 1 else self._random_view(epoch, i)
         return {"pixel_values": self.cache.tokens(image, view), "caption": caption, "image_id": image_index, "sample_id": i}
+
+    def _random_view(self, epoch: int | None, i: int) -> int:
+        """Drawn from (seed, epoch, index) for a training key, else from the global RNG."""
+        if epoch is None:
+            return self.views[int(torch.randint(len(self.views), ()))]
+        with sample_rng(self.seed, epoch, i):
+            return self.views[int(torch.randint(len(self.views), ()))]
 
 
 # --- helpers ---------------------------------------------------------------------------------------------

@@ -46,12 +46,17 @@ def read_rgb(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     header's width x height before decoding. Only regular files are opened: a FIFO or a device would block.
     """
     _check_regular_file(path)
+    return decode_rgb(path, path, max_pixels)
+
+
+def decode_rgb(source, path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """`read_rgb` of a file or of a file-like object (an image inside a tar shard); `path` names it in errors."""
     if max_pixels is not None and max_pixels > (Image.MAX_IMAGE_PIXELS or 0) and Image.MAX_IMAGE_PIXELS is not None:
         Image.MAX_IMAGE_PIXELS = max_pixels  # the user asked for more than Pillow allows: raise Pillow's bomb limit too
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides, below
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 if max_pixels is not None and width * height > max_pixels:
                     raise UnreadableImage(path, f"{width}x{height} = {width * height:,} pixels is over the limit of "
@@ -68,9 +73,14 @@ def read_rgb(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
         if getattr(error, "strerror", None):  # an OSError from the file system: its words, without the path again
             raise UnreadableImage(path, error.strerror.lower()) from None
         reason = (str(error) or type(error).__name__).replace(f" '{path}'", "").replace(str(path), "the file")
-        if Path(path).stat().st_size == 0:
+        reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", reason)  # an image inside a shard
+        if _size(source) == 0:
             reason = "empty file"
         raise UnreadableImage(path, reason) from None
+
+
+def _size(source) -> int:
+    return source.getbuffer().nbytes if hasattr(source, "getbuffer") else Path(source).stat().st_size
 
 
 def _check_regular_file(path: str | Path) -> None:
@@ -182,10 +192,13 @@ class ImageReader:
     def __post_init__(self):
         check_pixel_limit(self.max_pixels)
 
+    def path(self, path: str | Path) -> Path:
+        """The file an annotation path names (`UnreadableImage` when it leads out of the root)."""
+        return Path(path) if self.root is None else image_under_root(self.root, str(path), self.allow_outside_root)
+
     def open(self, path: str | Path) -> Image.Image:
         """One image as RGB; `UnreadableImage` (not counted here) when it cannot be used."""
-        full = Path(path) if self.root is None else image_under_root(self.root, str(path), self.allow_outside_root)
-        return read_rgb(full, self.max_pixels)
+        return read_rgb(self.path(path), self.max_pixels)
 
     def load(self, paths: Sequence[str | Path], transform) -> tuple[torch.Tensor | None, list[int]]:
         """Decode and transform a batch of images once: (stacked pixels or None, indices of the readable ones)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -23,10 +24,18 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup from 0 to 1, then cosine from 1 to `min_ratio` at `total_steps`."""
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int | Callable[[], int], min_ratio: float) -> float:
+    """LR multiplier: linear warmup from 0 to 1, then cosine from 1 to `min_ratio` at `total_steps`.
+
+    `total_steps` may be a function, asked only once the cosine has begun: Lightning's estimate of a run's steps
+    builds the training data loader, which must not happen before a resumed run's data position is restored.
+    """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if step == warmup_steps:
+        return 1.0  # the top of the cosine, whatever the run's length
+    if callable(total_steps):
+        total_steps = total_steps()
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -37,7 +46,7 @@ def configure_adamw(
     min_lr: float,
     weight_decay: float,
     warmup_steps: int,
-    total_steps: int,
+    total_steps: int | Callable[[], int],
     betas: tuple[float, float] = (0.9, 0.98),
     fused: bool = True,
 ) -> dict:

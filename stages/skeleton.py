@@ -15,18 +15,22 @@ import pytorch_lightning as pl
 import torch
 
 from qformer.export import FROZEN_PREFIX, LM_PREFIX
-from stages.distributed import world
+from stages.distributed import gather_objects, world
 from stages.optim import configure_adamw
+from stages.resume import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
 
+SKIPPED_REPORT_EVERY = 500  # steps
 
-def checkpoint_callbacks(metric: str | None, best_filename: str) -> list:
-    """`last.ckpt` always (every epoch end and validation), and the best checkpoint by `metric` (higher is better)
-    when the run validates; that one is saved only after a validation, so a run too short to validate gives no warning."""
+
+def checkpoint_callbacks(metric: str | None, best_filename: str, every_n_steps: int = 0) -> list:
+    """`last.ckpt` always (every epoch end and validation, and every `every_n_steps` steps when given), and the best
+    checkpoint by `metric` (higher is better) when the run validates; that one is saved only after a validation, so a
+    run too short to validate gives no warning."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    callbacks = [ModelCheckpoint(save_last=True, save_top_k=0)]
+    callbacks = [ModelCheckpoint(save_last=True, save_top_k=0, every_n_train_steps=every_n_steps or None)]
     if metric is not None:
         callbacks.append(ModelCheckpoint(monitor=metric, mode="max", filename=best_filename, auto_insert_metric_name=False,
                                          save_on_train_epoch_end=False))
@@ -40,10 +44,16 @@ class TrainingStopped(RuntimeError):
 class TrainingSkeleton(pl.LightningModule):
     """Subclasses build `self.model` and implement `training_loss(batch)` and `validation_step`."""
 
-    def __init__(self, max_consecutive_skips: int = 25, compile: bool = False, gradient_checkpointing: bool = False):
+    STEP_COUNTERS = ("skipped_steps", "consecutive_skips", "applied_steps", "last_skip_reason")
+
+    def __init__(self, max_consecutive_skips: int = 25, compile: bool = False, gradient_checkpointing: bool = False,
+                 save_every_n_steps: int = 0):
         super().__init__()
         if max_consecutive_skips < 0:
             raise ValueError(f"model.max_consecutive_skips must be >= 0 (0: never stop), got {max_consecutive_skips}")
+        if save_every_n_steps < 0:
+            raise ValueError(f"model.save_every_n_steps must be >= 0 (0: at epoch ends and validations only), got {save_every_n_steps}")
+        self.save_every_n_steps = save_every_n_steps
         self.max_consecutive_skips = max_consecutive_skips
         self.compile_qformer = compile
         self.gradient_checkpointing = gradient_checkpointing
@@ -56,6 +66,8 @@ class TrainingSkeleton(pl.LightningModule):
         self._step_problem: str | None = None  # why the current step may not be applied
         self._step_loss: torch.Tensor | None = None
         self._step_samples: list[int] = []
+        self._total_steps: int | None = None
+        self._rng_to_restore: dict | None = None  # a resumed run's RNG states, set just before its first step
 
     # --- training steps ---------------------------------------------------------------------------------------
     def training_loss(self, batch: dict) -> torch.Tensor:
@@ -144,9 +156,15 @@ class TrainingSkeleton(pl.LightningModule):
         # fused one declares it does: with both, the default AdamW is used.
         clipped_mixed = "mixed" in str(self.trainer.precision) and bool(self.trainer.gradient_clip_val)
         return configure_adamw(
-            self.model, hp.lr, hp.min_lr, hp.weight_decay, hp.warmup_steps, int(self.trainer.estimated_stepping_batches),
-            fused=not clipped_mixed,
+            self.model, hp.lr, hp.min_lr, hp.weight_decay, hp.warmup_steps, self._planned_steps, fused=not clipped_mixed,
         )
+
+    def _planned_steps(self) -> int:
+        """Asked when the cosine begins, not here: estimating builds the data loader before a resume restored its
+        position (Lightning issue #20550), and the estimate does not change."""
+        if self._total_steps is None:
+            self._total_steps = int(self.trainer.estimated_stepping_batches)
+        return self._total_steps
 
     def _rebuildable_prefixes(self) -> tuple[str, ...]:
         """Frozen towers that are rebuilt from their own files, so not copied into every checkpoint.
@@ -162,8 +180,11 @@ class TrainingSkeleton(pl.LightningModule):
         return tuple(prefixes)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Trainable weights only (see `_rebuildable_prefixes`), every process's RNG states and the step counters."""
         drop = self._rebuildable_prefixes()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not (drop and k.startswith(drop))}
+        checkpoint["rng_states"] = gather_objects(capture_rng())  # every process calls this hook: a collective is safe
+        checkpoint["step_counters"] = {name: getattr(self, name) for name in self.STEP_COUNTERS}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         frozen = ("model." + FROZEN_PREFIX, "model." + LM_PREFIX)
@@ -171,6 +192,25 @@ class TrainingSkeleton(pl.LightningModule):
         for key, value in self.state_dict().items():
             if key.startswith(frozen):
                 state.setdefault(key, value)
+        for name, value in checkpoint.get("step_counters", {}).items():
+            setattr(self, name, value)
+        states = checkpoint.get("rng_states")
+        if states:
+            rank, size = world()
+            if size != len(states):
+                log.warning("resuming %d process(es) from a checkpoint of %d: the RNG streams differ from an uninterrupted "
+                            "run's", size, len(states))
+            self._rng_to_restore = states[rank % len(states)]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Unreadable samples are named every SKIPPED_REPORT_EVERY steps too: a web-scale epoch is long."""
+        if self.global_step % SKIPPED_REPORT_EVERY == 0:
+            self._report_skipped("train")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # here, after the sanity check and the loader's start: as at the save
+            restore_rng(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def setup(self, stage: str) -> None:
         data = getattr(self.trainer, "datamodule", None)

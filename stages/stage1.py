@@ -46,6 +46,8 @@ class Stage1Module(TrainingSkeleton):
         compile: torch.compile the Q-Former (minutes of compiling at start; then faster steps on GPU).
         gradient_checkpointing: recompute each Q-Former layer's activations in the backward pass instead of
             storing them (less memory, about a third more Q-Former compute: for 24 GB GPUs).
+        save_every_n_steps: also write `last.ckpt` every this many optimizer steps (0: at epoch ends and
+            validations only), so a preempted or killed run loses at most that many steps.
     """
 
     def __init__(
@@ -63,8 +65,9 @@ class Stage1Module(TrainingSkeleton):
         max_consecutive_skips: int = 25,
         compile: bool = False,
         gradient_checkpointing: bool = False,
+        save_every_n_steps: int = 0,
     ):
-        super().__init__(max_consecutive_skips, compile, gradient_checkpointing)
+        super().__init__(max_consecutive_skips, compile, gradient_checkpointing, save_every_n_steps)
         self.save_hyperparameters()
         if val_retrieval not in ("itc", "itm", "off"):
             raise ValueError(f"model.val_retrieval must be itc, itm or off, got {val_retrieval!r}")
@@ -167,4 +170,4 @@ class Stage1Module(TrainingSkeleton):
         """`last.ckpt`, and the best checkpoint by validation recall when there is a validation split."""
         data = getattr(self.trainer, "datamodule", None)
         validated = self.hparams.val_retrieval != "off" and data is not None and getattr(data.hparams, "val", None) is not None
-        return checkpoint_callbacks("val/r_mean" if validated else None, "best-{step}-{val/r_mean:.2f}")
+        return checkpoint_callbacks("val/r_mean" if validated else None, "best-{step}-{val/r_mean:.2f}", self.save_every_n_steps)

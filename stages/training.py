@@ -9,12 +9,14 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from stages.checkpoints import RunFiles
 from stages.data import CaptionDataModule
+from stages.resume import AtomicCheckpointIO, StopOnSignal, find_checkpoint
 
 # Given on the command line, each of these replaces the other one from a config file.
 EXCLUSIVE_OPTIONS = (("--model.lm_path", "--model.lm_config"),)
@@ -86,8 +88,29 @@ class QFormerCLI(LightningCLI):
             if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
                 loggers.append(TensorBoardLogger(self.trainer.default_root_dir, version=csv.version))
             self.trainer.loggers = loggers
-        self.trainer.callbacks += [ValidationReport(), RunFiles()]
+        self.trainer.callbacks += [ValidationReport(), RunFiles(), StopOnSignal()]
+        if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a strategy's own (DeepSpeed, FSDP)
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        self._resolve_ckpt_path(config)
         tidy_progress_bar(self.trainer)
+
+    def _resolve_ckpt_path(self, config) -> None:
+        """`--ckpt_path last|auto`: the newest checkpoint of any run under the root folder (Lightning's own `last`
+        looks only in this run's new, empty version folder). The resumed run logs into a new version folder and
+        says which checkpoint it continues."""
+        if not self.subcommand or "ckpt_path" not in self.config_init[self.subcommand]:
+            return
+        request = self.config_init[self.subcommand]["ckpt_path"]
+        path = find_checkpoint(request, self.trainer.default_root_dir)
+        self.config_init[self.subcommand]["ckpt_path"] = path
+        if request is not None and path is not None and self.trainer.is_global_zero:
+            print(f"resuming from {path}", file=sys.stderr)
+        elif request == "auto" and self.trainer.is_global_zero:
+            print(f"--ckpt_path auto: no checkpoint under {self.trainer.default_root_dir} yet: starting a new run", file=sys.stderr)
+
+    def stopped_by_signal(self) -> int | None:
+        """The signal that stopped the run (after saving a checkpoint), if one did."""
+        return next((c.stopped_by for c in self.trainer.callbacks if isinstance(c, StopOnSignal)), None)
 
 
 def command_line_wins(argv: list[str]) -> list[str]:

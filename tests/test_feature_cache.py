@@ -76,8 +76,9 @@ def test_training_draws_among_the_training_views_and_validation_takes_the_eval_v
     train = CachedCaptionDataset([(path, "a caption", 0)], features, train=True)
     views = [features.tokens(path, v) for v in range(5)]
     drawn = set()
-    for _ in range(40):
-        tokens = train[0]["pixel_values"]
+    for epoch in range(40):  # the training sampler's keys: (epoch, index)
+        tokens = train[(epoch, 0)]["pixel_values"]
+        assert torch.equal(train[(epoch, 0)]["pixel_values"], tokens)  # the same key, the same view (resumable)
         drawn.add(next(v for v in range(5) if torch.equal(tokens, views[v])))
     assert drawn == {1, 2, 3, 4}
     val = CachedCaptionDataset([(path, "a caption", 0)], features, train=False)

@@ -1,0 +1,197 @@
+"""Preemption and resume: a run that is stopped (Ctrl-C, SIGTERM, SLURM's SIGUSR1) or killed continues where it was.
+
+What a checkpoint holds beyond Lightning's own (weights, optimiser, schedule, loop counters):
+* every process's RNG states (torch CPU and CUDA, numpy, python), restored just before the first step after a resume;
+* the data position (`CaptionDataModule.state_dict`): the data seed, the epoch and how many of its batches were
+  trained. The map-style sampler (`ResumableSampler`) then skips exactly those batches, and every sample's
+  augmentation is drawn from (seed, epoch, index) (`sample_rng`), not from a stream a restart would reset.
+Together: a CPU run killed after the checkpoint at step k and resumed ends with bit-identical weights to a run
+that was never interrupted (tests/test_resume.py).
+
+Checkpoints are written atomically (`AtomicCheckpointIO`): a kill during a save leaves the previous file.
+`--ckpt_path last` / `auto` find the newest checkpoint under `--trainer.default_root_dir` (`find_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch.utils.data import DistributedSampler
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+# --- finding the checkpoint to resume from -------------------------------------------------------------------
+def run_checkpoints(root: str | Path) -> list[Path]:
+    """The resumable checkpoints of every run under ROOT: each version's `last*.ckpt`, and Lightning's SLURM
+    `hpc_ckpt_*.ckpt` in ROOT itself."""
+    root = Path(root)
+    found = list(root.glob("lightning_logs/version_*/checkpoints/last*.ckpt")) + list(root.glob("hpc_ckpt_*.ckpt"))
+    return [path for path in found if path.is_file() and not path.is_symlink()]
+
+
+def find_checkpoint(request: str | None, root: str | Path) -> str | None:
+    """What `--ckpt_path` means: `last` the newest checkpoint under ROOT (an error if there is none: a resume that
+    finds nothing must not silently start over), `auto` the same or None (a fresh start: for job scripts that are
+    requeued), anything else a file that must exist."""
+    if request is None:
+        return None
+    if request in ("last", "auto"):
+        found = run_checkpoints(root)
+        if found:
+            return str(max(found, key=lambda path: path.stat().st_mtime))
+        if request == "auto":
+            return None
+        raise FileNotFoundError(f"--ckpt_path last: no checkpoint to resume from under {root} (looked for "
+                                f"lightning_logs/version_*/checkpoints/last*.ckpt): nothing to resume; start without "
+                                f"--ckpt_path, or give --ckpt_path auto to resume only when there is one")
+    if not Path(request).is_file():
+        raise FileNotFoundError(f"--ckpt_path: checkpoint not found: {request}")
+    return request
+
+
+# --- atomic saves --------------------------------------------------------------------------------------------
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes `.NAME.partial-PID` beside the checkpoint, syncs it, then renames it over NAME: a kill during a
+    save leaves the previous checkpoint whole (Lightning's own transaction writes through the system's temporary
+    folder, which is a copy, not a rename, when it is another file system)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+# --- RNG states ------------------------------------------------------------------------------------------------
+def capture_rng() -> dict:
+    """This process's RNG states, as tensors and plain containers (checkpoints are read weights-only)."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def sample_rng(seed: int, epoch: int, index: int):
+    """torch's RNG seeded from (seed, epoch, index) inside the block, as it was outside it: a sample's augmentation
+    is the same whichever worker draws it and whether or not the run was resumed in between."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63 - 1))
+        yield
+
+
+# --- the data position -----------------------------------------------------------------------------------------
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler's shuffle (a permutation from seed + epoch, one share per rank, `drop_last`) yielding
+    (epoch, index) keys, that can start an epoch part-way: `resume_at = (epoch, batches)` skips the batches a
+    checkpoint had already trained on. Its length stays the whole epoch's, as Lightning counts a resumed epoch's
+    batches from where it stopped."""
+
+    def __init__(self, dataset, batch_size: int, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.resume_at: tuple[int, int] | None = None
+
+    def __iter__(self):  # a generator: the permutation is drawn at the first batch, after a checkpoint is restored
+        skip = 0
+        if self.resume_at is not None and self.resume_at[0] == self.epoch:
+            skip = self.resume_at[1] * self.batch_size
+            self.resume_at = None
+        for index in list(super().__iter__())[skip:]:
+            yield self.epoch, index
+
+
+# --- stopping on a signal ---------------------------------------------------------------------------------------
+class StopOnSignal(pl.Callback):
+    """SIGINT (Ctrl-C), SIGTERM and SIGUSR1 (SLURM's `--signal=USR1@SECONDS` before a preemption or the time limit):
+    the step in progress completes, every process saves `last.ckpt` at that step and the run stops; `qformer` then
+    exits with 128 + the signal's number. A second Ctrl-C stops at once, saving nothing more."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.stopped_by: int | None = None
+        self._previous: dict = {}
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if not _in_main_thread():
+            return
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._note)
+
+    def _note(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            self._restore()
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
+              f"(Ctrl-C again stops at once)", file=sys.stderr)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        received = self.received or 0
+        if trainer.world_size > 1:  # one process's signal stops them all, at the same step
+            received = int(trainer.strategy.reduce(torch.tensor(received, device=module.device), reduce_op="max"))
+        if not received or trainer.should_stop:
+            return
+        path = save_last_checkpoint(trainer)
+        trainer.should_stop = True
+        self.stopped_by = received
+        if trainer.is_global_zero:
+            print(f"stopped by {signal.Signals(received).name} at step {trainer.global_step}: checkpoint {path}; "
+                  f"resume with the same command and --ckpt_path last", file=sys.stderr)
+
+    def teardown(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
+def save_last_checkpoint(trainer: pl.Trainer) -> Path:
+    """`last.ckpt` of the run's ModelCheckpoint, now. The callback is told, so that it does not save the same step
+    again at the epoch's or the run's end: that save would record the interrupted epoch as finished."""
+    callback = trainer.checkpoint_callback
+    path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+    callback.last_model_path = str(path)  # before saving: it is part of the callback's saved state
+    trainer.save_checkpoint(path)
+    callback._last_global_step_saved = trainer.global_step
+    callback._last_checkpoint_saved = str(path)
+    return path
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,330 @@
+"""Webdataset tar shards in img2dataset's layout: the training and validation stream, and `qformer make-shards`.
+
+The layout (what img2dataset writes, and what `make-shards` writes from any annotation file):
+
+    DIR/00000.tar          000000000.jpg  000000000.txt  000000000.json  000000002.jpg ...  (keys may have gaps)
+    DIR/00000_stats.json   {"successes": 9998, "failed_to_download": 2, "count": 10000, ...}
+
+A sample is `<key>.jpg|.jpeg|.png|.webp` with its caption in `<key>.txt` or under a key (default `caption`) of
+`<key>.json`; `.txt` wins when both exist. A spec names shards with brace notation, several specs joined by `::`
+(as webdataset and open_clip): `/data/cc3m/{00000..00331}.tar::/data/sbu/{00000..00099}.tar`.
+
+Training reads as open_clip does: each process and data-loader worker reads its own shards (split by rank, then by
+worker) in a shuffled cycle, or, with `resampled`, draws shards with replacement; samples pass a shuffle buffer; an
+epoch is a fixed number of samples (the `_stats.json` successes, or `data.train_samples`). Every random choice is
+seeded from (seed, epoch, rank, worker, restart): a rerun draws the same stream, and a run resumed at step k draws
+a fresh one (`restart` = k) from the same distribution instead of replaying the epoch's first samples.
+
+A sample without an image or caption, an unreadable image (the pixel limit is checked from the header before
+decoding) and a damaged tar (the rest of that shard) become `skipped` records, counted and named like unreadable
+files of a folder (`train/skipped_images`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from stages.annotations import clean_caption, load_annotations
+from stages.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, SkippedImages, UnreadableImage, decode_rgb
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SPEC_SEPARATOR = "::"
+
+
+# --- shard specs ---------------------------------------------------------------------------------------------
+def is_shard_spec(spec: str | None) -> bool:
+    return spec is not None and any(part.strip().endswith(".tar") for part in spec.split(SPEC_SEPARATOR))
+
+
+def expand_shards(spec: str, option: str) -> list[str]:
+    """The shard files a spec names, brace notation expanded; every one must exist."""
+    import braceexpand
+
+    urls = [url for part in spec.split(SPEC_SEPARATOR) if part.strip() for url in braceexpand.braceexpand(part.strip())]
+    missing = [url for url in urls if not Path(url).is_file()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"{option}: {len(missing)} of the {len(urls)} shard(s) of {spec} not found: {shown}")
+    return urls
+
+
+def stats_file(url: str) -> Path:
+    path = Path(url)
+    return path.with_name(f"{path.stem}_stats.json")
+
+
+def counted_samples(urls: list[str]) -> int | None:
+    """The sum of the shards' `_stats.json` successes; None when a shard has none."""
+    total = 0
+    for url in urls:
+        try:
+            total += int(json.loads(stats_file(url).read_text())["successes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return total
+
+
+def stable_id(text: str) -> int:
+    """A 62-bit id of a string, the same in every process and run (Python's `hash` of a str is salted)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 2
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+class ShardStream(IterableDataset):
+    """Batches of (image, caption) samples from tar shards, for one process; see the module's docstring.
+
+    Args:
+        urls: the shard files.
+        transform: image -> tensor (the training or eval transform).
+        collate: a list of samples -> a batch (`stages.data.Collate`).
+        batch_size: samples per batch.
+        rank, world: this process and the number of processes.
+        num_workers: data-loader workers of this process (0: the process itself).
+        seed: the stream's seed.
+        train: shuffled, cycled (or resampled) and cut to `batches_per_worker` batches; else one ordered pass.
+        batches_per_worker: each worker's batches in an epoch (training).
+        resampled: draw shards with replacement instead of splitting them among processes and workers.
+        shuffle_buffer: samples in the shuffle buffer (training).
+        caption_key: the caption's key in `<key>.json`.
+        max_words: captions are cut to this many words.
+        max_image_pixels: larger images (by their header) are skipped before decoding.
+    """
+
+    def __init__(self, urls: list[str], transform, collate: Callable, batch_size: int, rank: int, world: int,
+                 num_workers: int, seed: int, train: bool, batches_per_worker: int | None = None, resampled: bool = False,
+                 shuffle_buffer: int = 1000, caption_key: str = "caption", max_words: int = 50,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+        super().__init__()
+        self.urls, self.transform, self.collate, self.batch_size = urls, transform, collate, batch_size
+        self.rank, self.world, self.num_workers, self.seed, self.train = rank, world, num_workers, seed, train
+        self.batches_per_worker, self.resampled, self.shuffle_buffer = batches_per_worker, resampled, shuffle_buffer
+        self.caption_key, self.max_words, self.max_image_pixels = caption_key, max_words, max_image_pixels
+        self.epoch = 0
+        self.restart = 0  # the step a resumed run started at: its stream is a fresh draw
+        if train and not resampled:
+            self._check_enough_shards()
+
+    def __len__(self) -> int:
+        """Batches per epoch of this process (training): every worker yields `batches_per_worker`."""
+        if self.batches_per_worker is None:
+            raise TypeError("a validation stream has no length")
+        return self.batches_per_worker * max(1, self.num_workers)
+
+    def _check_enough_shards(self) -> None:
+        readers = self.world * max(1, self.num_workers)
+        if len(self.urls) < readers:
+            raise ValueError(f"{len(self.urls)} shard(s) for {self.world} process(es) x {max(1, self.num_workers)} "
+                             f"worker(s): each reader needs a shard of its own; use more shards, fewer data.num_workers, "
+                             f"or data.resampled true")
+
+    def __iter__(self) -> Iterator[dict]:
+        import webdataset as wds
+
+        worker, workers = _worker()
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{self.restart}")
+        errors: list[UnreadableImage] = []
+
+        def note_error(error: Exception) -> bool:  # webdataset's handler: a damaged tar is named, then skipped
+            url = next((a for a in error.args[1:] if isinstance(a, str) and a.endswith(".tar")), "a shard")
+            errors.append(UnreadableImage(url, f"damaged tar, the rest of the shard skipped ({error.args[0]})"))
+            return True
+
+        shards = ({"url": url} for url in self._shard_order(rng, worker, workers))
+        samples = wds.tariterators.tarfile_samples(shards, handler=note_error)
+        if self.train:
+            samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)
+        items = _with_errors(samples, errors)
+        records = map(self._record, items) if self.train else self._rank_share(items)
+        yield from self._batches(records)
+
+    def _shard_order(self, rng: random.Random, worker: int, workers: int) -> Iterator[str]:
+        if not self.train:
+            yield from self.urls  # every process reads every sample's name in order, and decodes its share
+            return
+        if self.resampled:
+            while True:
+                yield rng.choice(self.urls)
+        mine = self.urls[self.rank::self.world][worker::workers]
+        while True:  # an epoch is a number of samples, not a pass: cycle, reshuffled each time
+            yield from rng.sample(mine, len(mine))
+
+    def _record(self, item: dict | UnreadableImage) -> dict:
+        if isinstance(item, UnreadableImage):
+            return _skipped(item)
+        try:
+            return self._decode(item)
+        except UnreadableImage as error:
+            return _skipped(error)
+
+    def _rank_share(self, items: Iterator) -> Iterator[dict]:
+        """Validation: every `world`-th sample from this process's rank on, padded with repeats to the same count on
+        every process (as DistributedSampler pads; validation counts a repeated sample once)."""
+        mine, count = [], 0
+        for count, item in enumerate(items, 1):
+            if (count - 1) % self.world == self.rank:
+                mine.append(self._record(item))
+                yield mine[-1]
+        if not mine:
+            raise ValueError(f"{count} validation sample(s) in the shards, fewer than the {self.world} processes")
+        for i in range(math.ceil(count / self.world) - len(mine)):
+            yield mine[i]
+
+    def _decode(self, sample: dict) -> dict:
+        key, url = sample["__key__"], sample.get("__url__", "?")
+        name = f"{url}:{key}"
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        if image_ext is None:
+            raise UnreadableImage(name, "no image in the sample (.jpg, .png or .webp)")
+        meta = _json(sample.get("json"), name)
+        caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else meta.get(self.caption_key)
+        if not isinstance(caption, str) or not caption.strip():
+            raise UnreadableImage(name, f"no caption in the sample (.txt, or '{self.caption_key}' in .json)")
+        image = decode_rgb(io.BytesIO(sample[image_ext]), f"{name}.{image_ext}", self.max_image_pixels)
+        image_id = meta.get("image_id", key)
+        return {"pixel_values": self.transform(image), "caption": clean_caption(caption, self.max_words),
+                "image_id": stable_id(f"image:{image_id}"), "sample_id": stable_id(name)}
+
+    def _batches(self, records: Iterator[dict]) -> Iterator[dict]:
+        made, batch = 0, []
+        for record in records:
+            batch.append(record)
+            if len(batch) == self.batch_size:
+                yield self.collate(batch)
+                made, batch = made + 1, []
+                if self.batches_per_worker is not None and made == self.batches_per_worker:
+                    return
+        if batch and not self.train:
+            yield self.collate(batch)
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader over a `ShardStream` that tells the stream its epoch before each epoch's workers start
+    (they get a copy of the stream; Lightning tells epochs only to samplers, which an iterable dataset has none of)."""
+
+    def __init__(self, stream: ShardStream, epoch: Callable[[], int], num_workers: int):
+        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
+        self.current_epoch = epoch
+
+    def __iter__(self):
+        self.dataset.epoch = self.current_epoch()
+        return super().__iter__()
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _with_errors(samples: Iterator[dict], errors: list[UnreadableImage]) -> Iterator[dict | UnreadableImage]:
+    """The samples, with the damaged-tar errors webdataset's handler noted put in the stream where they happened."""
+    for sample in samples:
+        while errors:
+            yield errors.pop(0)
+        yield sample
+    while errors:
+        yield errors.pop(0)
+
+
+def _skipped(error: UnreadableImage) -> dict:
+    return {"skipped": error.path, "reason": error.reason}
+
+
+def _json(data: bytes | None, name: str) -> dict:
+    if data is None:
+        return {}
+    try:
+        value = json.loads(data)
+    except ValueError:
+        raise UnreadableImage(name, "its .json is not valid JSON") from None
+    return value if isinstance(value, dict) else {}
+
+
+def epoch_batches(samples: int, batch_size: int, world: int, num_workers: int, option: str) -> int:
+    """Each worker's batches in an epoch of `samples` samples over `world` processes (open_clip's rounding up)."""
+    per_process = samples // (batch_size * world)
+    if per_process < 1:
+        raise ValueError(f"{option}: {samples} samples per epoch are fewer than one batch (data.batch_size {batch_size} x "
+                         f"{world} process(es))")
+    return math.ceil(per_process / max(1, num_workers))
+
+
+# --- writing: `qformer make-shards` ---------------------------------------------------------------------------------
+def make_shards(annotations: list[str], *, images: str, out: str, samples_per_shard: int = 10000, seed: int = 0,
+                shuffle: bool = True, overwrite: bool = False, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                allow_outside_root: bool = False) -> int:
+    """Write image-caption pairs as webdataset tar shards in img2dataset's layout (`NNNNN.tar` + `NNNNN_stats.json`).
+
+    One sample per (image, caption) pair: `<key>.jpg|png|webp` (the file's own bytes; other formats are stored as
+    PNG), `<key>.txt` (the caption) and `<key>.json` (caption, image path and image id, so that training still knows
+    which captions share an image). Unreadable images are named, left out and counted in `failed_to_download`.
+
+    Args:
+        annotations: annotation file(s) in any format the project reads (COCO/LAVIS JSON lists, captions files).
+        images: the folder the annotation paths are relative to.
+        out: the folder to write the shards into.
+        samples_per_shard: samples per tar file.
+        seed: the order of the pairs (shuffled, so that one image's captions do not fill one batch).
+        shuffle: shuffle the pairs; `--no-shuffle` keeps the annotation order.
+        overwrite: replace an existing non-empty --out folder.
+        max_image_pixels: images whose header declares more pixels are left out (unset: no limit).
+        allow_outside_root: read annotation paths that lead outside --images.
+    """
+    from qformer.files import atomic_folder
+
+    if samples_per_shard < 1:
+        raise ValueError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
+    if not Path(images).is_dir():
+        raise FileNotFoundError(f"--images: image folder not found: {images}")
+    pairs = [(entry, caption) for file in annotations for entry in load_annotations(file, allow_outside_root)
+             for caption in entry.captions]
+    if shuffle:
+        random.Random(seed).shuffle(pairs)
+    reader = ImageReader(max_image_pixels, Path(images), allow_outside_root)
+    skipped = SkippedImages()
+    digits = max(4, len(str(samples_per_shard - 1)))
+    with atomic_folder(out, overwrite) as folder:
+        shards = [pairs[i:i + samples_per_shard] for i in range(0, len(pairs), samples_per_shard)]
+        written = sum(_write_shard(folder, number, shard, reader, skipped, digits) for number, shard in enumerate(shards))
+    skipped.finish()
+    print(f"wrote {written} samples in {len(shards)} shard(s) to {out}" + (f"; {len(skipped)} left out" if len(skipped) else ""))
+    return 0
+
+
+def _write_shard(folder: Path, number: int, pairs, reader: ImageReader, skipped: SkippedImages, digits: int) -> int:
+    import webdataset as wds
+
+    successes = 0
+    with wds.TarWriter(str(folder / f"{number:05d}.tar")) as tar:
+        for index, (entry, caption) in enumerate(pairs):
+            try:
+                extension, data = _image_bytes(reader, entry.image)
+            except UnreadableImage as error:
+                skipped.add(error)
+                continue
+            key = f"{number:05d}{index:0{digits}d}"
+            meta = {"caption": caption, "image": entry.image, "image_id": str(entry.image_id)}
+            tar.write({"__key__": key, extension: data, "txt": caption, "json": meta})
+            successes += 1
+    stats = {"count": len(pairs), "successes": successes, "failed_to_download": len(pairs) - successes}
+    (folder / f"{number:05d}_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    return successes
+
+
+def _image_bytes(reader: ImageReader, relative: str) -> tuple[str, bytes]:
+    """(extension, bytes) of an annotation's image, checked to decode; JPEG, PNG and WebP as they are, others as PNG."""
+    image = reader.open(relative)  # raises UnreadableImage, named and counted by the caller
+    path = reader.path(relative)
+    extension = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+    if extension in IMAGE_EXTENSIONS:
+        return extension, path.read_bytes()
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "png", buffer.getvalue()

@@ -1,0 +1,34 @@
+"""Callbacks the resume tests give `qformer stage1 fit` (by class path) in a child process."""
+
+import os
+import signal
+
+import pytorch_lightning as pl
+
+
+class RecordSamples(pl.Callback):
+    """Appends `STEP SAMPLE_IDS` for every training batch to `path` (`path.rankN` for each process with `per_rank`)."""
+
+    def __init__(self, path: str, per_rank: bool = False):
+        self.path, self.per_rank = path, per_rank
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        path = f"{self.path}.rank{trainer.global_rank}" if self.per_rank else self.path
+        with open(path, "a") as f:
+            f.write(f"{trainer.global_step} {batch['sample_ids'].tolist()}\n")
+
+
+class SignalAt(pl.Callback):
+    """Sends `signal` to this process once, in the step that follows optimizer step `step`: at the batch's start
+    (a signal the run handles) or in its backward pass (SIGKILL: work in progress is lost)."""
+
+    def __init__(self, step: int, signal_name: str, in_backward: bool = False):
+        self.step, self.signum, self.in_backward = step, getattr(signal, signal_name), in_backward
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if not self.in_backward and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+    def on_before_backward(self, trainer, module, loss):
+        if self.in_backward and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
