@@ -138,9 +138,9 @@ class ShardStream(IterableDataset):
             return True
 
         shards = ({"url": url} for url in self._shard_order(rng, worker, workers))
-        samples = wds.tariterators.tarfile_samples(shards, handler=note_error)
+        samples = wds.tarfile_to_samples(handler=note_error)(shards)
         if self.train:
-            samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)
+            samples = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)(samples)
         items = _with_errors(samples, errors)
         records = map(self._record, items) if self.train else self._rank_share(items)
         yield from self._batches(records)
