@@ -17,7 +17,7 @@ from torchvision import transforms as T
 from qformer.vision import IMAGE_MEAN, IMAGE_STD
 from stages.annotations import Entry, clean_caption, load_annotations
 from stages.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, UnreadableImage, check_pixel_limit
-from stages.resume import ResumableSampler, sample_rng
+from stages.resume import ResumableSampler, sample_key, sample_rng
 from stages.shards import ShardLoader, ShardStream, counted_samples, epoch_batches, expand_shards, is_shard_spec
 
 
@@ -46,11 +46,6 @@ def caption_samples(entries: list[Entry], max_words: int = 50) -> list[tuple[str
         index = image_index.setdefault(entry.image_id, len(image_index))
         samples += [(entry.image, clean_caption(caption, max_words), index) for caption in entry.captions]
     return samples
-
-
-def sample_key(key) -> tuple[int | None, int]:
-    """(epoch, index) from a training key of `ResumableSampler`, (None, index) from a plain index."""
-    return key if isinstance(key, tuple) else (None, key)
 
 
 class CaptionDataset(Dataset):

@@ -43,7 +43,12 @@ class EvalSet:
              allow_outside_root: bool = False, features: str | None = None, encoder=None) -> "EvalSet":
         """The images are read from `image_root`, or their tokens from the feature cache `features` (checked against `encoder`)."""
         from stages.feature_cache import image_source
+        from stages.shards import is_shard_spec, shard_eval_set
 
+        if is_shard_spec(annotations):
+            if features is not None:
+                raise ValueError("--features: a feature cache is read with an annotation file, not with shards (--data)")
+            return cls(*shard_eval_set(annotations, "--data", max_image_pixels))
         entries = load_annotations(annotations, allow_outside_root)
         reader = image_source(image_root, features, encoder, [e.image for e in entries], annotations, max_image_pixels, allow_outside_root)
         return cls(entries, reader)
@@ -59,7 +64,8 @@ class EvalSet:
         return count
 
     def nothing_readable(self) -> NoReadableImage:
-        return NoReadableImage(f"no readable image among the {len(self.entries)} of the evaluation set under {self.image_root}")
+        where = f"under {self.image_root}" if self.image_root is not None else "in its shards"
+        return NoReadableImage(f"no readable image among the {len(self.entries)} of the evaluation set {where}")
 
 
 def progress(enabled: bool, desc: str):
@@ -193,7 +199,8 @@ def eval_retrieval(
 
     Args:
         model: a stage-1 export folder.
-        data: annotation file (LAVIS / COCO-Karpathy list, or official COCO captions).
+        data: annotation file (LAVIS / COCO-Karpathy list, or official COCO captions), or webdataset shards
+            (`DIR/{00000..00009}.tar`, img2dataset's layout; read into memory, no --images needed).
         images: image root folder the annotation paths are relative to.
         features: read the images' eval view from this feature cache (qformer cache-features) instead of --images.
         k_test: candidates re-ranked with ITM per query.
@@ -245,7 +252,7 @@ def eval_caption(
 
     Args:
         model: a stage-2 export folder.
-        data: annotation file whose captions are the references.
+        data: annotation file whose captions are the references, or webdataset shards (as eval retrieval).
         images: image root folder the annotation paths are relative to.
         features: read the images' eval view from this feature cache (qformer cache-features) instead of --images.
         prompt: text every caption continues.

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from stages.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, SkippedImages, UnreadableImage
-from stages.resume import sample_rng
+from stages.resume import sample_key, sample_rng
 
 MANIFEST = "feature_cache.json"  # written last: a folder without it is not (yet) a cache
 SETTINGS = "cache_settings.json"  # written first: what an interrupted run was making, to resume it
@@ -210,8 +210,6 @@ class CachedCaptionDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, key) -> dict:
-        from stages.data import sample_key
-
         epoch, i = sample_key(key)
         image, caption, image_index = self.samples[i]
         error = self.cache.unreadable(image)

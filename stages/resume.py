@@ -111,6 +111,11 @@ def sample_rng(seed: int, epoch: int, index: int):
         yield
 
 
+def sample_key(key) -> tuple[int | None, int]:
+    """(epoch, index) from a training key of `ResumableSampler`, (None, index) from a plain index."""
+    return key if isinstance(key, tuple) else (None, key)
+
+
 # --- the data position -----------------------------------------------------------------------------------------
 class ResumableSampler(DistributedSampler):
     """DistributedSampler's shuffle (a permutation from seed + epoch, one share per rank, `drop_last`) yielding

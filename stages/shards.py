@@ -28,11 +28,13 @@ import json
 import math
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from stages.annotations import clean_caption, load_annotations
+from stages.annotations import Entry, clean_caption, load_annotations
 from stages.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, SkippedImages, UnreadableImage, decode_rgb
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -121,7 +123,7 @@ class ShardStream(IterableDataset):
     def _check_enough_shards(self) -> None:
         readers = self.world * max(1, self.num_workers)
         if len(self.urls) < readers:
-            raise ValueError(f"{len(self.urls)} shard(s) for {self.world} process(es) x {max(1, self.num_workers)} "
+            raise ValueError(f"data.train: {len(self.urls)} shard(s) for {self.world} process(es) x {max(1, self.num_workers)} "
                              f"worker(s): each reader needs a shard of its own; use more shards, fewer data.num_workers, "
                              f"or data.resampled true")
 
@@ -133,8 +135,7 @@ class ShardStream(IterableDataset):
         errors: list[UnreadableImage] = []
 
         def note_error(error: Exception) -> bool:  # webdataset's handler: a damaged tar is named, then skipped
-            url = next((a for a in error.args[1:] if isinstance(a, str) and a.endswith(".tar")), "a shard")
-            errors.append(UnreadableImage(url, f"damaged tar, the rest of the shard skipped ({error.args[0]})"))
+            errors.append(damaged_tar(error))
             return True
 
         shards = ({"url": url} for url in self._shard_order(rng, worker, workers))
@@ -178,17 +179,9 @@ class ShardStream(IterableDataset):
             yield mine[i]
 
     def _decode(self, sample: dict) -> dict:
-        key, url = sample["__key__"], sample.get("__url__", "?")
-        name = f"{url}:{key}"
-        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        if image_ext is None:
-            raise UnreadableImage(name, "no image in the sample (.jpg, .png or .webp)")
-        meta = _json(sample.get("json"), name)
-        caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else meta.get(self.caption_key)
-        if not isinstance(caption, str) or not caption.strip():
-            raise UnreadableImage(name, f"no caption in the sample (.txt, or '{self.caption_key}' in .json)")
+        name, image_ext, caption, meta = sample_parts(sample, self.caption_key)
         image = decode_rgb(io.BytesIO(sample[image_ext]), f"{name}.{image_ext}", self.max_image_pixels)
-        image_id = meta.get("image_id", key)
+        image_id = meta.get("image_id", sample["__key__"])
         return {"pixel_values": self.transform(image), "caption": clean_caption(caption, self.max_words),
                 "image_id": stable_id(f"image:{image_id}"), "sample_id": stable_id(name)}
 
@@ -216,6 +209,25 @@ class ShardLoader(DataLoader):
     def __iter__(self):
         self.dataset.epoch = self.current_epoch()
         return super().__iter__()
+
+
+def sample_parts(sample: dict, caption_key: str) -> tuple[str, str, str, dict]:
+    """(name, image extension, caption, .json metadata) of a shard sample; `UnreadableImage` without an image or caption."""
+    name = f"{sample.get('__url__', '?')}:{sample['__key__']}"
+    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if image_ext is None:
+        raise UnreadableImage(name, "no image in the sample (.jpg, .png or .webp)")
+    meta = _json(sample.get("json"), name)
+    caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else meta.get(caption_key)
+    if not isinstance(caption, str) or not caption.strip():
+        raise UnreadableImage(name, f"no caption in the sample (.txt, or '{caption_key}' in .json)")
+    return name, image_ext, caption, meta
+
+
+def damaged_tar(error: Exception) -> UnreadableImage:
+    """What webdataset's handler is given when a tar cannot be read on: the shard, named (its URL is in the args)."""
+    url = next((a for a in error.args[1:] if isinstance(a, str) and a.endswith(".tar")), "a shard")
+    return UnreadableImage(url, f"damaged tar, the rest of the shard skipped ({error.args[0]})")
 
 
 def _worker() -> tuple[int, int]:
@@ -254,6 +266,47 @@ def epoch_batches(samples: int, batch_size: int, world: int, num_workers: int, o
         raise ValueError(f"{option}: {samples} samples per epoch are fewer than one batch (data.batch_size {batch_size} x "
                          f"{world} process(es))")
     return math.ceil(per_process / max(1, num_workers))
+
+
+# --- evaluation sets ----------------------------------------------------------------------------------------------
+@dataclass
+class ShardImages(ImageReader):
+    """`ImageReader` over the images of an evaluation set's shards, held in memory: `open("SHARD.tar:KEY")`."""
+
+    images: dict[str, bytes] = field(default_factory=dict)
+
+    def open(self, path) -> Image.Image:
+        return decode_rgb(io.BytesIO(self.images[str(path)]), str(path), self.max_pixels)
+
+
+def shard_eval_set(spec: str, option: str, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                   caption_key: str = "caption") -> tuple[list[Entry], ShardImages]:
+    """The entries (one per image: samples with the same `image_id` in their .json merged) and images of shards, for
+    `qformer eval retrieval|caption`. A sample without an image or caption, and a damaged tar, are named and counted."""
+    import webdataset as wds
+
+    reader = ShardImages(max_image_pixels)
+    entries: dict[str, Entry] = {}
+
+    def note_error(error: Exception) -> bool:
+        reader.skipped.add(damaged_tar(error))
+        return True
+
+    for sample in wds.tarfile_to_samples(handler=note_error)({"url": url} for url in expand_shards(spec, option)):
+        try:
+            name, image_ext, caption, meta = sample_parts(sample, caption_key)
+        except UnreadableImage as error:
+            reader.skipped.add(error)
+            continue
+        image_id = str(meta.get("image_id", name))
+        entry = entries.get(image_id)
+        if entry is None:
+            entry = entries[image_id] = Entry(image=name, captions=[], image_id=image_id)
+            reader.images[name] = sample[image_ext]
+        entry.captions.append(caption)
+    if not entries:
+        raise ValueError(f"{option}: no sample with an image and a caption in {spec}")
+    return list(entries.values()), reader
 
 
 # --- writing: `qformer make-shards` ---------------------------------------------------------------------------------

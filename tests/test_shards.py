@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from stages.cli import main
@@ -183,3 +184,27 @@ def test_stage2_from_shards_stops_on_sigterm_and_resumes_with_its_schedule(data,
         assert float(row["train/lr"]) == pytest.approx(1e-3 * warmup_cosine(int(row["step"]), 5, 40, 0.1), rel=1e-5)
     losses = [float(r["train/loss_lm"]) for r in rows]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+
+
+def test_eval_retrieval_reads_shards_as_it_reads_the_folder(data, tmp_path):
+    from qformer.bert import load_tokenizer
+    from qformer.config import preset
+    from qformer.export import save_stage1
+    from qformer.stage1 import Stage1Model
+
+    tokenizer = load_tokenizer(data)
+    config = preset("tiny")
+    config.qformer_config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    stage1 = save_stage1(Stage1Model(config), tokenizer, tmp_path / "stage1")
+    shards = tmp_path / "test_shards"
+    assert main(["make-shards", str(data / "test.json"), "--images", str(data), "--out", str(shards), "--samples-per-shard", "3"]) == 0
+    spec = f"{shards}/{{00000..{len(list(shards.glob('*.tar'))) - 1:05d}}}.tar"
+    scores = {}
+    for name, source in (("folder", ["--data", str(data / "test.json"), "--images", str(data)]), ("shards", ["--data", spec])):
+        assert main(["eval", "retrieval", "--model", str(stage1), *source, "--k-test", "4", "--json", str(tmp_path / f"{name}.json"),
+                     "--no-progress"]) == 0
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert scores["shards"]["images"] == scores["folder"]["images"] and scores["shards"]["texts"] == scores["folder"]["texts"]
+    for metric in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"):
+        assert scores["shards"][metric] == pytest.approx(scores["folder"][metric]), metric
