@@ -108,3 +108,21 @@ def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatc
         io.save_checkpoint({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_ctrl_c_asks_for_a_stop_at_the_step_end_and_a_second_one_stops_at_once():
+    from stages.resume import STOP_SIGNALS, StopOnSignal
+
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    stop = StopOnSignal()
+    stop.on_train_start(None, None)
+    try:
+        assert all(signal.getsignal(s) == stop._note for s in STOP_SIGNALS)
+        os.kill(os.getpid(), signal.SIGINT)  # handled: noted, no KeyboardInterrupt
+        assert stop.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before  # the second one gave the handlers back
+    finally:
+        stop.teardown(None, None, "fit")
+    assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
