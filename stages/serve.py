@@ -22,6 +22,7 @@ from stages.search import ImageIndex, hit_label, model_identity, thumbnail, toke
 MAX_UPLOAD = "25mb"
 QUEUE_SIZE = 16  # requests waiting beyond this are turned away instead of piling up
 WEB_EXTRA = 'pip install -e ".[web]"'
+NO_TEXT = "(no text: the model ended at once)"
 
 
 @dataclass
@@ -70,7 +71,7 @@ def _generate(models: Models, image: str | None, prompt: str, settings: Generati
     [texts] = generate_for_images(model, tokenizer, [image], [[prompt]], reader, settings, batch_size=1)
     if texts is None:
         raise ValueError(f"cannot read the image: {reader.skipped.reasons[str(image)]}")
-    return texts[0]
+    return texts[0] or NO_TEXT  # an empty box would look like a request that never ran
 
 
 def caption_image(models: Models, image: str | None, prompt: str = CAPTION_PROMPT, num_beams: int = CAPTION_GENERATION.num_beams,
