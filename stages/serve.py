@@ -223,7 +223,7 @@ def theme():
 def launch(app, host: str, port: int, block: bool = True):
     """Start the server: local only unless `host` says otherwise, no share link, no server-side rendering (Node)."""
     return app.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False, mcp_server=False,
-                      pwa=False, max_file_size=MAX_UPLOAD, theme=theme(), prevent_thread_lock=not block, quiet=not block)
+                      pwa=False, max_file_size=MAX_UPLOAD, theme=theme(), prevent_thread_lock=not block, quiet=True)
 
 
 def import_gradio() -> None:
