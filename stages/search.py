@@ -186,9 +186,21 @@ class IndexPlan:
     still_unreadable: dict[str, tuple[FileStamp, str]]
     dropped: int
 
-    def reused_row(self, path: str, old: ImageIndex) -> tuple[FileStamp, np.ndarray]:
-        stamp, row = self.reused[path]
-        return stamp, old.image_feats[row].numpy()
+    def rows(self, computed: dict[str, tuple[FileStamp, np.ndarray]], old: ImageIndex | None) -> list[tuple[FileStamp, np.ndarray]]:
+        """The new index's rows, sorted by path: features just computed, or kept from the old index."""
+        def row(path: str) -> tuple[FileStamp, np.ndarray]:
+            if path in computed:
+                return computed[path]
+            stamp, old_row = self.reused[path]
+            return stamp, old.image_feats[old_row].numpy()
+
+        return [row(path) for path in sorted(set(self.reused) | set(computed))]
+
+    def unreadable(self, reader: ImageReader) -> list[tuple[FileStamp, str]]:
+        """Every unreadable file with its reason: those not read again, and those `reader` failed on now."""
+        now = [(FileStamp.of(Path(path)) or FileStamp(path, -1, -1), reason)  # -1: a file that cannot be looked at
+               for path, reason in reader.skipped.reasons.items() if path not in self.still_unreadable]
+        return list(self.still_unreadable.values()) + now
 
 
 def plan_update(files: list[Path], old: ImageIndex | None) -> IndexPlan:
@@ -293,9 +305,7 @@ def index(
     for path, (stamp, reason) in plan.still_unreadable.items():
         reader.skipped.add(UnreadableImage(path, f"{reason} (unchanged since the last run)"))
     computed = compute_features(stage1.to(device_for(device, 0)), plan.to_read, reader, batch_size, not no_progress)
-    rows = [computed[p] if p in computed else plan.reused_row(p, old) for p in sorted(set(plan.reused) | set(computed))]
-    skipped = [(stamp, reason) for stamp, reason in plan.still_unreadable.values()]
-    skipped += [(FileStamp.of(Path(p)) or FileStamp(p, -1, -1), r) for p, r in reader.skipped.reasons.items() if p not in plan.still_unreadable]
+    rows, skipped = plan.rows(computed, old), plan.unreadable(reader)
     with atomic_folder(out_path, overwrite=True) as folder:
         write_index(folder, identity, rows, skipped)
     reader.skipped.finish()
