@@ -30,16 +30,24 @@ needs_browser = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """The page with both tiny models and an index of 20 images, on a free port of 127.0.0.1; closed afterwards."""
-    from stages.serve import build_app, import_gradio, launch, load_models
+def page_models(tmp_path_factory):
+    """Both tiny models and an index of 20 images, loaded as `qformer serve` loads them (no gradio needed)."""
+    from stages.serve import load_models
 
     root = tmp_path_factory.mktemp("serve")
     make_dataset(root / "data", num_images=INDEXED, seed=4)
     stage1, stage2 = write_stage1(root / "data", root / "stage1"), write_stage2(root / "data", root / "stage2")
     assert main(["index", "--model", str(stage1), str(root / "data" / "images"), "--out", str(root / "index"), "--no-progress"]) == 0
+    return load_models(None, str(stage2), str(root / "index")), root  # stage 1: the model the index was built with
+
+
+@pytest.fixture(scope="module")
+def served(page_models):
+    """The page on a free port of 127.0.0.1; closed afterwards."""
+    from stages.serve import build_app, import_gradio, launch
+
     import_gradio()
-    models = load_models(None, str(stage2), str(root / "index"))  # stage 1: the model the index was built with
+    models, root = page_models
     app = build_app(models)
     launch(app, "127.0.0.1", free_port(), block=False)
     yield app.local_url, models, root
@@ -50,6 +58,27 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_what_each_tab_does(page_models, tmp_path):
+    from broken_files import write_broken_images
+    from stages.serve import answer_question, caption_image, match_image_text, search_images
+
+    models, root = page_models
+    image = str(root / "data" / "images" / "000001.png")
+    assert caption_image(models, image, num_beams=2, max_new_tokens=5) and answer_question(models, image, "what color is it?")
+    assert caption_image(models, image, sample=True, top_p=0.5, max_new_tokens=5)
+    scores = match_image_text(models, image, "a small red circle")
+    assert "ITM match probability" in scores and "ITC similarity" in scores
+    assert len(search_images(models, "a small red circle", k=7, rerank=3)) == 7
+    broken = write_broken_images(tmp_path)
+    for function, extra in ((caption_image, ()), (answer_question, ("what?",)), (match_image_text, ("a circle",))):
+        with pytest.raises(ValueError, match="cannot read the image: .*empty file"):
+            function(models, str(broken["empty"]), *extra)
+    with pytest.raises(ValueError, match="upload an image"):
+        caption_image(models, None)
+    with pytest.raises(ValueError, match="num_beams must be at least 1"):
+        caption_image(models, image, num_beams=0)
 
 
 @needs_gradio
