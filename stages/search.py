@@ -102,6 +102,14 @@ class ImageIndex:
     def model(self) -> dict:
         return self.manifest["model"]
 
+    def built_with(self) -> str:
+        """The stage-1 export folder the index was built with, where it still is."""
+        folder = self.model["folder"]
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{self.option}: the model the index was built with is no longer at {folder}; "
+                                    "give its new place with --model DIR")
+        return folder
+
     def check_model(self, identity: dict, option: str) -> None:
         """Refuse another model: its features are not comparable with this index's."""
         if identity["weights_sha256"] != self.model["weights_sha256"] or identity["image_size"] != self.model["image_size"]:
@@ -393,7 +401,7 @@ def search(
 
     check_output_files(grid=grid)
     image_index = ImageIndex(index)
-    model = model or image_index.model["folder"]
+    model = model or image_index.built_with()
     stage1, tokenizer = load_stage1(model)
     image_index.check_model(model_identity(stage1, model), "--model")
     reader = ImageReader(max_image_pixels)

@@ -47,7 +47,7 @@ def load_models(stage1: str | None, stage2: str | None, index: str | None, devic
 
     torch_device = device_for(device, 0)
     image_index = ImageIndex(index) if index else None
-    stage1 = stage1 or (image_index.model["folder"] if image_index else None)
+    stage1 = stage1 or (image_index.built_with() if image_index else None)
     models = Models(max_image_pixels=max_image_pixels, index=image_index)
     if stage1:
         model, tokenizer = load_stage1(stage1)

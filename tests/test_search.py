@@ -147,6 +147,13 @@ def test_another_models_index_is_refused(models, data, tmp_path, capsys):
     _, err = run(capsys, ["search", "--index", tmp_path / "index", "--model", models["other"], "a red circle"], code=2)
     assert err.startswith("qformer search: error: --model: the index") and "was built with another model" in err
     assert (tmp_path / "index" / MANIFEST).read_bytes() == before
+    shutil.copytree(models["stage1"], tmp_path / "moved")
+    manifest = json.loads(before)
+    manifest["model"]["folder"] = str(tmp_path / "gone")
+    (tmp_path / "index" / MANIFEST).write_text(json.dumps(manifest))
+    _, err = run(capsys, ["search", "--index", tmp_path / "index", "a red circle"], code=2)
+    assert f"the model the index was built with is no longer at {tmp_path / 'gone'}; give its new place with --model" in err
+    run(capsys, ["search", "--index", tmp_path / "index", "--model", tmp_path / "moved", "a red circle"])  # the same weights
 
 
 @pytest.mark.parametrize("argv, expected", [
