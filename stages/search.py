@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, ImageReader, SkippedImages, UnreadableImage, image_files
+from stages.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, ImageReader, UnreadableImage, image_files
 
 MANIFEST = "qformer_index.json"  # written last: a folder without it is not an index
 FEATURES = "image_feats.npy"

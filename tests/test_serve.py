@@ -10,7 +10,6 @@ import importlib.util
 import os
 import shutil
 import socket
-from pathlib import Path
 
 import pytest
 
