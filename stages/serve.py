@@ -192,9 +192,9 @@ def build_app(models: Models):
                 else:
                     gr.Markdown(f"{len(models.index.images)} images in `{models.index.folder}`")
                     with gr.Row():
-                        query = gr.Textbox(label="text", placeholder="a large red circle", scale=4, elem_id="search-text")
-                        k = gr.Slider(1, 48, 12, step=1, label="results")
-                        rerank = gr.Slider(0, 48, 0, step=1, label="ITM re-rank of the top (0: ITC only)")
+                        query = gr.Textbox(label="text", placeholder="a large red circle", scale=3, elem_id="search-text")
+                        k = gr.Slider(1, 48, 12, step=1, label="results", scale=1)
+                        rerank = gr.Slider(0, 48, 0, step=1, label="ITM re-rank of the top K (0: off)", scale=1)
                     button = gr.Button("Search", variant="primary", elem_id="search-button")
                     gallery = gr.Gallery(label="results (score, file)", columns=6, object_fit="contain", elem_id="search-gallery")
                     button.click(bound(search_images), [query, k, rerank], gallery)
