@@ -335,14 +335,15 @@ def hit_label(hit: Hit) -> str:
 
 
 def thumbnail(path: str, side: int, reader: ImageReader):
-    """The image fitted into side x side, or None when it cannot be read now."""
+    """The image scaled (up or down) to fit side x side, or None when it cannot be read now."""
+    from PIL import ImageOps
+
     try:
         image = reader.open(path)
     except UnreadableImage as error:
         reader.skipped.add(error)
         return None
-    image.thumbnail((side, side))
-    return image
+    return ImageOps.contain(image, (side, side))
 
 
 def contact_sheet(hits: list[Hit], reader: ImageReader, columns: int = 5, side: int = 160):
