@@ -163,7 +163,7 @@ def build_app(models: Models):
                     _missing("A stage-2 model", "--stage2 DIR")
                 else:
                     with gr.Row():
-                        image = gr.Image(type="filepath", image_mode=None, label="image", sources=["upload"], elem_id="caption-image")
+                        image = gr.Image(type="filepath", image_mode=None, label="image", sources=["upload"], height=320, elem_id="caption-image")
                         with gr.Column():
                             prompt = gr.Textbox(CAPTION_PROMPT, label="prompt")
                             beams = gr.Slider(1, 10, CAPTION_GENERATION.num_beams, step=1, label="beams")
@@ -179,7 +179,7 @@ def build_app(models: Models):
                     _missing("A stage-2 model", "--stage2 DIR")
                 else:
                     with gr.Row():
-                        image = gr.Image(type="filepath", image_mode=None, label="image", sources=["upload"])
+                        image = gr.Image(type="filepath", image_mode=None, label="image", sources=["upload"], height=320)
                         with gr.Column():
                             question = gr.Textbox(label="question", placeholder="what color is the circle?")
                             button = gr.Button("Ask", variant="primary")
@@ -204,7 +204,7 @@ def build_app(models: Models):
                     _missing("A stage-1 model", "--stage1 DIR")
                 else:
                     with gr.Row():
-                        image = gr.Image(type="filepath", image_mode=None, label="image", sources=["upload"])
+                        image = gr.Image(type="filepath", image_mode=None, label="image", sources=["upload"], height=320)
                         with gr.Column():
                             text = gr.Textbox(label="text", placeholder="a small blue square")
                             button = gr.Button("Match", variant="primary")

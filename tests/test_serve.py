@@ -18,7 +18,7 @@ from stages.synthetic import make_dataset
 from tiny_models import write_stage1, write_stage2
 
 CHROMIUM = os.environ.get("QFORMER_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-SCREENSHOT = os.environ.get("QFORMER_SCREENSHOT")  # where to keep the page's picture (the README's is made so)
+SCREENSHOT = os.environ.get("QFORMER_SCREENSHOT")  # also keep the page's picture there
 INDEXED = 20
 RESULTS = 12
 
@@ -127,7 +127,8 @@ def test_the_page_captions_an_upload_and_searches_in_chromium(served, tmp_path):
             page.get_by_role("tab", name="Search").click()
             page.fill("#search-text textarea", "a large red circle")
             page.click("#search-button")
-            page.wait_for_function(f"document.querySelectorAll('#search-gallery img').length >= {RESULTS}")
+            page.wait_for_function(f"[...document.querySelectorAll('#search-gallery img')]"
+                                   f".filter(img => img.complete && img.naturalWidth > 0).length >= {RESULTS}")  # shown, not only listed
             gallery_items = page.locator("#search-gallery img").count()
             labels = page.locator("#search-gallery").inner_text()
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
