@@ -102,6 +102,9 @@ def test_each_query_finds_its_image_and_broken_files_are_listed(models, colour_m
     for i, colour in enumerate(PALETTE):
         draw(photos / ("nested" if i % 2 else "") / f"{colour}.png", colour, "circle" if i % 3 else "square")
     broken = write_broken_images(photos / "broken")
+    os.mkfifo(photos / "broken" / "fifo.png")  # would block a reader that opened it
+    (photos / "broken" / "loop.jpg").symlink_to("loop.jpg")
+    broken.update(fifo=photos / "broken" / "fifo.png", loop=photos / "broken" / "loop.jpg")
     out, err = run(capsys, ["index", "--model", models["stage1"], photos, "--out", tmp_path / "index", "--no-progress"])
     assert f"{len(PALETTE)} images ({len(PALETTE)} read, 0 unchanged, 0 dropped), {len(broken)} unreadable" in out
     for path in broken.values():
