@@ -21,7 +21,7 @@ from __future__ import annotations
 import json as json_io
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +68,9 @@ class FileStamp:
 # --- reading ------------------------------------------------------------------------------------------------
 @dataclass
 class Hit:
-    """One search result: `score` orders them (the ITC similarity, or ITM logit + ITC similarity when re-ranked)."""
+    """One search result: `score` orders them (the ITC similarity, or ITM logit + ITC similarity when re-ranked).
+
+    `rank` is 0 until the final order is known."""
 
     rank: int
     path: str
@@ -135,7 +137,7 @@ class ImageIndex:
         hits = [Hit(0, self.images[i].path, float(sim[i]), float(sim[i])) for i in top]
         if rerank:
             hits = self._rerank(model, hits[:rerank], input_ids, attention_mask, reader or ImageReader()) + hits[rerank:]
-        return [Hit(rank, h.path, h.score, h.itc, h.itm_probability) for rank, h in enumerate(hits[:k], 1)]
+        return [replace(hit, rank=rank) for rank, hit in enumerate(hits[:k], 1)]
 
     def _rerank(self, model, hits: list[Hit], input_ids, attention_mask, reader: ImageReader) -> list[Hit]:
         from qformer.retrieval import image_features, match_scores
