@@ -61,6 +61,10 @@ def load_models(stage1: str | None, stage2: str | None, index: str | None, devic
 
 
 # --- what each tab does -----------------------------------------------------------------------------------------
+def _unreadable(reader: ImageReader, image: str) -> ValueError:
+    return ValueError(f"cannot read the image: {reader.skipped.reasons[str(image)]}")
+
+
 def _generate(models: Models, image: str | None, prompt: str, settings: GenerationSettings) -> str:
     from stages.generation import generate_for_images
 
@@ -70,7 +74,7 @@ def _generate(models: Models, image: str | None, prompt: str, settings: Generati
     reader = models.reader()
     [texts] = generate_for_images(model, tokenizer, [image], [[prompt]], reader, settings, batch_size=1)
     if texts is None:
-        raise ValueError(f"cannot read the image: {reader.skipped.reasons[str(image)]}")
+        raise _unreadable(reader, image)
     return texts[0] or NO_TEXT  # an empty box would look like a request that never ran
 
 
@@ -115,7 +119,7 @@ def match_image_text(models: Models, image: str | None, text: str) -> str:
     reader = models.reader()
     pixels, _ = reader.load([image], eval_transform(model.config.vision_config.image_size))
     if pixels is None:
-        raise ValueError(f"cannot read the image: {reader.skipped.reasons[str(image)]}")
+        raise _unreadable(reader, image)
     input_ids, attention_mask = tokenize(model, tokenizer, text)
     image_embeds, image_feats = image_features(model, pixels.to(input_ids.device))
     logits, itc = match_scores(model, image_embeds, image_feats, input_ids, attention_mask)
