@@ -39,6 +39,13 @@ class RetrievalFeatures:
 
 
 @torch.no_grad()
+def image_features(model: Stage1Model, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, 3, H, W) -> (image_embeds (B, N, Dv), image_feats (B, Q, E)): what ITM re-ranks and what ITC ranks."""
+    image_embeds = model.encode_image(pixels)
+    return image_embeds, model.image_feats(model.query_forward(image_embeds).last_hidden_state)
+
+
+@torch.no_grad()
 def compute_image_features(
     model: Stage1Model,
     load_chunk: Callable[[int], tuple[Tensor | None, list[int]]],  # chunk -> (pixels of its readable images, their rows)
@@ -64,9 +71,7 @@ def compute_image_features(
         if pixels is None:
             continue
         rows = torch.tensor(kept, device=device) + starts[c]
-        image_embeds = model.encode_image(pixels.to(device))  # (b, N, Dv)
-        embeds[rows] = image_embeds
-        feats[rows] = model.image_feats(model.query_forward(image_embeds).last_hidden_state)  # (b, Q, E)
+        embeds[rows], feats[rows] = image_features(model, pixels.to(device))
         readable[rows] = 1.0
     return shard.reduce_sum(embeds), shard.reduce_sum(feats), shard.reduce_sum(readable) > 0
 
@@ -91,8 +96,12 @@ def compute_text_features(
 
 @torch.no_grad()
 def itc_similarity(image_feats: Tensor, text_feat: Tensor, chunk: int = 1024) -> Tensor:
-    """(I, Q, E), (T, E) -> (I, T): max over queries of the cosine, a chunk of images at a time."""
-    return torch.cat([Stage1Model.itc_similarity(image_feats[i : i + chunk], text_feat) for i in range(0, len(image_feats), chunk)])
+    """(I, Q, E), (T, E) -> (I, T): max over queries of the cosine, a chunk of images at a time.
+
+    Image features stored in a narrower dtype (a search index keeps fp16) are widened one chunk at a time.
+    """
+    return torch.cat([Stage1Model.itc_similarity(image_feats[i : i + chunk].to(text_feat), text_feat)
+                      for i in range(0, len(image_feats), chunk)])
 
 
 @torch.no_grad()
@@ -120,6 +129,21 @@ def rerank(
     score_i2t = torch.where(in_i2t, itm + sim, NOT_RANKED)
     score_t2i = torch.where(in_t2i, itm + sim, NOT_RANKED)
     return score_i2t, score_t2i.T
+
+
+@torch.no_grad()
+def match_scores(model: Stage1Model, image_embeds: Tensor, image_feats: Tensor, input_ids: Tensor,
+                 attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """K images (`image_features` of them) against one text (`input_ids`, `attention_mask` (1, L)):
+    (ITM logits (K, 2), ITC similarity (K,)).
+
+    The re-rank score is the positive logit plus the similarity, as in `rerank`; the match probability is the
+    softmax of the logits.
+    """
+    K = len(image_embeds)
+    text_feat = model.text_feat(input_ids, attention_mask)  # (1, E)
+    logits = model.itm_logits(image_embeds, input_ids.expand(K, -1), attention_mask.expand(K, -1))  # (K, 2)
+    return logits.float(), Stage1Model.itc_similarity(image_feats, text_feat)[:, 0]
 
 
 def top_k_pairs(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:

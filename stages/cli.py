@@ -32,6 +32,9 @@ COMMANDS: dict = {
     "cache-features": "stages.caching:cache_features",
     "caption": "stages.generation:caption",
     "ask": "stages.generation:ask",
+    "index": "stages.search:index",
+    "search": "stages.search:search",
+    "serve": "stages.serve:serve",
     "eval": {
         "retrieval": "stages.evaluate:eval_retrieval",
         "caption": "stages.evaluate:eval_caption",

@@ -1,0 +1,419 @@
+"""Text-to-image search over a photo folder with a stage-1 model: `qformer index` and `qformer search`.
+
+An index is a folder, written whole or not at all (`qformer.files.atomic_folder`):
+
+* `image_feats.npy`: (images, queries, width) fp16, the ITC features of every readable image (what ITC ranks);
+* `qformer_index.json`, written last: the format, the model it was built with (its folder and the sha256 of its
+  weights, frozen encoder included), and per image its absolute path, size and modification time (row i of the
+  array is image i); the unreadable files with their reasons.
+
+The ITM re-rank (`--rerank K`) reads the top K images again and encodes them: storing the image encoder's tokens
+would cost 723 KB per image with ViT-g, re-encoding K images costs K encoder passes. An image changed or removed
+since it was indexed is left out of a re-rank, with a note.
+
+Indexing again adds new files, drops the ones no longer under the folders and recomputes those whose size or
+modification time changed; an unchanged unreadable file is not read again. An index built with another model is
+refused (features of two models cannot be compared).
+"""
+
+from __future__ import annotations
+
+import json as json_io
+import os
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, ImageReader, UnreadableImage, image_files
+
+MANIFEST = "qformer_index.json"  # written last: a folder without it is not an index
+FEATURES = "image_feats.npy"
+FORMAT = {"format": "qformer-image-index", "version": 1}
+
+
+# --- the model an index belongs to ------------------------------------------------------------------------------
+def model_identity(model, folder: str | Path) -> dict:
+    """What an index's features depend on: the model's weights (frozen encoder included) and its input size."""
+    from stages.feature_cache import weights_sha256
+
+    return {"folder": str(Path(folder).resolve()), "weights_sha256": weights_sha256(model),
+            "image_size": model.config.vision_config.image_size}
+
+
+def _short(sha: str) -> str:
+    return sha[:12] + "..."
+
+
+@dataclass
+class FileStamp:
+    """A file as the index saw it: a file whose size or modification time changed is read again."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> "FileStamp | None":
+        """None when the file cannot even be looked at (a broken link, a loop): it is always read again."""
+        try:
+            stat = path.stat()
+        except (OSError, ValueError):
+            return None
+        return cls(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+@dataclass
+class Hit:
+    """One search result: `score` orders them (the ITC similarity, or ITM logit + ITC similarity when re-ranked).
+
+    `rank` is 0 until the final order is known."""
+
+    rank: int
+    path: str
+    score: float
+    itc: float
+    itm_probability: float | None = None
+
+
+class ImageIndex:
+    """A finished index folder: its manifest, and its features in memory."""
+
+    def __init__(self, folder: str | Path, option: str = "--index"):
+        self.folder = Path(folder)
+        self.option = option
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"{option}: index folder not found: {self.folder}")
+        if not (self.folder / MANIFEST).is_file():
+            raise ValueError(f"{option}: {self.folder} is not a qformer index (no {MANIFEST}); make one with qformer index")
+        try:
+            self.manifest = json_io.loads((self.folder / MANIFEST).read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"{option}: {self.folder / MANIFEST} is not valid JSON ({error}); rebuild the index") from None
+        if not isinstance(self.manifest, dict) or {k: self.manifest.get(k) for k in FORMAT} != FORMAT:
+            raise ValueError(f"{option}: {self.folder / MANIFEST}: not a qformer index manifest of version {FORMAT['version']}")
+        self.images = [FileStamp(**entry) for entry in self.manifest["images"]]
+        self.skipped = {entry["path"]: (FileStamp(entry["path"], entry["size"], entry["mtime_ns"]), entry["reason"])
+                        for entry in self.manifest["skipped"]}
+        self.image_feats = torch.from_numpy(np.load(self.folder / FEATURES)) if self.images else None  # 16 KB per image with ViT-g
+
+    @property
+    def model(self) -> dict:
+        return self.manifest["model"]
+
+    def built_with(self) -> str:
+        """The stage-1 export folder the index was built with, where it still is."""
+        folder = self.model["folder"]
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{self.option}: the model the index was built with is no longer at {folder}; "
+                                    "give its new place with --model DIR")
+        return folder
+
+    def check_model(self, identity: dict, option: str) -> None:
+        """Refuse another model: its features are not comparable with this index's."""
+        if identity["weights_sha256"] != self.model["weights_sha256"] or identity["image_size"] != self.model["image_size"]:
+            raise ValueError(f"{option}: the index {self.folder} was built with another model ({self.model['folder']}, weights "
+                             f"{_short(self.model['weights_sha256'])}); {identity['folder']} has weights "
+                             f"{_short(identity['weights_sha256'])}: build a new index with this model (another --out)")
+
+    def search(self, model, tokenizer, text: str, k: int = 10, rerank: int = 0, reader: ImageReader | None = None) -> list[Hit]:
+        """The top `k` images for `text` by ITC; with `rerank` K, the top K re-ranked by ITM (+ ITC) come first.
+
+        An image that changed or disappeared since it was indexed is left out of the re-rank (named by `reader`).
+        """
+        from qformer.retrieval import itc_similarity
+
+        if k < 1 or rerank < 0:
+            raise ValueError(f"--k must be at least 1 and --rerank at least 0, got {k} and {rerank}")
+        if not self.images:
+            raise ValueError(f"{self.option}: the index {self.folder} holds no readable image")
+        input_ids, attention_mask = tokenize(model, tokenizer, text)
+        with torch.no_grad():
+            sim = itc_similarity(self.image_feats, model.text_feat(input_ids, attention_mask))[:, 0]  # (I,)
+        top = sim.topk(min(max(k, rerank), len(sim))).indices.tolist()
+        hits = [Hit(0, self.images[i].path, float(sim[i]), float(sim[i])) for i in top]
+        if rerank:
+            hits = self._rerank(model, hits[:rerank], input_ids, attention_mask, reader or ImageReader()) + hits[rerank:]
+        return [replace(hit, rank=rank) for rank, hit in enumerate(hits[:k], 1)]
+
+    def _rerank(self, model, hits: list[Hit], input_ids, attention_mask, reader: ImageReader) -> list[Hit]:
+        from qformer.retrieval import image_features, match_scores
+        from stages.data import eval_transform
+
+        stamps = {s.path: s for s in self.images}
+        current = [h for h in hits if _unchanged(stamps[h.path], reader)]
+        pixels, kept = reader.load([h.path for h in current], eval_transform(model.config.vision_config.image_size))
+        if pixels is None:
+            return []
+        device = input_ids.device
+        image_embeds, image_feats = image_features(model, pixels.to(device))
+        logits, itc = match_scores(model, image_embeds, image_feats, input_ids, attention_mask)
+        probability = logits.softmax(-1)[:, 1]
+        scored = [Hit(0, current[i].path, float(logits[row, 1] + itc[row]), float(itc[row]), float(probability[row]))
+                  for row, i in enumerate(kept)]
+        return sorted(scored, key=lambda h: -h.score)
+
+
+def _unchanged(stamp: FileStamp, reader: ImageReader) -> bool:
+    if FileStamp.of(Path(stamp.path)) == stamp:
+        return True
+    reader.skipped.add(UnreadableImage(stamp.path, "changed or removed since it was indexed (run qformer index again); "
+                                                   "left out of the re-rank"))
+    return False
+
+
+def tokenize(model, tokenizer, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A query as the model's texts were trained: cleaned as captions are, padded to the model's text length."""
+    from stages.annotations import clean_caption
+
+    device = next(model.parameters()).device
+    tokens = tokenizer([clean_caption(text)], padding="max_length", truncation=True, max_length=model.config.max_text_length,
+                       return_tensors="pt")
+    return tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+
+
+# --- writing ------------------------------------------------------------------------------------------------
+def check_index_out(out: Path) -> ImageIndex | None:
+    """The index to update at `out`, None for a new one; a folder with other files is refused before any work."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    if not (out / MANIFEST).is_file():
+        raise ValueError(f"--out {out}: a folder with other files, not a qformer index (no {MANIFEST}); give a new or empty folder")
+    return ImageIndex(out, "--out")
+
+
+@dataclass
+class IndexPlan:
+    """What an update does: rows kept from the old index, files to read, unreadable files not read again."""
+
+    reused: dict[str, tuple[FileStamp, int]]  # path -> (stamp, row in the old index)
+    to_read: list[tuple[Path, FileStamp | None]]
+    still_unreadable: dict[str, tuple[FileStamp, str]]
+    dropped: int
+
+    def rows(self, computed: dict[str, tuple[FileStamp, np.ndarray]], old: ImageIndex | None) -> list[tuple[FileStamp, np.ndarray]]:
+        """The new index's rows, sorted by path: features just computed, or kept from the old index."""
+        def row(path: str) -> tuple[FileStamp, np.ndarray]:
+            if path in computed:
+                return computed[path]
+            stamp, old_row = self.reused[path]
+            return stamp, old.image_feats[old_row].numpy()
+
+        return [row(path) for path in sorted(set(self.reused) | set(computed))]
+
+    def unreadable(self, reader: ImageReader) -> list[tuple[FileStamp, str]]:
+        """Every unreadable file with its reason: those not read again, and those `reader` failed on now."""
+        now = [(FileStamp.of(Path(path)) or FileStamp(path, -1, -1), reason)  # -1: a file that cannot be looked at
+               for path, reason in reader.skipped.reasons.items() if path not in self.still_unreadable]
+        return list(self.still_unreadable.values()) + now
+
+
+def plan_update(files: list[Path], old: ImageIndex | None) -> IndexPlan:
+    old_rows = {stamp.path: (stamp, row) for row, stamp in enumerate(old.images)} if old else {}
+    old_skipped = old.skipped if old else {}
+    reused, to_read, still_unreadable = {}, [], {}
+    for path in files:
+        stamp = FileStamp.of(path)
+        if stamp is not None and old_rows.get(str(path), (None,))[0] == stamp:
+            reused[str(path)] = old_rows[str(path)]
+        elif stamp is not None and old_skipped.get(str(path), (None,))[0] == stamp:
+            still_unreadable[str(path)] = old_skipped[str(path)]
+        else:
+            to_read.append((path, stamp))
+    current = {str(p) for p in files}
+    dropped = sum(p not in current for p in list(old_rows) + list(old_skipped))
+    return IndexPlan(reused, to_read, still_unreadable, dropped)
+
+
+@torch.no_grad()
+def compute_features(model, files: list[tuple[Path, FileStamp | None]], reader: ImageReader, batch_size: int,
+                     show_progress: bool) -> dict[str, tuple[FileStamp, np.ndarray]]:
+    """{path: (stamp, ITC features (Q, E) fp16)} of every readable file; the unreadable ones are named by `reader`."""
+    from tqdm import tqdm
+
+    from qformer.retrieval import image_features
+    from stages.data import eval_transform
+
+    device = next(model.parameters()).device
+    transform = eval_transform(model.config.vision_config.image_size)
+    features = {}
+    with tqdm(total=len(files), desc="indexing", unit="image", disable=not show_progress, file=sys.stderr) as bar:
+        for start in range(0, len(files), batch_size):
+            batch = files[start : start + batch_size]
+            pixels, kept = reader.load([path for path, _ in batch], transform)
+            if pixels is not None:
+                _, image_feats = image_features(model, pixels.to(device))
+                for row, i in enumerate(kept):
+                    path, stamp = batch[i]
+                    features[str(path)] = (stamp or FileStamp.of(path), image_feats[row].cpu().half().numpy())
+            bar.update(len(batch))
+    return features
+
+
+def write_index(folder: Path, identity: dict, rows: list[tuple[FileStamp, np.ndarray]], skipped: list[tuple[FileStamp, str]]) -> None:
+    """The files of an index into the (temporary) `folder`, the manifest last."""
+    if rows:
+        array = np.lib.format.open_memmap(folder / FEATURES, mode="w+", dtype=np.float16, shape=(len(rows), *rows[0][1].shape))
+        for i, (_, feats) in enumerate(rows):
+            array[i] = feats
+        array.flush()
+        del array
+    manifest = {**FORMAT, "model": identity, "images": [asdict(stamp) for stamp, _ in rows],
+                "skipped": [{**asdict(stamp), "reason": reason} for stamp, reason in skipped]}
+    (folder / MANIFEST).write_text(json_io.dumps(manifest, indent=1) + "\n")
+
+
+def index(
+    folders: list[str],
+    *,
+    model: str,
+    out: str,
+    batch_size: int = 32,
+    device: str = "cpu",
+    no_progress: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> int:
+    """Index the images under folders for text search with a stage-1 model (`qformer search`, `qformer serve`).
+
+    Run it again to update the index: new files are added, files no longer under the folders dropped and changed
+    ones (size or modification time) read again. Unreadable files are named and left out, never fatal.
+
+    Args:
+        folders: folders searched recursively for .jpg .jpeg .png .bmp .gif .tif .tiff .webp (or single image files).
+        model: a stage-1 export folder.
+        out: the index folder (made, or updated when it is an index of the same model).
+        batch_size: images per batch.
+        device: cpu, cuda or cuda:N.
+        no_progress: no progress bar.
+        max_image_pixels: skip images whose header declares more pixels, before decoding.
+    """
+    from qformer.export import load_stage1
+    from qformer.files import atomic_folder
+    from stages.distributed import device_for
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    for folder in folders:
+        if not Path(folder).exists() and not Path(folder).is_symlink():
+            raise FileNotFoundError(f"folder not found: {folder}")
+    out_path = Path(out)
+    old = check_index_out(out_path)
+    files = [Path(os.path.abspath(p)) for p in image_files(folders)]
+    if not files:
+        raise ValueError("no image files under " + ", ".join(folders) + " (searched for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
+    stage1, _ = load_stage1(model)
+    identity = model_identity(stage1, model)
+    if old is not None:
+        old.check_model(identity, "--out")
+    plan = plan_update(files, old)
+    reader = ImageReader(max_image_pixels)
+    for path, (stamp, reason) in plan.still_unreadable.items():
+        reader.skipped.add(UnreadableImage(path, f"{reason} (unchanged since the last run)"))
+    computed = compute_features(stage1.to(device_for(device, 0)), plan.to_read, reader, batch_size, not no_progress)
+    rows, skipped = plan.rows(computed, old), plan.unreadable(reader)
+    with atomic_folder(out_path, overwrite=True) as folder:
+        write_index(folder, identity, rows, skipped)
+    reader.skipped.finish()
+    print(f"{out}: {len(rows)} images ({len(computed)} read, {len(plan.reused)} unchanged, {plan.dropped} dropped), "
+          f"{len(skipped)} unreadable")
+    return 0
+
+
+# --- showing results ------------------------------------------------------------------------------------------
+def print_hits(hits: list[Hit]) -> None:
+    for hit in hits:
+        itm = "" if hit.itm_probability is None else f"  (itc {hit.itc:.4f}, itm {hit.itm_probability:.3f})"
+        print(f"{hit.rank:>3}  {hit.score:.4f}  {hit.path}{itm}")
+
+
+def hit_label(hit: Hit) -> str:
+    itm = "" if hit.itm_probability is None else f"  itm {hit.itm_probability:.2f}"
+    return f"{hit.rank}. {hit.score:.3f}{itm}  {Path(hit.path).name}"
+
+
+def thumbnail(path: str, side: int, reader: ImageReader):
+    """The image scaled (up or down) to fit side x side, or None when it cannot be read now."""
+    from PIL import ImageOps
+
+    try:
+        image = reader.open(path)
+    except UnreadableImage as error:
+        reader.skipped.add(error)
+        return None
+    return ImageOps.contain(image, (side, side))
+
+
+def contact_sheet(hits: list[Hit], reader: ImageReader, columns: int = 5, side: int = 160):
+    """The results as one picture: thumbnails in rank order, each with its rank, score and file name."""
+    from PIL import Image, ImageDraw
+
+    label_height = 28
+    rows = (len(hits) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * side, rows * (side + label_height)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, hit in enumerate(hits):
+        x, y = (i % columns) * side, (i // columns) * (side + label_height)
+        image = thumbnail(hit.path, side - 8, reader)
+        if image is None:
+            draw.rectangle((x + 4, y + 4, x + side - 4, y + side - 4), fill=(220, 220, 220))
+            draw.text((x + 10, y + side // 2), "unreadable now", fill="black")
+        else:
+            sheet.paste(image, (x + (side - image.width) // 2, y + (side - image.height) // 2))
+        name = Path(hit.path).name
+        draw.text((x + 4, y + side), f"{hit.rank}. {hit.score:.3f}", fill="black")
+        draw.text((x + 4, y + side + 13), name if len(name) <= 24 else name[:21] + "...", fill=(80, 80, 80))
+    return sheet
+
+
+def search(
+    text: str,
+    *,
+    index: str,
+    k: int = 10,
+    rerank: int = 0,
+    model: str | None = None,
+    json: bool = False,
+    grid: str | None = None,
+    device: str = "cpu",
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> int:
+    """The images of an index (qformer index) that best match a text: top k by ITC, optionally re-ranked with ITM.
+
+    Prints rank, score and path per image (or JSON). The score is the ITC similarity, or for re-ranked images the
+    ITM logit plus the ITC similarity (as LAVIS ranks), with the ITM match probability.
+
+    Args:
+        text: what to look for, in words.
+        index: an index folder made by qformer index.
+        k: how many images to show.
+        rerank: re-rank the top K by ITC with ITM (reads those K images again); 0: ITC only.
+        model: the stage-1 export to use (default: the folder the index was built with; must have the same weights).
+        json: print a JSON list of {"rank", "path", "score", "itc", "itm_probability"}.
+        grid: also write a contact sheet of the results (PNG) to this file.
+        device: cpu, cuda or cuda:N.
+        max_image_pixels: skip images whose header declares more pixels, before decoding (re-rank, grid).
+    """
+    from qformer.export import load_stage1
+    from stages.distributed import device_for
+    from stages.evaluate import check_output_files
+
+    check_output_files(grid=grid)
+    image_index = ImageIndex(index)
+    model = model or image_index.built_with()
+    stage1, tokenizer = load_stage1(model)
+    image_index.check_model(model_identity(stage1, model), "--model")
+    reader = ImageReader(max_image_pixels)
+    hits = image_index.search(stage1.to(device_for(device, 0)), tokenizer, text, k, rerank, reader)
+    if json:
+        print(json_io.dumps([asdict(hit) for hit in hits], indent=2))
+    else:
+        print_hits(hits)
+    if grid:
+        contact_sheet(hits, reader).save(grid)
+    reader.skipped.finish()
+    return 0
