@@ -14,6 +14,8 @@ _WARNINGS = (
     r"Found \d+ module\(s\) in eval mode at the start of training",  # the frozen towers, on purpose
     r"The number of training batches \(\d+\) is smaller than the logging interval",
     r"torch\.distributed\.nn\.functional\.all_gather is deprecated",  # inside Lightning's own all_gather
+    r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",  # the
+    # data module restores the position itself (stages.resume), which Lightning's check of the loader cannot see
     r"Your `IterableDataset` has `__len__` defined",  # the shard stream's length is each worker's fixed count, by design
 )
 # log records (logger name, message start)

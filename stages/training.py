@@ -103,6 +103,7 @@ class QFormerCLI(LightningCLI):
         request = self.config_init[self.subcommand]["ckpt_path"]
         path = find_checkpoint(request, self.trainer.default_root_dir)
         self.config_init[self.subcommand]["ckpt_path"] = path
+        config.ckpt_path = path  # the run's config.yaml then names the checkpoint it continued
         if request is not None and path is not None and self.trainer.is_global_zero:
             print(f"resuming from {path}", file=sys.stderr)
         elif request == "auto" and self.trainer.is_global_zero:
