@@ -63,13 +63,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "data"
         annotations = jpeg_dataset(folder, args.images)
+        pairs = sum(len(e["caption"]) if isinstance(e["caption"], list) else 1 for e in json.loads(annotations.read_text()))
         shards = Path(tmp) / "shards"
         make_shards([str(annotations)], images=str(folder), out=str(shards), samples_per_shard=500)
         spec = f"{shards}/{{00000..{len(list(shards.glob('*.tar'))) - 1:05d}}}.tar"
         timing = dict(tokenizer=str(folder), batch=args.batch, workers=args.workers, batches=args.batches, warmup=args.warmup)
         folder_rate = samples_per_second(str(annotations), str(folder), **timing)
         shard_rate = samples_per_second(spec, None, **timing)
-    print(f"\n{args.images} JPEG images (256 px, {args.images * 5} captions), batch {args.batch}, {args.workers} workers, "
+    print(f"\n{args.images - 2} JPEG images (256 px, {pairs} image-caption pairs), batch {args.batch}, {args.workers} workers, "
           f"224 px random crops; {args.batches} batches timed after {args.warmup}")
     print_table(["loader", "samples/s", "vs folder"],
                 [["annotation file + image folder", folder_rate, "1.00x"],
