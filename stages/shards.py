@@ -168,15 +168,18 @@ class ShardStream(IterableDataset):
     def _rank_share(self, items: Iterator) -> Iterator[dict]:
         """Validation: every `world`-th sample from this process's rank on, padded with repeats to the same count on
         every process (as DistributedSampler pads; validation counts a repeated sample once)."""
-        mine, count = [], 0
+        first, mine, count = [], 0, 0  # at most world - 1 repeats are needed: only that many records are kept
         for count, item in enumerate(items, 1):
             if (count - 1) % self.world == self.rank:
-                mine.append(self._record(item))
-                yield mine[-1]
+                record = self._record(item)
+                mine += 1
+                if len(first) < self.world:
+                    first.append(record)
+                yield record
         if not mine:
             raise ValueError(f"{count} validation sample(s) in the shards, fewer than the {self.world} processes")
-        for i in range(math.ceil(count / self.world) - len(mine)):
-            yield mine[i]
+        for i in range(math.ceil(count / self.world) - mine):
+            yield first[i]
 
     def _decode(self, sample: dict) -> dict:
         name, image_ext, caption, meta = sample_parts(sample, self.caption_key)
