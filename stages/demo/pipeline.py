@@ -212,7 +212,8 @@ def print_summary(results: dict, out: Path) -> None:
     print()
     print(f"qformer demo — held-out test split: {r['images']} images, {r['texts']} captions (chance R@1 {results['chance_r1']:.1f}%)")
     print(f"  image encoder: {results['encoder']}")
-    print(f"  language model: {results['lm']}")
+    how = "pretrained elsewhere, frozen as it is" if DemoSettings(**results["settings"]).pretrained_lm else "pre-trained here on caption text, then frozen"
+    print(f"  language model: {results['lm'].split(' (')[0]}, {how}")
     rows = [
         ("text retrieval R@1 / R@5 / R@10", f"{r['txt_r1']:.1f} / {r['txt_r5']:.1f} / {r['txt_r10']:.1f}"),
         ("image retrieval R@1 / R@5 / R@10", f"{r['img_r1']:.1f} / {r['img_r5']:.1f} / {r['img_r10']:.1f}"),
