@@ -1,7 +1,7 @@
 """The stage-2 model: the stage-1 query path, one linear projection, and a frozen language model.
 
 The 32 query outputs, projected to the LM's width, are soft visual prompts placed before the text:
-* decoder-only (OPT, any causal LM): `[soft prompts ; embed(BOS + prompt + text + eos_text)]`, loss on the text only;
+* decoder-only (OPT, Llama, any causal LM): `[soft prompts ; embed(BOS + prompt + text + eos_text)]`, loss on the text only;
 * encoder-decoder (FlanT5, any seq2seq LM): encoder `[soft prompts ; embed(prefix)]`, decoder target = suffix.
 
 Shapes: B batch, Q queries, L tokens, H the LM's embedding width.
