@@ -202,7 +202,7 @@ def write_configs(settings: DemoSettings, out: Path, data: Path, vocab_size: int
     }
     if settings.pretrained_lm:
         # The real LLM: its own end of caption (resolve_eos_text: "\n"), in bf16 under autocast where the CPU has it
-        # (a forward + backward of SmolLM2 at batch 32 takes ~1.2 s instead of ~5.2 s in fp32).
+        # natively (a forward + backward of SmolLM2 at batch 32 then takes ~1.2 s instead of ~5.2 s in fp32).
         stage2["model"].update(lm_precision="auto", eos_text=None, warmup_steps=min(100, steps // 10))
         stage2["trainer"]["precision"] = "bf16-mixed" if cpu_has_fast_bf16() else "32"
     paths = {"model": configs / "model.json", "stage1": configs / "stage1.yaml", "stage2": configs / "stage2.yaml"}
