@@ -112,9 +112,12 @@ def test_left_padded_batch_generates_what_each_prompt_does_alone(lm):
     pad = LMS[lm]["pad_token_id"]
     ids = torch.tensor([[pad, pad] + short, long])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-    kwargs = dict(num_beams=1, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=pad)
+    kwargs = dict(num_beams=1, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=pad,
+                  return_dict_in_generate=True, output_logits=True)  # logits: a shifted position changes them, if not the ids
     with torch.no_grad():
         batched = ours.generate(pixels, ids, mask, **kwargs)
         alone = [ours.generate(pixels[i : i + 1], torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), **kwargs)
                  for i, p in enumerate([short, long])]
-    assert torch.equal(batched, torch.cat(alone)), (batched, alone)
+    assert torch.equal(batched.sequences, torch.cat([a.sequences for a in alone]))
+    for step, logits in enumerate(batched.logits):
+        torch.testing.assert_close(logits, torch.cat([a.logits[step] for a in alone]), atol=1e-5, rtol=1e-5)
