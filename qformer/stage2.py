@@ -279,9 +279,8 @@ def resolve_eos_text(tokenizer, eos_text: str | None) -> str:
     without a stop: its eos token is used instead, with a warning.
     """
     if not eos_text:
-        if len(tokenizer(DEFAULT_EOS_TEXT, add_special_tokens=False)["input_ids"]) == 1 or tokenizer.eos_token is None:
-            eos_text = DEFAULT_EOS_TEXT
-        else:
+        eos_text = DEFAULT_EOS_TEXT
+        if len(tokenizer(eos_text, add_special_tokens=False)["input_ids"]) > 1 and tokenizer.eos_token is not None:
             return tokenizer.eos_token
     if tokenizer(eos_text, add_special_tokens=False)["input_ids"]:
         return eos_text
