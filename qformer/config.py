@@ -58,17 +58,22 @@ class VisionConfig:
 
 @dataclass
 class LanguageModelConfig:
-    """The frozen stage-2 language model: a local transformers folder, or a config to build (random) weights from.
+    """The frozen stage-2 language model: a local transformers folder, a GGUF file, or a config to build (random) weights from.
+
+    A GGUF file (llama.cpp's format; transformers dequantises it to fp32 on load, which needs the `gguf` and
+    `accelerate` packages) is given as `path` to the `.gguf` file itself, or as `path` to its folder plus `gguf_file`;
+    the tokenizer then comes from the same file.
 
     `precision="auto"` on CUDA is bf16 for encoder-decoder models (FlanT5 overflows in fp16) and fp16 for
     decoder-only ones; on CPU it is bf16 under a bf16 autocast (`--trainer.precision bf16-mixed`), fp32 otherwise. fp16 is refused for encoder-decoder models.
     """
 
-    path: str | None = None  # folder with config.json + weights (+ tokenizer), loaded with from_pretrained
+    path: str | None = None  # folder with config.json + weights (+ tokenizer), loaded with from_pretrained; or a .gguf file
+    gguf_file: str | None = None  # the GGUF file's name inside the folder `path`
     config: dict | None = None  # transformers config as a dict (with "model_type"), when there is no folder
     tokenizer: str | None = None  # tokenizer folder, when it is not inside `path`
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
-    eos_text: str | None = None  # appended to decoder-only targets; None = "\n" (as LAVIS does for OPT)
+    eos_text: str | None = None  # appended to decoder-only targets; None = "\n" (as LAVIS for OPT) where it is one token, else eos
     max_text_length: int = 32
 
 

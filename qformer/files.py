@@ -4,7 +4,7 @@
   into place at the end. On any exception (a SIGTERM too, when the command turns it into one) the partial folder is
   removed and `out` is left as it was. A SIGKILL cannot be cleaned up: a leftover `.NAME.partial-*` folder is safe
   to delete.
-* `read_safetensors`, `read_torch`, `read_tokenizer`: a truncated, empty or foreign file gives a one-line
+* `read_safetensors`, `read_torch`, `read_tokenizer`, `read_gguf`: a missing package, a truncated, empty or foreign file gives a one-line
   ValueError / FileNotFoundError naming it, not a library traceback.
 """
 
@@ -191,3 +191,45 @@ def read_tokenizer(folder: str | Path, load: Callable[[str], object]) -> object:
         return load(str(folder))
     except Exception as error:  # transformers raises OSError, ValueError, KeyError, ... for a folder it cannot read
         raise ValueError(f"cannot load the tokenizer in {folder}: {_first_line(error)}") from error
+
+
+# --- GGUF (llama.cpp's single-file format; transformers dequantises it to fp32 on load) ---------------------
+GGUF_MAGIC = b"GGUF"
+GGUF_PACKAGES = ("gguf", "accelerate")  # what transformers needs to read one; the qformer[llm] extra brings them
+GGUF_INSTALL_HINT = "pip install gguf accelerate (or the [llm] extra: pip install -e '.[llm]')"
+
+
+def check_gguf(path: str | Path) -> Path:
+    """A file transformers can read as GGUF: it exists, starts with the GGUF magic, and the packages are installed.
+
+    Checked before transformers sees the file: its own errors for these cases are tracebacks from deep inside.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    with open(path, "rb") as file:
+        if file.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+            raise ValueError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF'): a damaged or other file")
+    missing = [name for name in GGUF_PACKAGES if not _importable(name)]
+    if missing:
+        raise ValueError(f"{path}: reading a GGUF file needs the {' and '.join(missing)} package(s): {GGUF_INSTALL_HINT}")
+    return path
+
+
+def read_gguf(path: str | Path, load: Callable[[], object]) -> object:
+    """`load()` (a transformers `from_pretrained(..., gguf_file=...)`) of a checked file, a damaged one named in one line."""
+    path = check_gguf(path)
+    try:
+        return load()
+    except Exception as error:  # the gguf reader raises ValueError, KeyError, IndexError, struct.error, ... for a broken file
+        raise ValueError(f"cannot read {path} as a GGUF model (truncated or damaged?): {_first_line(error)}") from error
+
+
+def _importable(module: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True

@@ -1,7 +1,7 @@
 """The stage-2 model: the stage-1 query path, one linear projection, and a frozen language model.
 
 The 32 query outputs, projected to the LM's width, are soft visual prompts placed before the text:
-* decoder-only (OPT, any causal LM): `[soft prompts ; embed(BOS + prompt + text + eos_text)]`, loss on the text only;
+* decoder-only (OPT, Llama, any causal LM): `[soft prompts ; embed(BOS + prompt + text + eos_text)]`, loss on the text only;
 * encoder-decoder (FlanT5, any seq2seq LM): encoder `[soft prompts ; embed(prefix)]`, decoder target = suffix.
 
 Shapes: B batch, Q queries, L tokens, H the LM's embedding width.
@@ -13,13 +13,14 @@ import logging
 import random
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qformer.config import Blip2Config, LanguageModelConfig
-from qformer.files import read_tokenizer
+from qformer.files import read_gguf, read_tokenizer
 from qformer.frozen import Frozen
 from qformer.qformer import QFormer
 from qformer.vision import FrozenImageEncoder
@@ -27,21 +28,21 @@ from qformer.vision import FrozenImageEncoder
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-DEFAULT_EOS_TEXT = "\n"  # LAVIS ends OPT captions with a newline and stops generating there
+DEFAULT_EOS_TEXT = "\n"  # LAVIS ends OPT captions with a newline and stops generating there (see resolve_eos_text)
 VQA_PROMPTS = {"decoder": "Question: {} Answer:", "encoder_decoder": "Question: {} Short answer:"}
 CAPTION_PROMPT = "a photo of"
 
 
 class FrozenLanguageModel(Frozen):
-    """A transformers causal or seq2seq LM, from a local folder or a config; frozen, in its own precision."""
+    """A transformers causal or seq2seq LM, from a local folder, a GGUF file or a config; frozen, in its own precision."""
 
     def __init__(self, config: LanguageModelConfig):
         import transformers
 
         if (config.path is None) == (config.config is None):
-            raise ValueError("language_model: give exactly one of path (a local folder) or config (a dict)")
+            raise ValueError("language_model: give exactly one of path (a local folder or .gguf file) or config (a dict)")
         if config.path is not None:
-            hf_config = transformers.AutoConfig.from_pretrained(config.path, local_files_only=True)
+            hf_config = from_local(transformers.AutoConfig, config)
         else:
             config_dict = dict(config.config)
             if "model_type" not in config_dict:
@@ -53,7 +54,7 @@ class FrozenLanguageModel(Frozen):
         super().__init__(config.precision, "language_model.precision", torch.bfloat16 if encoder_decoder else torch.float16)
         auto = transformers.AutoModelForSeq2SeqLM if encoder_decoder else transformers.AutoModelForCausalLM
         if config.path is not None:
-            self.model = auto.from_pretrained(config.path, local_files_only=True)
+            self.model = from_local(auto, config, config=hf_config)
         else:
             self.model = auto.from_config(hf_config)
         self.is_encoder_decoder = encoder_decoder
@@ -67,13 +68,43 @@ class FrozenLanguageModel(Frozen):
         return self.model.get_input_embeddings()(input_ids)
 
 
+def gguf_location(config: LanguageModelConfig) -> tuple[Path, str] | None:
+    """(folder, file name) when the LM is a GGUF file: `path` to the .gguf itself, or `path` + `gguf_file`."""
+    if config.path is None:
+        return None
+    if config.gguf_file is not None:
+        return Path(config.path), config.gguf_file
+    path = Path(config.path)
+    return (path.parent, path.name) if path.suffix.lower() == ".gguf" else None
+
+
+def from_local(auto, lm: LanguageModelConfig, **kwargs):
+    """`auto.from_pretrained` (AutoConfig, AutoModel*, AutoTokenizer) of the LM's folder or GGUF file, offline."""
+    gguf = gguf_location(lm)
+    if gguf is None:
+        return auto.from_pretrained(lm.path, local_files_only=True, **kwargs)
+    folder, name = gguf
+    return read_gguf(folder / name, lambda: auto.from_pretrained(str(folder), gguf_file=name, local_files_only=True, **kwargs))
+
+
 def load_lm_tokenizer(config: LanguageModelConfig):
+    """The LM's tokenizer: its own folder (`tokenizer`, as exports have it), the GGUF file, or the LM's folder.
+
+    A tokenizer without a pad token (Llama's; SmolLM2's GGUF names one) pads with its eos token: padding is
+    masked by the attention mask and left out of the loss by position, so which id fills it does not matter.
+    """
     from transformers import AutoTokenizer
 
-    source = config.tokenizer or config.path
-    if source is None:
-        raise ValueError("language_model.tokenizer: a tokenizer folder is needed when the LM is built from a config")
-    return read_tokenizer(source, lambda folder: AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    if config.tokenizer is None and gguf_location(config) is not None:
+        tokenizer = from_local(AutoTokenizer, config)
+    else:
+        source = config.tokenizer or config.path
+        if source is None:
+            raise ValueError("language_model.tokenizer: a tokenizer folder is needed when the LM is built from a config")
+        tokenizer = read_tokenizer(source, lambda folder: AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 class Stage2Model(nn.Module):
@@ -120,10 +151,12 @@ class Stage2Model(nn.Module):
         lm = self.language_model.model
         if self.is_encoder_decoder:
             return lm(inputs_embeds=embeds, attention_mask=mask, labels=labels, decoder_attention_mask=decoder_attention_mask).loss
-        # Logits only where a text token is predicted: the LM head never runs on the query positions.
+        # Logits only where a text token is predicted: the LM head never runs on the other query positions. The
+        # last soft prompt predicts the first text token, which carries a label only when the tokenizer adds no
+        # BOS (SmolLM2's does not); a BOS (OPT's, Llama 2's) is never a label.
         L = labels.shape[1]
-        logits = lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=L).logits[:, -L:]  # (B, L, V)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+        logits = lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=L + 1).logits[:, -L - 1 : -1]  # (B, L, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
 
     @torch.no_grad()
     def generate(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, **generate_kwargs) -> Tensor:
@@ -236,12 +269,19 @@ def decode_generated(tokenizer, ids: Tensor, eos_text: str | None) -> list[str]:
 
 
 def resolve_eos_text(tokenizer, eos_text: str | None) -> str:
-    """The text a decoder-only caption ends with, in training and in generation alike (default "\\n", as LAVIS for OPT).
+    """The text a decoder-only caption ends with, in training and in generation alike.
 
+    Default "\\n", as LAVIS for OPT, wherever it is one token: in the byte-level BPEs of OPT, GPT-2, Llama 3 and
+    SmolLM2 ("Ċ"), where a pretrained LM ends a line with it on its own, so zero-shot answers stop there too.
+    A SentencePiece Llama (1 and 2) splits it into "▁" + "<0x0A>", and generation stops at the first token of the
+    end text, which would be any space: such a tokenizer ends captions with its eos token ("</s>") instead.
     A tokenizer that drops the text (a word-level one drops "\\n") would train captions without an end and generate
     without a stop: its eos token is used instead, with a warning.
     """
-    eos_text = eos_text or DEFAULT_EOS_TEXT
+    if not eos_text:
+        eos_text = DEFAULT_EOS_TEXT
+        if len(tokenizer(eos_text, add_special_tokens=False)["input_ids"]) > 1 and tokenizer.eos_token is not None:
+            return tokenizer.eos_token
     if tokenizer(eos_text, add_special_tokens=False)["input_ids"]:
         return eos_text
     if tokenizer.eos_token is None:

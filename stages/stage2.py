@@ -22,7 +22,9 @@ class Stage2Module(TrainingSkeleton):
 
     Args:
         stage1: a stage-1 export folder (`qformer export`); its Q-Former query path and ln_vision are loaded.
-        lm_path: local transformers folder of the frozen LM (OPT, FlanT5, any causal or seq2seq LM).
+        lm_path: local transformers folder of the frozen LM (OPT, FlanT5, Llama, any causal or seq2seq LM), or a
+            GGUF file (e.g. SmolLM2's; needs the gguf and accelerate packages), whose tokenizer is then used too.
+        lm_gguf_file: the GGUF file's name inside the folder lm_path (instead of lm_path naming the file).
         lm_config: a transformers config dict to build the LM from instead (random weights; tests and demos).
         lm_tokenizer: the LM's tokenizer folder, when it is not inside `lm_path`.
         lm_precision: auto (on GPU bf16 for T5-style, fp16 for decoder-only; on CPU bf16 under
@@ -30,7 +32,8 @@ class Stage2Module(TrainingSkeleton):
         prompt: decoder-only: text before every caption, excluded from the loss; encoder-decoder: the encoder
             text, with the whole caption as target. Empty (the paper's pre-training): decoder-only trains on the
             caption, encoder-decoder splits each caption at a random word into prefix and suffix.
-        eos_text: appended to decoder-only targets (default "\\n", as LAVIS does for OPT).
+        eos_text: appended to decoder-only targets (default "\\n", as LAVIS does for OPT, where the tokenizer has it as one
+            token; else the tokenizer's eos token, e.g. a SentencePiece Llama's "</s>").
         max_text_length: LM tokens per text.
         lr, min_lr, weight_decay, warmup_steps: AdamW and the warmup + cosine schedule (per optimizer step).
         split_seed: seed of the prefix/suffix split.
@@ -49,6 +52,7 @@ class Stage2Module(TrainingSkeleton):
         self,
         stage1: str,
         lm_path: str | None = None,
+        lm_gguf_file: str | None = None,
         lm_config: dict | None = None,
         lm_tokenizer: str | None = None,
         lm_precision: str = "auto",
@@ -76,7 +80,7 @@ class Stage2Module(TrainingSkeleton):
             raise ValueError(f"model.stage1: {stage1} is not a stage-1 export")
         config = read_config(stage1)
         config.language_model = LanguageModelConfig(
-            path=lm_path, config=lm_config, tokenizer=lm_tokenizer, precision=lm_precision, eos_text=eos_text,
+            path=lm_path, gguf_file=lm_gguf_file, config=lm_config, tokenizer=lm_tokenizer, precision=lm_precision, eos_text=eos_text,
             max_text_length=max_text_length,
         )
         self.model = Stage2Model(config)

@@ -76,3 +76,12 @@ def test_captions_end_with_a_token_even_when_the_tokenizer_drops_the_eos_text():
         eos = resolve_eos_text(tokenizer, "\n")
     batch = decoder_only_batch(tokenizer, ["a dog"], eos_text=eos)
     assert batch.labels[0].tolist() == [2, 3, 1]
+
+
+@pytest.mark.parametrize("make, expected", [(byte_level_bpe, "\n"), (llama_bpe, "</s>")], ids=["byte-level (OPT, SmolLM2)", "sentencepiece llama"])
+def test_default_end_of_caption_is_a_newline_only_where_it_is_one_token(make, expected):
+    """Generation stops at the end text's first token: a SentencePiece Llama's "\\n" starts with "▁" (any space), so
+    its captions end with its eos token; byte-level BPEs have "\\n" as one token ("Ċ"), as LAVIS uses it for OPT."""
+    tokenizer = make()
+    eos = resolve_eos_text(tokenizer, None)
+    assert eos == expected and len(tokenizer(eos, add_special_tokens=False)["input_ids"]) == 1

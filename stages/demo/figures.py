@@ -15,16 +15,20 @@ def _read_metrics(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def plot_losses(out: Path, lm_folder: Path) -> Path:
+def plot_losses(out: Path, lm_path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    lm_losses = json.loads((lm_folder / "pretraining_losses.json").read_text())
-    axes[0].plot(lm_losses)
-    axes[0].set(title="stand-in LLM pre-training (text after an object context)", xlabel="step", ylabel="loss")
+    lm_losses = lm_path / "pretraining_losses.json"
+    if lm_losses.is_file():
+        axes[0].plot(json.loads(lm_losses.read_text()))
+        axes[0].set(title="stand-in LLM pre-training (text after an object context)", xlabel="step", ylabel="loss")
+    else:  # a real pretrained LLM, used as it is
+        axes[0].set_axis_off()
+        axes[0].text(0.5, 0.5, "no LLM training here:\nthe pretrained LLM is used as it is", ha="center", va="center")
     rows = _read_metrics(out / "runs" / "stage1")
     for name in ("itc", "itm", "itg"):
         points = [(int(r["step"]), float(r[f"train/loss_{name}"])) for r in rows if r.get(f"train/loss_{name}")]

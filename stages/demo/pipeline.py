@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from qformer.files import check_gguf
 from qformer.stage2 import CAPTION_GENERATION, CAPTION_PROMPT, VQA_GENERATION, vqa_prompt
 from stages.demo.figures import plot_losses, plot_samples
 from stages.demo.language_model import pretrain_language_model
-from stages.demo.settings import (CROP_SCALE, ENCODER, HFLIP, DemoSettings, feature_caches, lm_config, model_config, write_configs,
-                                  write_encoder_weights)
+from stages.demo.settings import (CROP_SCALE, ENCODER, HFLIP, SMOLLM2, DemoSettings, feature_caches, lm_config, model_config,
+                                  smollm2_gguf, write_configs, write_encoder_weights)
 
 # Training views cached per training image. With the demo's transform (crop_scale [1, 1], no flip) every
 # RandomResizedCrop draw is the whole image resized, pixel for pixel the eval view (checked in the tests), so one
@@ -141,17 +142,19 @@ def run_demo(settings: DemoSettings) -> dict:
         clock = now
 
     start = clock
+    # A real LLM is looked for first: a missing package or file fails in one line before any work, not after stage 1.
+    lm_path = check_gguf(smollm2_gguf()) if settings.pretrained_lm else None
     _step("make-data")
     make_data(str(data), num_images=settings.num_images, seed=settings.seed, image_size=64, val_images=settings.val_images,
               test_images=settings.test_images)
     phase("data")
 
-    num_queries = model_config(settings, 0)["num_query_tokens"]
-    lm_folder = pretrain_language_model(settings, data, out, slots=num_queries)
-    phase("lm_pretraining")
+    if lm_path is None:  # no pretrained LLM: the stand-in learns the captions' language here (a real one is used as it is)
+        lm_path = pretrain_language_model(settings, data, out, slots=model_config(settings, 0)["num_query_tokens"])
+        phase("lm_pretraining")
 
     vocab_size = len(load_tokenizer(data))
-    configs = write_configs(settings, out, data, vocab_size, lm_folder, write_encoder_weights(settings, out))
+    configs = write_configs(settings, out, data, vocab_size, lm_path, write_encoder_weights(settings, out))
     _cache_features(settings, data, configs["model"], out)
     phase("cache_features")
     # overwrite: the demo owns its --out folder, so a second run replaces its own exports
@@ -167,7 +170,7 @@ def run_demo(settings: DemoSettings) -> dict:
     phase("examples")
 
     plot_samples(out, data, entries, predictions)
-    plot_losses(out, lm_folder)
+    plot_losses(out, lm_path)
     phase("figures")
     seconds["total"] = round(time.perf_counter() - start, 1)
 
@@ -177,9 +180,7 @@ def run_demo(settings: DemoSettings) -> dict:
         "vqa": vqa,
         "seconds": seconds,
         "encoder": ENCODER,
-        "lm": f"{'T5' if settings.encoder_decoder else 'OPT'} architecture ({lm_config(settings, vocab_size)}), pre-trained here for "
-              f"{settings.lm_steps} steps on the training captions' text (and questions with answers) after a context of one embedding "
-              "per object, then frozen",
+        "lm": describe_lm(settings, vocab_size),
         "data": {split: len(json.loads((data / f'{split}.json').read_text())) for split in ("val", "test")} | {"train_captions": len(json.loads((data / 'train.json').read_text()))},
         "chance_r1": 100 / len(entries),
         "examples": examples,
@@ -188,6 +189,14 @@ def run_demo(settings: DemoSettings) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print_summary(results, out)
     return results
+
+
+def describe_lm(settings: DemoSettings, vocab_size: int) -> str:
+    if settings.pretrained_lm:
+        return f"{SMOLLM2}, pretrained elsewhere and frozen: no training of the LM here"
+    return (f"{'T5' if settings.encoder_decoder else 'OPT'} architecture ({lm_config(settings, vocab_size)}), pre-trained here for "
+            f"{settings.lm_steps} steps on the training captions' text (and questions with answers) after a context of one embedding "
+            "per object, then frozen")
 
 
 def demo(settings: DemoSettings = DemoSettings()) -> int:
@@ -204,7 +213,8 @@ def print_summary(results: dict, out: Path) -> None:
     print()
     print(f"qformer demo — held-out test split: {r['images']} images, {r['texts']} captions (chance R@1 {results['chance_r1']:.1f}%)")
     print(f"  image encoder: {results['encoder']}")
-    print(f"  language model: {results['lm'].split(' (')[0]}, pre-trained here on caption text, then frozen")
+    how = "pretrained elsewhere, frozen as it is" if DemoSettings(**results["settings"]).pretrained_lm else "pre-trained here on caption text, then frozen"
+    print(f"  language model: {results['lm'].split(' (')[0]}, {how}")
     rows = [
         ("text retrieval R@1 / R@5 / R@10", f"{r['txt_r1']:.1f} / {r['txt_r5']:.1f} / {r['txt_r10']:.1f}"),
         ("image retrieval R@1 / R@5 / R@10", f"{r['img_r1']:.1f} / {r['img_r5']:.1f} / {r['img_r10']:.1f}"),
