@@ -126,3 +126,19 @@ def test_ctrl_c_asks_for_a_stop_at_the_step_end_and_a_second_one_stops_at_once()
     finally:
         stop.teardown(None, None, "fit")
     assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
+
+
+def test_the_demo_stops_when_a_signal_stopped_its_training(monkeypatch, tmp_path):
+    """After a stopped fit the demo must not go on to stage 2 or evaluation with a half-trained model."""
+    from types import SimpleNamespace
+
+    import stages.training
+    from stages.demo import pipeline
+
+    stopped = SimpleNamespace(stopped_by_signal=lambda: signal.SIGTERM, trainer=None)
+    monkeypatch.setattr(stages.training, "run_training", lambda stage, args: stopped)
+    config = tmp_path / "stage1.yaml"
+    config.write_text("trainer: {}\n")
+    with pytest.raises(SystemExit) as exit:
+        pipeline._train("stage1", config)
+    assert exit.value.code == 128 + signal.SIGTERM

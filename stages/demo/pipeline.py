@@ -54,6 +54,9 @@ def _train(stage: str, config: Path) -> Path:
 
     _step(f"{stage} fit ({config})")
     cli = run_training(stage, {"subcommand": "fit", "fit": yaml.safe_load(config.read_text())})
+    stopped_by = cli.stopped_by_signal()
+    if stopped_by is not None:  # Ctrl-C or SIGTERM: the checkpoint is saved; the rest of the demo must not run on it
+        raise SystemExit(128 + stopped_by)
     return Path(last_checkpoint(cli.trainer))
 
 
