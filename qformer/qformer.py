@@ -11,6 +11,11 @@ The image enters the cross-attention as keys/values only. `QFormer.image_kv` pro
 runs four passes over each image per step (ITC, and three ITM pairs) and the retrieval re-rank one per
 candidate pair, so projecting once per distinct image removes most of the cross-attention's cost.
 
+Text is padded to a fixed length (32, as LAVIS: the ITM gather across ranks needs one shape), so on COCO more than
+half of the text positions are padding. Given the text's padding mask, every per-token computation (projections,
+feed-forward) runs on the real tokens only (`real_token_index`, `on_tokens`): a padded position is masked as a key
+everywhere and no loss reads its output, so only the attention itself still spans the padded length.
+
 Shapes: B batch, Q queries, L text tokens, T = Q + L, N image tokens, D hidden, H heads, Dh = D / H,
 I distinct images.
 """
@@ -25,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from qformer.config import QFormerConfig
+from qformer.masks import with_queries
 
 KeyValue = tuple[Tensor, Tensor]  # (B, H, Q, Dh) each
 
@@ -75,16 +81,20 @@ class AttentionBlock(nn.Module):
         context: KeyValue | None = None,  # projected context (B, H, N, Dh) each; None = self-attention
         mask: Tensor | None = None,  # bool (B, 1, T, S), True = may attend
         past: KeyValue | None = None,  # keys/values prepended to this call's own (self-attention only)
+        index: Tensor | None = None,  # flat positions of x to project (`real_token_index`); None = all
     ) -> tuple[Tensor, KeyValue]:
-        q = self._heads(self.query(x))  # (B, H, T, Dh)
-        k, v = self.key_value(x) if context is None else context  # (B, H, S, Dh)
+        q = self._heads(on_tokens(self.query, x, index))  # (B, H, T, Dh)
+        if context is None:
+            k, v = self._heads(on_tokens(self.key, x, index)), self._heads(on_tokens(self.value, x, index))
+        else:
+            k, v = context  # (B, H, S, Dh)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
         dropout = self.attn_dropout if self.training else 0.0
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         attended = attended.transpose(1, 2).flatten(2)  # (B, T, D)
-        return self.norm(x + self.dropout(self.out_proj(attended))), (k, v)
+        return self.norm(x + self.dropout(on_tokens(self.out_proj, attended, index))), (k, v)
 
 
 class FeedForward(nn.Module):
@@ -103,6 +113,29 @@ class FeedForward(nn.Module):
         return self.norm(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
 
 
+def real_token_index(token_mask: Tensor | None) -> Tensor | None:
+    """(B, T) 1 = real token -> flat indices (R,) of the real tokens in (B * T), or None when there is no padding.
+
+    Found once per forward (a `nonzero`: a host sync on a GPU). torch.compile gets None: a data-dependent token
+    count would break its graph.
+    """
+    if token_mask is None or torch.compiler.is_compiling():
+        return None
+    index = token_mask.flatten().nonzero().squeeze(1)
+    return None if len(index) == token_mask.numel() else index
+
+
+def on_tokens(module: nn.Module, x: Tensor, index: Tensor | None) -> Tensor:
+    """A width-preserving per-token module applied at the flat positions `index` of x (B, T, D) only.
+
+    The other positions keep x: any finite value does, nothing reads them.
+    """
+    if index is None:
+        return module(x)
+    flat = x.flatten(0, 1)
+    return flat.index_copy(0, index, module(flat.index_select(0, index))).view_as(x)
+
+
 class QFormerLayer(nn.Module):
     def __init__(self, config: QFormerConfig, has_cross_attention: bool, with_text: bool = True):
         super().__init__()
@@ -118,8 +151,10 @@ class QFormerLayer(nn.Module):
         mask: Tensor | None,  # bool (B, 1, T, P + T)
         image_kv: KeyValue | None,  # this layer's image keys/values (B, H, N, Dh)
         past: KeyValue | None,  # (B, H, P, Dh) cached query keys/values
+        token_index: Tensor | None = None,  # real positions of x (`real_token_index`): projected and ...
+        text_index: Tensor | None = None,  # ... of its text part: through the text FFN; None = all
     ) -> tuple[Tensor, KeyValue]:
-        x, (k, v) = self.self_attn(x, mask=mask, past=past)
+        x, (k, v) = self.self_attn(x, mask=mask, past=past, index=token_index)
         queries, text = x[:, :num_queries], x[:, num_queries:]
         if num_queries > 0:
             if self.cross_attn is not None:
@@ -128,7 +163,7 @@ class QFormerLayer(nn.Module):
                 queries, _ = self.cross_attn(queries, context=image_kv)
             queries = self.query_ffn(queries)
         if text.shape[1] > 0:
-            text = self.text_ffn(text)
+            text = on_tokens(self.text_ffn, text, text_index)
         # Keys/values of the query positions only: the ITG pass appends its text to them.
         start = 0 if past is None else past[0].shape[2]
         query_kv = (k[:, :, : start + num_queries], v[:, :, : start + num_queries])
@@ -210,11 +245,13 @@ class QFormer(nn.Module):
         image_embeds: Tensor | ImageKV | None = None,  # (B, N, Dv), or images already projected; needed with queries
         use_queries: bool = True,
         past_query_kv: list[KeyValue] | None = None,  # from an earlier query pass; P = its Q
+        text_mask: Tensor | None = None,  # (B, L) 1 = real token: padded text positions skip the per-token work
     ) -> QFormerOutput:
         """Run queries and/or text through the encoder.
 
         With `use_queries` the learned queries come first; `past_query_kv` lets text attend to the
-        queries of an earlier pass (ITG) without recomputing them.
+        queries of an earlier pass (ITG) without recomputing them. With `text_mask` the outputs at padded
+        text positions are not computed (they hold intermediate values): pass it only where no one reads them.
         """
         if not use_queries and input_ids is None:
             raise ValueError("QFormer.forward needs queries, text or both")
@@ -223,11 +260,13 @@ class QFormer(nn.Module):
         query_embeds = self.query_tokens.expand(batch, -1, -1) if use_queries else None
         num_queries = self.num_query_tokens if use_queries else 0
         x = self.embeddings(query_embeds, input_ids)  # (B, T, D)
+        text_index = real_token_index(text_mask)
+        token_index = text_index if not use_queries or text_index is None else real_token_index(with_queries(num_queries, text_mask))
         query_kv = []
         for i, layer in enumerate(self.layers):
             past = past_query_kv[i] if past_query_kv is not None else None
             layer_image = image_kv.for_layer(i) if use_queries and image_kv is not None else None
-            x, kv = self.run_layer(layer, x, num_queries, attention_mask, layer_image, past)
+            x, kv = self.run_layer(layer, x, num_queries, attention_mask, layer_image, past, token_index, text_index)
             query_kv.append(kv)
         return QFormerOutput(last_hidden_state=x, query_kv=query_kv)
 

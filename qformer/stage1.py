@@ -71,7 +71,7 @@ class Stage1Model(nn.Module):
     # --- text side --------------------------------------------------------------------------------
     def text_feat(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:  # (B, L) -> (B, E)
         """Text only, bidirectional over real tokens; the [CLS] output is the text feature."""
-        hidden = self.qformer(input_ids, padding_mask(attention_mask), use_queries=False).last_hidden_state
+        hidden = self.qformer(input_ids, padding_mask(attention_mask), use_queries=False, text_mask=attention_mask).last_hidden_state
         return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
 
     # --- joint ------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ class Stage1Model(nn.Module):
         """
         Q = self.qformer.num_query_tokens
         mask = padding_mask(with_queries(Q, attention_mask))
-        hidden = self.qformer(input_ids, mask, image_embeds=images).last_hidden_state  # (B, Q + L, D)
+        hidden = self.qformer(input_ids, mask, image_embeds=images, text_mask=attention_mask).last_hidden_state  # (B, Q + L, D)
         return self.itm_head(hidden[:, :Q]).mean(dim=1)
 
     def itg_logits(self, input_ids: Tensor, attention_mask: Tensor, query_kv: list[KeyValue],
@@ -99,7 +99,7 @@ class Stage1Model(nn.Module):
         """
         Q = self.qformer.num_query_tokens
         mask = generation_mask(Q, attention_mask)[:, :, Q:]  # text rows only: (B, 1, L, Q + L)
-        hidden = self.qformer(input_ids, mask, use_queries=False, past_query_kv=query_kv).last_hidden_state
+        hidden = self.qformer(input_ids, mask, use_queries=False, past_query_kv=query_kv, text_mask=attention_mask).last_hidden_state
         if positions is not None:
             hidden = hidden[positions]  # (P, D)
         return self.lm_head(hidden, self.qformer.embeddings.word_embeddings.weight)

@@ -86,6 +86,40 @@ def test_padding_never_matters(model):
     torch.testing.assert_close(model.text_feat(ids, text_mask)[1:], alone, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["itc_text", "itm", "itg"])
+def test_padded_text_skips_the_feed_forward_and_changes_no_output_that_is_read(model, mode):
+    """With `text_mask` the projections and the text FFN run on the real tokens (and queries) only; every output a
+    loss reads is as without it."""
+    pixels, ids, text_mask = inputs(batch=3)
+    text_mask[2, -5:] = 0
+    Q = model.qformer.num_query_tokens
+    image_embeds = model.encode_image(pixels)
+    query = model.query_forward(image_embeds)
+    kwargs = {
+        "itc_text": dict(attention_mask=padding_mask(text_mask), use_queries=False),
+        "itm": dict(attention_mask=padding_mask(with_queries(Q, text_mask)), image_embeds=image_embeds),
+        "itg": dict(attention_mask=generation_mask(Q, text_mask)[:, :, Q:], use_queries=False, past_query_kv=query.query_kv),
+    }[mode]
+    rows_seen = {}
+    layer = model.qformer.layers[0]
+    def count_rows(name):
+        def hook(module, args, out):
+            rows_seen.setdefault(name, args[0].shape[:-1].numel())
+        return hook
+
+    hooks = [module.register_forward_hook(count_rows(name)) for name, module in (("text_ffn", layer.text_ffn.fc1), ("self_attn", layer.self_attn.key))]
+    try:
+        unpadded = model.qformer(ids, text_mask=text_mask, **kwargs).last_hidden_state
+    finally:
+        for hook in hooks:
+            hook.remove()
+    padded = model.qformer(ids, **kwargs).last_hidden_state
+    text_start = Q if mode == "itm" else 0
+    assert rows_seen == {"text_ffn": int(text_mask.sum()), "self_attn": 3 * text_start + int(text_mask.sum())}
+    read = torch.cat([torch.ones(3, text_start, dtype=torch.bool), text_mask.bool()], dim=1)  # queries and real tokens
+    torch.testing.assert_close(unpadded[read], padded[read], atol=1e-6, rtol=1e-5)
+
+
 def test_itm_mode_queries_see_text(model):
     pixels, ids, text_mask = inputs()
     image_embeds = model.encode_image(pixels)
