@@ -186,3 +186,40 @@ def test_cpu_fit_loss_decreases_and_caption_command_works(config_name, stage1_ex
     assert {"bleu4", "cider", "rouge_l"} <= set(caption_scores)
     predictions = json.loads((tmp_path / "preds.json").read_text())
     assert len(predictions) == caption_scores["images"] and {"image_id", "caption"} == set(predictions[0])
+
+
+def newline_bpe():
+    """A byte-level BPE (OPT's, SmolLM2's kind) in which "\\n\\n" is one token, as in the released vocabularies."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["Question: what color is it? Answer: red\n\n", "Question: what shape? Answer: a circle\n"] * 50
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generation_ends_at_every_token_holding_the_end_text(num_beams):
+    """An LM that would answer "\\n\\n" once `min_new_tokens` holds back "\\n" gets no empty answer: every token
+    containing the end text ends the text, so it is held back too and the answer is the next-best word."""
+    from qformer.stage2 import GenerationSettings, generate_text
+
+    tokenizer = newline_bpe()
+    newline, blank_line, red = (tokenizer.convert_tokens_to_ids(t) for t in ("Ċ", "ĊĊ", "Ġred"))
+    assert tokenizer.unk_token_id not in (newline, blank_line, red) and None not in (newline, blank_line, red)
+    config = preset("tiny")
+    config.language_model = LanguageModelConfig(config=dict(OPT, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=1, pad_token_id=0),
+                                                precision="fp32", eos_text="\n")
+    model = Stage2Model(config).eval()
+    decoder, head = model.language_model.model.model.decoder, model.language_model.model.lm_head
+    with torch.no_grad():  # the last hidden state is the final norm's bias at every position: fixed logits
+        decoder.final_layer_norm.weight.zero_()
+        decoder.final_layer_norm.bias.fill_(1.0)
+        head.weight.zero_()
+        head.weight[newline], head.weight[blank_line], head.weight[red] = 3.0, 2.0, 1.0  # "\n" > "\n\n" > " red"
+    settings = GenerationSettings(num_beams=num_beams, max_new_tokens=5, min_new_tokens=1)
+    assert generate_text(model, tokenizer, torch.randn(1, 3, 32, 32), ["Question: what color is it? Answer:"], settings) == ["red"]
