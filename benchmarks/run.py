@@ -11,7 +11,9 @@ process, weights and inputs included) is its own. References:
 - ITM re-rank at the paper's shapes: the same reference, pair by pair, each direction separately;
 - stage-1 step with the real ViT-g/14 architecture (random weights): from the frozen-feature cache vs from pixels;
 - Q-Former joint (ITM) pass forward + backward: transformers' Blip2QFormerModel with the same weights;
-- torch.compile of the Q-Former vs eager, and gradient checkpointing vs none (memory).
+- torch.compile of the Q-Former vs eager, and gradient checkpointing vs none (memory);
+- glibc's malloc defaults vs the freed memory kept in the process (`stages/memory.py`, which `qformer` applies at
+  start and every other row applies too).
 """
 
 from __future__ import annotations
@@ -161,6 +163,10 @@ MEASUREMENTS = {"stage1_step": stage1_step, "rerank": rerank, "qformer_joint": q
 
 
 def child(spec: dict) -> None:
+    from stages.memory import keep_freed_memory
+
+    if spec.pop("allocator", "keep") == "keep":  # as `qformer` sets it at start (stages/memory.py)
+        keep_freed_memory()
     device = torch.device(spec.pop("device"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -204,6 +210,9 @@ def rows_to_run(args) -> list[tuple[str, str, dict, dict]]:
                             "(after compiling)", ours_step, {**ours_step, "compile": True, "warmup": 2}))
     rows.append(("checkpointing", f"stage-1 step, B={args.batch}, {ours_step['precision']}: "
                                   "plain -> gradient checkpointing", ours_step, {**ours_step, "checkpointing": True}))
+    cached = {**vitg, "formulation": "cached"}
+    rows.append(("allocator", f"stage-1 step from the cache, ViT-g, B={args.vitg_batch}, {args.vitg_precision}: "
+                              "glibc's malloc defaults -> freed memory kept", {**cached, "allocator": "default"}, cached))
     return [r for r in rows if r[0] in args.rows.split(",")]
 
 
@@ -211,7 +220,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rows", default="stage1,rerank,cache,transformers,compile,checkpointing")
+    parser.add_argument("--rows", default="stage1,rerank,cache,transformers,compile,checkpointing,allocator")
     parser.add_argument("--precisions", default="fp32,bf16", help="stage-1 step precisions (bf16 = autocast)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rerank-images", type=int, default=64)

@@ -225,9 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = bool(os.environ.get("QFORMER_DEBUG")) or argv[:1] == ["--debug"]
     argv = argv[1:] if argv[:1] == ["--debug"] else argv
+    from stages.memory import keep_freed_memory
     from stages.terminal import quiet_library_notices
 
     quiet_library_notices()
+    keep_freed_memory()
     if threading_is_main():
         signal.signal(signal.SIGTERM, _exit_on_signal)
     try:

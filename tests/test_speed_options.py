@@ -3,6 +3,9 @@ eager, the frozen towers follow a CPU bf16 autocast, and both stages train under
 
 import csv
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -135,3 +138,29 @@ def test_stage2_trains_in_bf16_mixed_on_cpu(data, tmp_path):
     assert_finite_and_decreasing(logged(tmp_path / "runs", "train/loss_lm"))
     assert next(cli.model.model.language_model.model.parameters()).dtype == torch.bfloat16
     assert next(cli.model.model.visual_encoder.model.parameters()).dtype == torch.bfloat16
+
+
+FREE_A_LARGE_BUFFER = """
+import sys, torch
+from stages.memory import keep_freed_memory
+applied = keep_freed_memory()
+resident = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+buffer = torch.ones(96 * 2**20 // 4)  # 96 MiB: above glibc's largest mmap threshold
+before = resident()
+del buffer
+print(applied, (before - resident()) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt, on Linux")
+@pytest.mark.parametrize("setting", ["keep", "default"])
+def test_freed_large_buffers_stay_in_the_process_unless_opted_out(setting):
+    """glibc unmaps a freed 96 MiB buffer at once (the next step faults its pages in again); with the freed memory
+    kept, the process keeps it. QFORMER_GLIBC_MALLOC=default keeps glibc's behaviour."""
+    env = {**os.environ, "QFORMER_GLIBC_MALLOC": setting}
+    done = subprocess.run([sys.executable, "-c", FREE_A_LARGE_BUFFER], capture_output=True, text=True, env=env, check=True)
+    applied, released_mib = done.stdout.split()
+    if setting == "keep":
+        assert applied == "True" and float(released_mib) < 8
+    else:
+        assert applied == "False" and float(released_mib) > 64
