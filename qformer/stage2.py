@@ -299,15 +299,17 @@ def resolve_eos_text(tokenizer, eos_text: str | None) -> str:
 
 @functools.lru_cache(maxsize=4)  # a pass over the vocabulary (~0.2 s for 49k tokens), once per tokenizer, not per batch
 def end_token_ids(tokenizer, eos_text: str) -> list[int]:
-    """Every token whose text contains `eos_text`: generation stops at any of them, not only at `eos_text`'s own.
+    """The tokens that end a text: every token whose text contains `eos_text`, and the tokenizer's eos token.
 
-    A byte-level BPE has many tokens that hold a newline ("\\n\\n", " \\n", ".\\n"). With only "\\n" as the end,
-    `min_new_tokens` holds back "\\n" on the first step and the LM ends its answer with "\\n\\n" instead, which is
-    decoded and cut at the newline to an empty answer (SmolLM2 did so for most zero-shot questions).
+    A byte-level BPE has many tokens that hold a newline ("\\n\\n", " \\n", ".\\n"), and an instruct LM ends its
+    turn with its own eos token (SmolLM2's "<|im_end|>"). With only "\\n" as the end, `min_new_tokens` holds back
+    "\\n" on the first step and the LM ends with one of the others instead, which decodes to an empty answer
+    (SmolLM2 answered every zero-shot question with "<|im_end|>" + "\\n").
     """
     vocabulary = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     first = tokenizer(eos_text, add_special_tokens=False)["input_ids"][0]
-    return sorted({first, *(i for i, text in enumerate(vocabulary) if eos_text in text)})
+    own_end = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    return sorted({first, *own_end, *(i for i, text in enumerate(vocabulary) if eos_text in text)})
 
 
 @dataclass(frozen=True)

@@ -203,9 +203,9 @@ def newline_bpe():
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_generation_ends_at_every_token_holding_the_end_text(num_beams):
-    """An LM that would answer "\\n\\n" once `min_new_tokens` holds back "\\n" gets no empty answer: every token
-    containing the end text ends the text, so it is held back too and the answer is the next-best word."""
+def test_generation_ends_at_every_token_holding_the_end_text_and_at_the_eos_token(num_beams):
+    """An LM that would answer with its eos token or "\\n\\n" once `min_new_tokens` holds back "\\n" gets no empty
+    answer: those end the text too, so they are held back as well and the answer is the next-best word."""
     from qformer.stage2 import GenerationSettings, generate_text
 
     tokenizer = newline_bpe()
@@ -220,6 +220,7 @@ def test_generation_ends_at_every_token_holding_the_end_text(num_beams):
         decoder.final_layer_norm.weight.zero_()
         decoder.final_layer_norm.bias.fill_(1.0)
         head.weight.zero_()
-        head.weight[newline], head.weight[blank_line], head.weight[red] = 3.0, 2.0, 1.0  # "\n" > "\n\n" > " red"
+        # the logits rank "\n" > the eos token > "\n\n" > " red" > the rest
+        head.weight[newline], head.weight[tokenizer.eos_token_id], head.weight[blank_line], head.weight[red] = 3.0, 2.5, 2.0, 1.0
     settings = GenerationSettings(num_beams=num_beams, max_new_tokens=5, min_new_tokens=1)
     assert generate_text(model, tokenizer, torch.randn(1, 3, 32, 32), ["Question: what color is it? Answer:"], settings) == ["red"]

@@ -85,9 +85,10 @@ def smollm2_gguf() -> Path:
 def cpu_has_fast_bf16() -> bool:
     """Whether the CPU multiplies bf16 natively (the AVX512_BF16 or AMX-BF16 instructions).
 
-    With them a SmolLM2 step under bf16 autocast is ~4x faster than in fp32; without them oneDNN still accepts bf16
-    (torch's `_is_mkldnn_bf16_supported` says yes on any AVX-512 CPU) but emulates it, and the step is ~3x slower
-    than fp32 (measured on an AVX-512 Xeon without AVX512_BF16: 110 s vs 40 s at batch 48, on a busy machine).
+    With them a SmolLM2 step under bf16 autocast is faster than in fp32 (1.5 s vs 2.3 s at batch 48 on an AMX Xeon);
+    without them oneDNN still accepts bf16 (torch's `_is_mkldnn_bf16_supported` says yes on any AVX-512 CPU) but
+    emulates it, and the step is ~3x slower than fp32 (measured on an AVX-512 Xeon without AVX512_BF16, on a busy
+    machine, before the LM-head fix of qformer/stage2.py: 110 s vs 40 s at batch 48).
     """
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
@@ -202,7 +203,7 @@ def write_configs(settings: DemoSettings, out: Path, data: Path, vocab_size: int
     }
     if settings.pretrained_lm:
         # The real LLM: its own end of caption (resolve_eos_text: "\n"), in bf16 under autocast where the CPU has it
-        # natively (a forward + backward of SmolLM2 at batch 32 then takes ~1.2 s instead of ~5.2 s in fp32).
+        # natively (a stage-2 step at batch 48 then takes 1.5 s instead of 2.3 s in fp32, measured on an AMX Xeon).
         stage2["model"].update(lm_precision="auto", eos_text=None, warmup_steps=min(100, steps // 10))
         stage2["trainer"]["precision"] = "bf16-mixed" if cpu_has_fast_bf16() else "32"
     paths = {"model": configs / "model.json", "stage1": configs / "stage1.yaml", "stage2": configs / "stage2.yaml"}
