@@ -62,6 +62,13 @@ def test_decoder_only_loss_matches(lm):
         hf_labels = torch.cat([torch.full((ids.shape[0], Q), IGNORE), labels], 1)
         hf_loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), hf_labels[:, 1:].reshape(-1), ignore_index=IGNORE)
     torch.testing.assert_close(loss, hf_loss, atol=1e-5, rtol=1e-5)
+    # With gradients ours runs eager attention (faster on a CPU, see FrozenLanguageModel.use_attention_for): the
+    # same loss as transformers' SDPA.
+    assert ours.language_model.model.config._attn_implementation == ours.language_model.own_attention == "sdpa"
+    assert theirs.language_model.config._attn_implementation == "sdpa"
+    eager_loss = ours(pixels, ids, mask, labels)
+    assert ours.language_model.model.config._attn_implementation == "eager"
+    torch.testing.assert_close(eager_loss, hf_loss, atol=1e-5, rtol=1e-5)
 
 
 def test_t5_loss_matches():
