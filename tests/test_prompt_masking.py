@@ -15,12 +15,12 @@ CORPUS = ["a photo of a dog", "a photo of a cat on a mat", "Question: what is it
           "a red circle next to a blue square", "an apple"] * 50
 
 
-def byte_level_bpe():
+def byte_level_bpe(corpus: list[str] = CORPUS):
     """OPT's kind: `</s>` as BOS, no prefix space, the space before a word is part of its token ("Ġa")."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>"],
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>"],
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", tok.token_to_id("</s>"))])
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>")

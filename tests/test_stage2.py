@@ -190,16 +190,9 @@ def test_cpu_fit_loss_decreases_and_caption_command_works(config_name, stage1_ex
 
 def newline_bpe():
     """A byte-level BPE (OPT's, SmolLM2's kind) in which "\\n\\n" is one token, as in the released vocabularies."""
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from test_prompt_masking import byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["Question: what color is it? Answer: red\n\n", "Question: what shape? Answer: a circle\n"] * 50
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>")
+    return byte_level_bpe(["Question: what color is it? Answer: red\n\n", "Question: what shape? Answer: a circle\n"] * 50)
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
