@@ -128,3 +128,39 @@ def test_left_padded_batch_generates_what_each_prompt_does_alone(lm):
     assert torch.equal(batched.sequences, torch.cat([a.sequences for a in alone]))
     for step, logits in enumerate(batched.logits):
         torch.testing.assert_close(logits, torch.cat([a.logits[step] for a in alone]), atol=1e-5, rtol=1e-5)
+
+
+# Tiny causal LMs of each family whose head stage 2 runs on the labelled positions only, and one (Gemma 2, whose logits are
+# soft-capped after its head: a cap of 0.1 changes them well beyond the tolerance) where the LM applies its own head.
+CAUSAL_FAMILIES = {
+    "mistral": dict(model_type="mistral", vocab_size=VOCAB, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128),
+    "qwen2": dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128),
+    "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=24, n_layer=2, n_head=2, n_positions=128),
+    "gemma2": dict(model_type="gemma2", vocab_size=VOCAB, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=2, num_key_value_heads=1, head_dim=12, max_position_embeddings=128, final_logit_softcapping=0.1),
+}
+
+
+@pytest.mark.parametrize("lm", ["opt", "llama", *CAUSAL_FAMILIES])
+def test_the_loss_of_every_causal_family_is_the_cross_entropy_of_its_full_logits(lm):
+    """Where the head runs on labelled positions only (PLAIN_HEAD_MODEL_TYPES) and where the LM applies its own head."""
+    from qformer.stage2 import PLAIN_HEAD_MODEL_TYPES
+
+    config = preset("tiny")
+    config.language_model = LanguageModelConfig(config=LMS.get(lm) or CAUSAL_FAMILIES[lm], precision="fp32")
+    model = Stage2Model(config).eval()
+    assert model.language_model.has_plain_head == (lm in PLAIN_HEAD_MODEL_TYPES) == (lm != "gemma2")
+    Q = config.num_query_tokens
+    pixels, ids = torch.randn(3, 3, 32, 32), torch.randint(3, VOCAB - 1, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[2, 4:] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE)
+    labels[:, :2] = IGNORE  # a two-token prompt
+    with torch.no_grad():
+        loss = model(pixels, ids, mask, labels)
+        embeds, full_mask = model._with_prompts(pixels, ids, mask)
+        logits = model.language_model.model(inputs_embeds=embeds, attention_mask=full_mask).logits[:, Q - 1 : -1]
+        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.flatten(), ignore_index=IGNORE)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
