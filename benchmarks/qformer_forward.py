@@ -19,12 +19,12 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, print_table, time_ms  # noqa: E402
-
 from qformer.config import QFormerConfig
-from qformer.convert import stage1_key_to_hf
+from qformer.interop.names import stage1_key_to_hf
 from qformer.masks import padding_mask, with_queries
 from qformer.qformer import QFormer
+
+from common import describe_machine, print_table, time_ms  # noqa: E402
 
 CONFIGS = {
     "tiny": QFormerConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, encoder_hidden_size=64),

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, print_table  # noqa: E402
-
 from qformer.bert import load_tokenizer
 from qformer.config import preset
 from qformer.stage1 import Stage1Model
-from stages.evaluate import EvalSet, evaluate_retrieval
-from stages.synthetic import make_dataset
+from stages.data.synthetic import make_dataset
+from stages.eval.common import EvalSet
+from stages.eval.retrieval import evaluate_retrieval
+
+from common import describe_machine, print_table  # noqa: E402
 
 COCO_IMAGES, COCO_TEXTS = 5_000, 25_000
 

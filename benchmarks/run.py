@@ -67,8 +67,9 @@ def stage1_step(device, precision: str, formulation: str, batch: int, vision: st
                 checkpointing: bool = False, warmup: int = 1, repeats: int = 3) -> float:
     from qformer.losses import stage1_losses
     from qformer.stage1 import Stage1Model
+    from stages.train.optim import configure_adamw, param_groups
+
     from reference_stage1 import reference_stage1_losses
-    from stages.optim import configure_adamw, param_groups
 
     torch.manual_seed(0)
     config = paper_config(vision)
@@ -105,8 +106,10 @@ def rerank(device, precision: str, formulation: str, images: int, texts: int, k:
     """Milliseconds for the whole re-rank; with `batches`, timed on the first `batches` pair batches and scaled to all."""
     import time
 
-    from qformer.retrieval import RetrievalFeatures, itc_similarity, rerank as ours_rerank, top_k_pairs
+    from qformer.retrieval import RetrievalFeatures, itc_similarity, top_k_pairs
+    from qformer.retrieval import rerank as ours_rerank
     from qformer.stage1 import Stage1Model
+
     from reference_stage1 import reference_rerank
 
     torch.manual_seed(0)

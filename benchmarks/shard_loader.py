@@ -22,7 +22,7 @@ from benchmarks.common import print_table
 
 def jpeg_dataset(folder: Path, images: int) -> Path:
     """The synthetic scenes at 256 px, re-saved as JPEG (what img2dataset stores), with their annotation file."""
-    from stages.synthetic import make_dataset
+    from stages.data.synthetic import make_dataset
 
     make_dataset(folder, num_images=images, seed=0, image_size=256, val_images=1, test_images=1)
     entries = json.loads((folder / "train.json").read_text())
@@ -36,7 +36,7 @@ def jpeg_dataset(folder: Path, images: int) -> Path:
 
 def samples_per_second(train: str, image_root: str | None, tokenizer: str, batch: int, workers: int, batches: int,
                        warmup: int) -> float:
-    from stages.data import CaptionDataModule
+    from stages.data.captions import CaptionDataModule
 
     data = CaptionDataModule(train, image_root=image_root, tokenizer_dir=tokenizer, batch_size=batch, num_workers=workers,
                              image_size=224, seed=0, shuffle_buffer=256)
@@ -51,7 +51,7 @@ def samples_per_second(train: str, image_root: str | None, tokenizer: str, batch
 
 
 def main() -> None:
-    from stages.shards import make_shards
+    from stages.tools.make_shards import make_shards
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=768)

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, print_table, time_ms  # noqa: E402
-
 from qformer.config import QFormerConfig, VisionConfig, preset
 from qformer.losses import stage1_losses
 from qformer.stage1 import Stage1Model
-from stages.optim import configure_adamw
+from stages.train.optim import configure_adamw
+
+from common import describe_machine, print_table, time_ms  # noqa: E402
 
 
 def config_named(name: str):

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, print_table, time_ms  # noqa: E402
-
 from qformer.config import LanguageModelConfig, QFormerConfig, preset
-from qformer.convert import to_hf_generation
-from qformer.stage2 import IGNORE, Stage2Model
+from qformer.interop.names import to_hf_generation
+from qformer.lm_text import IGNORE
+from qformer.stage2 import Stage2Model
+
+from common import describe_machine, print_table, time_ms  # noqa: E402
 
 VOCAB = 1000
 SIZES = {

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from qformer.config import QFormerConfig
-from qformer.convert import bert_key
 from qformer.files import read_tokenizer
+from qformer.interop.names import bert_key
 from qformer.vision import load_state_dict_file
 
 DEC_TOKEN = "[DEC]"

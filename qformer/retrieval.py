@@ -9,7 +9,7 @@
 The re-rank scores each distinct (image, text) pair once, though a pair is often in both an image's and a
 text's top k (the ITM logit does not depend on the direction), `batch_size` pairs at a time. Pairs are sorted
 by image, so a batch holds few distinct images, and each of them is projected to cross-attention keys/values
-once for all its pairs. Work is split over processes by a `Shard` (chunk c and pair batch p go to rank
+once for all its pairs. Work is split over processes by a `WorkShare` (chunk c and pair batch p go to rank
 c % world / p % world) and put together by its `reduce_sum`, a sum over processes (identity for one). Every
 entry is computed by exactly one process and the others add exact zeros, and the batches do not depend on
 the number of processes, so any number of processes gives the same bits as one.
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from qformer.shard import Shard
 from qformer.stage1 import Stage1Model
+from qformer.workshare import WorkShare
 
 NOT_RANKED = -100.0
 
@@ -50,7 +50,7 @@ def compute_image_features(
     model: Stage1Model,
     load_chunk: Callable[[int], tuple[Tensor | None, list[int]]],  # chunk -> (pixels of its readable images, their rows)
     chunk_sizes: list[int],  # images per chunk (fixed boundaries, whatever the number of processes)
-    shard: Shard = Shard(),
+    share: WorkShare = WorkShare(),
     progress: Callable[[Iterable], Iterable] = lambda x: x,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(image_embeds (I, N, Dv), image_feats (I, Q, E), readable (I,) bool) of every image.
@@ -66,14 +66,14 @@ def compute_image_features(
     embeds = probe.new_zeros(total, *probe.shape[1:])
     feats = probe.new_zeros(total, model.qformer.num_query_tokens, model.vision_proj.out_features)
     readable = torch.zeros(total, device=device)
-    for c in progress(shard.owned(len(chunk_sizes))):
+    for c in progress(share.owned(len(chunk_sizes))):
         pixels, kept = load_chunk(c)
         if pixels is None:
             continue
         rows = torch.tensor(kept, device=device) + starts[c]
         embeds[rows], feats[rows] = image_features(model, pixels.to(device))
         readable[rows] = 1.0
-    return shard.reduce_sum(embeds), shard.reduce_sum(feats), shard.reduce_sum(readable) > 0
+    return share.reduce_sum(embeds), share.reduce_sum(feats), share.reduce_sum(readable) > 0
 
 
 @torch.no_grad()
@@ -82,16 +82,16 @@ def compute_text_features(
     input_ids: Tensor,
     attention_mask: Tensor,
     text_chunk: int = 256,
-    shard: Shard = Shard(),
+    share: WorkShare = WorkShare(),
 ) -> Tensor:
-    """(T, E) [CLS] features of every text; each process computes its chunks, the shard's sum shares them."""
+    """(T, E) [CLS] features of every text; each process computes its chunks, the share's sum shares them."""
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     text_feat = torch.zeros(len(input_ids), model.text_proj.out_features, device=device)
-    for c in shard.owned((len(input_ids) + text_chunk - 1) // text_chunk):
+    for c in share.owned((len(input_ids) + text_chunk - 1) // text_chunk):
         rows = slice(c * text_chunk, (c + 1) * text_chunk)
         text_feat[rows] = model.text_feat(input_ids[rows], attention_mask[rows])
-    return shard.reduce_sum(text_feat)
+    return share.reduce_sum(text_feat)
 
 
 @torch.no_grad()
@@ -111,7 +111,7 @@ def rerank(
     sim: Tensor,  # (I, T) ITC similarity
     k: int,
     batch_size: int = 128,
-    shard: Shard = Shard(),
+    share: WorkShare = WorkShare(),
     progress: Callable[[Iterable], Iterable] = lambda x: x,
 ) -> tuple[Tensor, Tensor]:
     """ITM re-rank of each row's top-k: (score_i2t (I, T), score_t2i (T, I)), NOT_RANKED elsewhere."""
@@ -119,13 +119,13 @@ def rerank(
     pairs = (in_i2t | in_t2i).nonzero()  # (P, 2) distinct (image, text) pairs, sorted by image
     itm = torch.zeros_like(sim)  # (I, T) ITM positive logit of every pair scored
     batches = range(0, len(pairs), batch_size)
-    for start in progress([batches[b] for b in shard.owned(len(batches))]):
+    for start in progress([batches[b] for b in share.owned(len(batches))]):
         images, texts = pairs[start : start + batch_size].unbind(1)
         distinct, index = images.unique_consecutive(return_inverse=True)
         image_kv = model.image_kv(features.image_embeds[distinct]).select(index)  # each image projected once
         logits = model.itm_logits(image_kv, features.input_ids[texts], features.attention_mask[texts])
         itm[images, texts] = logits[:, 1].float()
-    itm = shard.reduce_sum(itm)
+    itm = share.reduce_sum(itm)
     score_i2t = torch.where(in_i2t, itm + sim, NOT_RANKED)
     score_t2i = torch.where(in_t2i, itm + sim, NOT_RANKED)
     return score_i2t, score_t2i.T

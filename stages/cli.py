@@ -4,7 +4,7 @@ Options are generated from each function's signature and docstring (parsed with 
 does): a parameter without a default is a positional argument, a keyword-only one a required `--option`;
 `list[str]` takes one or more values, `bool` is a flag, `X | None` may be left out, and a dataclass parameter
 (GenerationSettings, DemoSettings) gives one option per field. Names keep the dashes of a command line
-(`--k-test`, `--num-beams`). `qformer stage1|stage2 fit|validate` hand over to LightningCLI (`stages.training`).
+(`--k-test`, `--num-beams`). `qformer stage1|stage2 fit|validate` hand over to LightningCLI (`stages.train.lightning_cli`).
 
 A user's mistake ends in one line, `qformer COMMAND: error: ...`, exit status 2; `--debug` (or QFORMER_DEBUG=1)
 shows the traceback instead.
@@ -25,23 +25,23 @@ import typing
 
 COMMANDS: dict = {
     "demo": "stages.demo:demo",
-    "info": "stages.info:info",
-    "make-data": "stages.synthetic:make_data",
-    "make-shards": "stages.shards:make_shards",
-    "export": "stages.checkpoints:export",
-    "cache-features": "stages.caching:cache_features",
-    "caption": "stages.generation:caption",
-    "ask": "stages.generation:ask",
-    "index": "stages.search:index",
-    "search": "stages.search:search",
-    "serve": "stages.serve:serve",
+    "info": "stages.tools.info:info",
+    "make-data": "stages.data.synthetic:make_data",
+    "make-shards": "stages.tools.make_shards:make_shards",
+    "export": "stages.tools.export:export",
+    "cache-features": "stages.tools.cache_features:cache_features",
+    "caption": "stages.apps.generate:caption",
+    "ask": "stages.apps.generate:ask",
+    "index": "stages.apps.search:index",
+    "search": "stages.apps.search:search",
+    "serve": "stages.apps.serve:serve",
     "eval": {
-        "retrieval": "stages.evaluate:eval_retrieval",
-        "caption": "stages.evaluate:eval_caption",
-        "vqa": "stages.vqa:eval_vqa",
+        "retrieval": "stages.eval.retrieval:eval_retrieval",
+        "caption": "stages.eval.caption:eval_caption",
+        "vqa": "stages.eval.vqa:eval_vqa",
     },
-    "import": {"lavis": "stages.conversions:import_lavis", "hf": "stages.conversions:import_hf"},
-    "export-hf": "stages.conversions:export_hf",
+    "import": {"lavis": "stages.tools.interop:import_lavis", "hf": "stages.tools.interop:import_hf"},
+    "export-hf": "stages.tools.interop:export_hf",
 }
 TRAINING = {
     "stage1": "stage-1 training: qformer stage1 {fit,validate} --config FILE [--model.* --data.* --trainer.*]",
@@ -199,7 +199,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
-    from stages.skeleton import TrainingStopped
+    from stages.train.base import TrainingStopped
 
     return ValueError, OSError, KeyError, MisconfigurationException, pickle.UnpicklingError, TrainingStopped
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as error:
         if debug:
             raise
-        from stages.skeleton import TrainingStopped
+        from stages.train.base import TrainingStopped
 
         print(f"qformer {command_name(argv)}: error: {describe(error)}", file=sys.stderr)
         return 1 if isinstance(error, TrainingStopped) else 2
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(argv: list[str]) -> int:
     """Parse `argv` and run its command; argparse's own exits (--help, a reported mistake) return their status."""
     if argv[:1] and argv[0] in TRAINING:
-        from stages.training import run_training
+        from stages.train.lightning_cli import run_training
 
         stopped_by = run_training(argv[0], argv[1:]).stopped_by_signal()
         return 0 if stopped_by is None else 128 + stopped_by  # as if killed by it, after saving a checkpoint

@@ -1,5 +1,5 @@
 """Everything that talks to other processes: rank and world, the gather the stage-1 losses need, sums and
-object gathers for evaluation and validation, and the `Shard` handed to the model library.
+object gathers for evaluation and validation, and the `WorkShare` handed to the model library.
 
 Works unchanged with one process (no process group): every function is then the identity.
 """
@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from qformer.shard import Shard
+from qformer.workshare import WorkShare
 
 
 def world() -> tuple[int, int]:
@@ -48,10 +48,10 @@ def reduce_sum(x: Tensor) -> Tensor:
     return x
 
 
-def current_shard() -> Shard:
+def current_share() -> WorkShare:
     """This process's share of a job split over every process of the group."""
     rank, size = world()
-    return Shard(rank, size, reduce_sum)
+    return WorkShare(rank, size, reduce_sum)
 
 
 def gather_objects(value) -> list:

@@ -9,16 +9,20 @@ import torch
 
 from qformer.bert import load_tokenizer
 from qformer.config import preset
-from qformer.export import save_stage1
+from qformer.folders import save_stage1
 from qformer.stage1 import Stage1Model
-from stages import evaluate as ev
-from stages.annotations import AnnotationError, clean_caption, load_annotations
+from qformer.transforms import eval_transform
 from stages.cli import main
-from stages.data import CaptionDataset, eval_transform
-from stages.images import UnreadableImage, read_rgb
-from stages.metrics import retrieval_recalls
-from stages.synthetic import make_dataset
-from stages.vqa import load_questions
+from stages.data.annotations import AnnotationError, clean_caption, load_annotations
+from stages.data.captions import CaptionDataset
+from stages.data.images import UnreadableImage, read_rgb
+from stages.data.synthetic import make_dataset
+from stages.eval import caption as ev
+from stages.eval.common import EvalSet
+from stages.eval.metrics import retrieval_recalls
+from stages.eval.retrieval import evaluate_retrieval
+from stages.eval.vqa import load_questions
+
 from broken_files import write_broken_images, write_png_bomb
 
 
@@ -158,7 +162,7 @@ def test_a_diverged_model_scores_zero_and_is_reported(stage1, data, tmp_path, ca
     diverged.load_state_dict(model.state_dict())
     with torch.no_grad():
         diverged.vision_proj.weight.fill_(float("nan"))
-    result, _, _ = ev.evaluate_retrieval(diverged, tokenizer, ev.EvalSet.load(str(data / "test.json"), str(data)),
+    result, _, _ = evaluate_retrieval(diverged, tokenizer, EvalSet.load(str(data / "test.json"), str(data)),
                                          itc_only=True, show_progress=False)
     assert result["r_mean"] == 0.0 and result["nonfinite_features"] == result["images"]
     assert "non-finite features" in capsys.readouterr().err
@@ -167,13 +171,13 @@ def test_a_diverged_model_scores_zero_and_is_reported(stage1, data, tmp_path, ca
 def test_retrieval_counts_each_image_once_and_skips_every_broken_file(stage1, data, tmp_path, capsys):
     model, tokenizer, _ = stage1
     entries = json.loads((data / "test.json").read_text())
-    reference, _, _ = ev.evaluate_retrieval(model, tokenizer, ev.EvalSet.load(str(data / "test.json"), str(data)), k_test=4,
+    reference, _, _ = evaluate_retrieval(model, tokenizer, EvalSet.load(str(data / "test.json"), str(data)), k_test=4,
                                             batch_size=7, show_progress=False)
     broken = write_broken_images(data / "broken")
     noisy = one_caption_per_entry(entries + entries) + [
         {"image": f"broken/{p.name}", "caption": f"caption {i}", "image_id": f"broken{i}"} for i, p in enumerate(broken.values())]
     capsys.readouterr()
-    result, score_i2t, _ = ev.evaluate_retrieval(model, tokenizer, ev.EvalSet.load(str(write_json(tmp_path / "noisy.json", noisy)), str(data)),
+    result, score_i2t, _ = evaluate_retrieval(model, tokenizer, EvalSet.load(str(write_json(tmp_path / "noisy.json", noisy)), str(data)),
                                                  k_test=4, batch_size=7, show_progress=False)
     err = capsys.readouterr().err
     assert result == {**reference, "skipped_images": 4}
@@ -188,7 +192,7 @@ def test_caption_references_are_the_union_of_all_entries(data, monkeypatch):
     scored = []
     monkeypatch.setattr(ev, "generate_captions", lambda *args, **kwargs: predictions)
     monkeypatch.setattr(ev, "caption_metrics", lambda p, r: scored.append((p, r)) or ({}, []))
-    by_caption = ev.EvalSet.load(str(write_json(data / "per_caption.json", one_caption_per_entry(entries))), str(data))
+    by_caption = EvalSet.load(str(write_json(data / "per_caption.json", one_caption_per_entry(entries))), str(data))
     scores, _, _ = ev.evaluate_captions(None, None, by_caption, "", 1, {})
     assert scores["images"] == len(entries)
     assert scored[0][1] == {str(e["image_id"]): [clean_caption(c) for c in e["caption"]] for e in entries}
@@ -279,7 +283,7 @@ def test_a_diverged_model_scores_zero_with_the_itm_rerank_too(stage1, data):
         diverged.vision_proj.weight.fill_(float("nan"))
     # 8 images, k_test 4: the positives outside the top 4 keep a finite -100, rank at most 8th, and would count at R@10
     few = write_json(data / "eight.json", json.loads((data / "test.json").read_text())[:8])
-    result, _, _ = ev.evaluate_retrieval(diverged, tokenizer, ev.EvalSet.load(str(few), str(data)), k_test=4, show_progress=False)
+    result, _, _ = evaluate_retrieval(diverged, tokenizer, EvalSet.load(str(few), str(data)), k_test=4, show_progress=False)
     assert result["txt_r10"] == result["img_r10"] == 0.0
 
 
@@ -297,7 +301,9 @@ def test_vqa_questions_that_would_crash_or_mislead_are_refused(tmp_path, questio
 
 def test_a_prompt_longer_than_the_lms_positions_keeps_its_end(data):
     from qformer.config import LanguageModelConfig
-    from qformer.stage2 import GenerationSettings, Stage2Model, generate_text, load_lm_tokenizer
+    from qformer.generation import GenerationSettings, generate_text
+    from qformer.language_model import load_lm_tokenizer
+    from qformer.stage2 import Stage2Model
 
     config = preset("tiny")
     config.language_model = LanguageModelConfig(config=dict(model_type="opt", vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
@@ -318,8 +324,9 @@ def test_a_prompt_longer_than_the_lms_positions_keeps_its_end(data):
 ])
 def test_bad_option_values_are_one_line(stage1, data, tmp_path, capsys, argv, message):
     from qformer.config import LanguageModelConfig
-    from qformer.export import save_stage2
-    from qformer.stage2 import Stage2Model, load_lm_tokenizer
+    from qformer.folders import save_stage2
+    from qformer.language_model import load_lm_tokenizer
+    from qformer.stage2 import Stage2Model
 
     config = preset("tiny")
     config.qformer_config.vocab_size = stage1[0].config.qformer_config.vocab_size
@@ -337,7 +344,7 @@ def test_bad_option_values_are_one_line(stage1, data, tmp_path, capsys, argv, me
 def test_a_folder_search_names_links_and_fifos_it_cannot_read(tmp_path):
     import os
 
-    from stages.images import image_files
+    from stages.data.images import image_files
 
     (tmp_path / "broken.png").symlink_to(tmp_path / "missing.png")
     os.mkfifo(tmp_path / "fifo.jpg")

@@ -9,11 +9,12 @@ import torch
 
 from qformer.bert import load_tokenizer
 from qformer.config import LanguageModelConfig, preset
-from qformer.export import save_stage1, save_stage2
+from qformer.folders import save_stage1, save_stage2
+from qformer.language_model import load_lm_tokenizer
 from qformer.stage1 import Stage1Model
-from qformer.stage2 import Stage2Model, load_lm_tokenizer
+from qformer.stage2 import Stage2Model
 from stages.cli import COMMANDS, main
-from stages.synthetic import make_dataset
+from stages.data.synthetic import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG1 = str(ROOT / "configs" / "stage1" / "tiny.yaml")

@@ -66,9 +66,8 @@ def test_mismatched_encoder_width_is_reported():
 
 
 def test_encoder_weights_load_from_local_file(tmp_path):
-    from safetensors.torch import save_file
-
     import timm
+    from safetensors.torch import save_file
 
     config = preset("tiny")
     vc = config.vision_config

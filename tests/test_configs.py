@@ -7,10 +7,10 @@ from jsonargparse import ArgumentParser
 from pytorch_lightning import Trainer
 
 from qformer.accounting import stage1_parameter_counts
-from stages.data import CaptionDataModule
 from qformer.config import resolve_config
-from stages.stage1 import Stage1Module
-from stages.stage2 import Stage2Module
+from stages.data.captions import CaptionDataModule
+from stages.train.stage1 import Stage1Module
+from stages.train.stage2 import Stage2Module
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 

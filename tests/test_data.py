@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.annotations import AnnotationError, clean_caption, load_annotations
-from stages.data import CaptionDataset, Collate, eval_transform
-from stages.synthetic import make_dataset
+from qformer.transforms import eval_transform
+from stages.data.annotations import AnnotationError, clean_caption, load_annotations
+from stages.data.captions import CaptionDataset, Collate
+from stages.data.synthetic import make_dataset
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import pytest
 
 from qformer.bert import load_tokenizer
 from qformer.config import preset
-from qformer.export import save_stage1
+from qformer.folders import save_stage1
 from qformer.stage1 import Stage1Model
-from stages.synthetic import make_dataset
+from stages.data.synthetic import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
-from qformer.export import load_stage1, load_stage2
+from qformer.folders import load_stage1, load_stage2
 from stages.cli import main
 from stages.demo.pipeline import attribute_accuracy
 

@@ -11,20 +11,20 @@ from torchmetrics.retrieval import RetrievalHitRate
 
 from qformer.bert import load_tokenizer
 from qformer.config import preset
-from qformer.export import save_stage1
+from qformer.folders import save_stage1
 from qformer.retrieval import NOT_RANKED, RetrievalFeatures, compute_image_features, compute_text_features, itc_similarity, rerank
-from qformer.shard import Shard
 from qformer.stage1 import Stage1Model
-from stages.annotations import clean_caption
+from qformer.transforms import eval_transform
+from qformer.workshare import WorkShare
 from stages.cli import main
-from stages.data import eval_transform
+from stages.data.annotations import clean_caption
+from stages.data.images import read_rgb
+from stages.data.synthetic import make_dataset
 from stages.distributed import reduce_sum
-from stages.evaluate import EvalSet, evaluate_retrieval
-from stages.images import read_rgb
-from stages.metrics import caption_metrics, normalize_answer, retrieval_recalls, simple_tokenize, vqa_accuracy
-from stages.synthetic import make_dataset
-from stages.vqa import load_questions
-
+from stages.eval.common import EvalSet
+from stages.eval.metrics import caption_metrics, normalize_answer, retrieval_recalls, simple_tokenize, vqa_accuracy
+from stages.eval.retrieval import evaluate_retrieval
+from stages.eval.vqa import load_questions
 
 # --- recall on a hand-built matrix -------------------------------------------------------------------
 # 3 images, 6 captions: image 0 has captions 0, 1; image 1 has 2, 3; image 2 has 4, 5.
@@ -143,15 +143,15 @@ def test_itc_only_ranks_by_itc(tiny_model, tmp_path):
 def _eval_worker(rank, world, init_file, export, data, out):
     import torch.distributed as dist
 
-    from qformer.export import load_stage1
+    from qformer.folders import load_stage1
 
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model, tokenizer = load_stage1(export)
     evalset = EvalSet.load(str(Path(data) / "test.json"), data)
-    shard = Shard(rank, world, reduce_sum)
-    result, score_i2t, score_t2i = evaluate_retrieval(model, tokenizer, evalset, k_test=4, batch_size=3, shard=shard, show_progress=False)
+    share = WorkShare(rank, world, reduce_sum)
+    result, score_i2t, score_t2i = evaluate_retrieval(model, tokenizer, evalset, k_test=4, batch_size=3, share=share, show_progress=False)
     if rank == 0:
         torch.save({"result": result, "i2t": score_i2t, "t2i": score_t2i}, out)
     if world > 1:

@@ -15,14 +15,15 @@ import torch
 
 from qformer.bert import load_tokenizer
 from qformer.config import LanguageModelConfig, preset
-from qformer.export import load_stage1, save_stage1, save_stage2
 from qformer.files import atomic_folder
-from qformer.interop import import_lavis
+from qformer.folders import load_stage1, save_stage1, save_stage2
+from qformer.interop.lavis import import_lavis
+from qformer.language_model import load_lm_tokenizer
 from qformer.stage1 import Stage1Model
-from qformer.stage2 import Stage2Model, load_lm_tokenizer
+from qformer.stage2 import Stage2Model
 from qformer.vision import load_state_dict_file
 from stages.cli import main
-from stages.synthetic import make_dataset
+from stages.data.synthetic import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 OPT = dict(model_type="opt", hidden_size=24, ffn_dim=48, num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=24,
@@ -57,7 +58,7 @@ def lightning_checkpoint(path: Path, data: Path, poison: str | None = None) -> P
     """What `qformer stage1 fit` writes, without the training: version, state dict, hyper-parameters."""
     import pytorch_lightning as pl
 
-    from stages.stage1 import Stage1Module
+    from stages.train.stage1 import Stage1Module
 
     module = Stage1Module(config="tiny", tokenizer=str(data))
     state = module.state_dict()
@@ -163,7 +164,7 @@ def test_sigterm_during_export_removes_the_partial_folder(data, tmp_path):
     out = tmp_path / "export"
     script = textwrap.dedent(f"""
         import os, signal, sys
-        import qformer.export as export
+        import qformer.folders as export
         from stages.cli import main
 
         def killed(folder, stage):  # SIGTERM arrives once every file but the marker is written

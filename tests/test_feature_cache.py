@@ -7,18 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from broken_files import write_broken_images
 from qformer.bert import load_tokenizer
 from qformer.config import preset
-from qformer.export import save_stage1
+from qformer.folders import save_stage1
 from qformer.losses import stage1_losses
 from qformer.stage1 import Stage1Model
-from stages import caching
+from qformer.transforms import eval_transform, train_transform
 from stages.cli import main
-from stages.data import Collate, eval_transform, train_transform
-from stages.feature_cache import MANIFEST, CachedCaptionDataset, FeatureCache, encoder_identity, load_encoder
-from stages.images import read_rgb
-from stages.synthetic import make_dataset
+from stages.data.captions import Collate
+from stages.data.feature_cache import MANIFEST, CachedCaptionDataset, FeatureCache, encoder_identity, load_encoder
+from stages.data.images import read_rgb
+from stages.data.synthetic import make_dataset
+from stages.tools import cache_features as caching
+
+from broken_files import write_broken_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +135,7 @@ def test_the_cache_of_an_export_matches_its_model(data, tmp_path):
     torch.manual_seed(5)
     save_stage1(Stage1Model(preset("tiny")), load_tokenizer(data), tmp_path / "export")
     features = FeatureCache(cache(data, tmp_path / "c", files=("val.json",), config=tmp_path / "export"))
-    from qformer.export import load_stage1
+    from qformer.folders import load_stage1
 
     features.check_encoder(load_stage1(tmp_path / "export")[0].visual_encoder)
     with pytest.raises(ValueError, match="weights_sha256"):
@@ -215,22 +217,22 @@ def test_eval_names_images_missing_from_the_cache_and_refuses_another_encoder(da
 
 # --- interrupted caching --------------------------------------------------------------------------------
 def test_an_interrupted_cache_is_refused_then_resumed_to_the_same_bytes(data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(caching, "SHARD_BYTES", 3 * 17 * 32 * 2 * 10)  # 10 images per shard: 4 shards
+    monkeypatch.setattr(caching, "PART_BYTES", 3 * 17 * 32 * 2 * 10)  # 10 images per part: 4 parts
     reference = cache(data, tmp_path / "reference", "--views", "2")
-    write_shard, calls = caching._write_shard, []
+    write_part, calls = caching._write_part, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt  # Ctrl-C in the third shard
-        return write_shard(*args, **kwargs)
+            raise KeyboardInterrupt  # Ctrl-C in the third part
+        return write_part(*args, **kwargs)
 
-    monkeypatch.setattr(caching, "_write_shard", interrupted)
+    monkeypatch.setattr(caching, "_write_part", interrupted)
     out = tmp_path / "c"
     argv = ["cache-features", "--config", "tiny", "--data", str(data / "train.json"), "--images", str(data), "--out", str(out), "--views", "2"]
     assert main(argv) == 130
     assert not (out / MANIFEST).exists() and sorted(p.name for p in out.glob("features-*.npy")) == ["features-00000.npy", "features-00001.npy"]
-    assert not list(out.glob(".*partial"))  # the interrupted shard's partial file is gone
+    assert not list(out.glob(".*partial"))  # the interrupted part's partial file is gone
     (out / ".features-00003.npy.partial").write_bytes(b"left by a kill -9")  # what a SIGKILL would leave
     capsys.readouterr()
     with pytest.raises(ValueError, match="incomplete feature cache .* rerun the command that made it to resume: qformer cache-features"):
@@ -238,7 +240,7 @@ def test_an_interrupted_cache_is_refused_then_resumed_to_the_same_bytes(data, tm
     # Other settings are refused without --overwrite; the same command resumes.
     assert main([*argv[:-1], "3"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    monkeypatch.setattr(caching, "_write_shard", write_shard)
+    monkeypatch.setattr(caching, "_write_part", write_part)
     assert main(argv) == 0
     assert "resuming" in capsys.readouterr().err and (out / MANIFEST).is_file()
     for name in ("features-00000.npy", "features-00001.npy", "features-00002.npy", "features-00003.npy"):
@@ -295,7 +297,7 @@ def test_the_demos_training_views_are_its_eval_view():
 
 
 def test_vision_weights_replace_the_configs_encoder_weights(data, tmp_path):
-    from qformer.export import save_encoder_weights
+    from qformer.folders import save_encoder_weights
 
     torch.manual_seed(7)
     weights = save_encoder_weights(Stage1Model(preset("tiny")).visual_encoder.model.state_dict(), tmp_path, "encoder.safetensors")

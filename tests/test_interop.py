@@ -11,12 +11,14 @@ import transformers
 
 from qformer.bert import load_tokenizer
 from qformer.config import LanguageModelConfig, preset
-from qformer.convert import lavis_key
-from qformer.export import load_stage1, load_stage2, save_stage1, save_stage2
-from qformer.interop import export_hf, import_hf, import_lavis, read_torch_checkpoint
+from qformer.folders import load_stage1, load_stage2, save_stage1, save_stage2
+from qformer.generation import GenerationSettings, generate_text
+from qformer.interop.hf import export_hf, import_hf
+from qformer.interop.lavis import import_lavis, read_torch_checkpoint
+from qformer.interop.names import lavis_key
 from qformer.stage1 import Stage1Model
-from qformer.stage2 import GenerationSettings, Stage2Model, generate_text
-from stages.synthetic import make_dataset
+from qformer.stage2 import Stage2Model
+from stages.data.synthetic import make_dataset
 
 pytestmark = pytest.mark.parity
 TINY_EVA = {"model_name": "eva_giant_patch14_clip_224", "image_size": 32, "precision": "fp32",

@@ -11,14 +11,16 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from test_prompt_masking import llama_bpe
 
 from qformer.config import LanguageModelConfig, preset
-from qformer.export import read_config, save_stage2
-from qformer.stage2 import (CAPTION_PROMPT, IGNORE, FrozenLanguageModel, Stage2Model, decoder_only_batch, load_lm_tokenizer,
-                            resolve_eos_text)
+from qformer.folders import read_config, save_stage2
+from qformer.generation import CAPTION_PROMPT
+from qformer.language_model import FrozenLanguageModel, load_lm_tokenizer
+from qformer.lm_text import IGNORE, decoder_only_batch, resolve_eos_text
+from qformer.stage2 import Stage2Model
 from stages.cli import main
 from stages.demo.settings import SMOLLM2_PACKAGE, smollm2_gguf
-from test_prompt_masking import llama_bpe
 
 MISSING = [name for name in ("gguf", "accelerate", SMOLLM2_PACKAGE) if importlib.util.find_spec(name) is None]
 needs_smollm2 = pytest.mark.skipif(
@@ -87,7 +89,7 @@ def test_the_smollm2_demo_without_its_package_stops_at_once_in_one_line(tmp_path
 
 
 def test_a_gguf_file_is_named_by_its_path_or_by_folder_and_name(tmp_path):
-    from qformer.stage2 import gguf_location
+    from qformer.language_model import gguf_location
 
     file = tmp_path / "m.Q4_1.gguf"
     assert gguf_location(LanguageModelConfig(path=str(file))) == (tmp_path, file.name)

@@ -5,7 +5,7 @@ import math
 import torch
 
 from qformer.stage1 import Stage1Model
-from stages.optim import configure_adamw, param_groups, warmup_cosine
+from stages.train.optim import configure_adamw, param_groups, warmup_cosine
 
 
 def test_decay_only_on_weight_matrices(tiny_config):
@@ -46,7 +46,7 @@ def test_scheduler_steps_per_optimizer_step(tiny_config):
 
 
 def test_adamw_is_fused_unless_told_otherwise():
-    from stages.optim import configure_adamw
+    from stages.train.optim import configure_adamw
 
     module = torch.nn.Linear(4, 4)
     assert configure_adamw(module, 1e-3, 1e-4, 0.05, 1, 10)["optimizer"].defaults["fused"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qformer.convert import stage1_from_hf, to_hf_retrieval
+from qformer.interop.names import stage1_from_hf, to_hf_retrieval
 from qformer.stage1 import Stage1Model
 
 pytestmark = pytest.mark.parity

@@ -9,7 +9,7 @@ import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from qformer.stage2 import IGNORE, decoder_only_batch, resolve_eos_text
+from qformer.lm_text import IGNORE, decoder_only_batch, resolve_eos_text
 
 CORPUS = ["a photo of a dog", "a photo of a cat on a mat", "Question: what is it? Answer: a dog",
           "a red circle next to a blue square", "an apple"] * 50

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.resume import AtomicCheckpointIO, find_checkpoint
-from stages.synthetic import make_dataset
+from stages.data.synthetic import make_dataset
+from stages.train.resume import AtomicCheckpointIO, find_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "stage1" / "tiny.yaml"
@@ -111,7 +111,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatc
 
 
 def test_ctrl_c_asks_for_a_stop_at_the_step_end_and_a_second_one_stops_at_once():
-    from stages.resume import STOP_SIGNALS, StopOnSignal
+    from stages.train.resume import STOP_SIGNALS, StopOnSignal
 
     before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     stop = StopOnSignal()
@@ -132,11 +132,11 @@ def test_the_demo_stops_when_a_signal_stopped_its_training(monkeypatch, tmp_path
     """After a stopped fit the demo must not go on to stage 2 or evaluation with a half-trained model."""
     from types import SimpleNamespace
 
-    import stages.training
+    import stages.train.lightning_cli
     from stages.demo import pipeline
 
     stopped = SimpleNamespace(stopped_by_signal=lambda: signal.SIGTERM, trainer=None)
-    monkeypatch.setattr(stages.training, "run_training", lambda stage, args: stopped)
+    monkeypatch.setattr(stages.train.lightning_cli, "run_training", lambda stage, args: stopped)
     config = tmp_path / "stage1.yaml"
     config.write_text("trainer: {}\n")
     with pytest.raises(SystemExit) as exit:

@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from broken_files import write_broken_images
 from qformer.stage1 import Stage1Model
+from qformer.vision import IMAGE_MEAN, IMAGE_STD
+from stages.apps.image_index import MANIFEST, ImageIndex
 from stages.cli import main
-from stages.data import IMAGE_MEAN, IMAGE_STD
-from stages.search import MANIFEST, ImageIndex
-from stages.synthetic import COLORS, make_dataset
+from stages.data.synthetic import COLORS, make_dataset
+
+from broken_files import write_broken_images
 from tiny_models import write_stage1, write_stage2
 
 PALETTE = list(COLORS)
@@ -185,7 +186,7 @@ def test_an_interrupted_update_leaves_the_old_index(models, colour_model, tmp_pa
         (folder / "image_feats.npy").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("stages.search.write_index", interrupted)
+    monkeypatch.setattr("stages.apps.search.write_index", interrupted)
     run(capsys, argv, code=130)
     assert {p.name for p in tmp_path.iterdir()} == {"photos", "index"}  # no half-written folder left
     assert [Path(s.path).name for s in ImageIndex(tmp_path / "index").images] == ["a.png"]

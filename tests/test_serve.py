@@ -14,7 +14,8 @@ import socket
 import pytest
 
 from stages.cli import main
-from stages.synthetic import make_dataset
+from stages.data.synthetic import make_dataset
+
 from tiny_models import write_stage1, write_stage2
 
 CHROMIUM = os.environ.get("QFORMER_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -31,7 +32,7 @@ needs_browser = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def page_models(tmp_path_factory):
     """Both tiny models and an index of 20 images, loaded as `qformer serve` loads them (no gradio needed)."""
-    from stages.serve import load_models
+    from stages.apps.serve import load_models
 
     root = tmp_path_factory.mktemp("serve")
     make_dataset(root / "data", num_images=INDEXED, seed=4)
@@ -43,7 +44,7 @@ def page_models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(page_models):
     """The page on a free port of 127.0.0.1; closed afterwards."""
-    from stages.serve import build_app, import_gradio, launch
+    from stages.apps.serve import build_app, import_gradio, launch
 
     import_gradio()
     models, root = page_models
@@ -60,8 +61,9 @@ def free_port() -> int:
 
 
 def test_what_each_tab_does(page_models, tmp_path):
+    from stages.apps.serve import answer_question, caption_image, match_image_text, search_images
+
     from broken_files import write_broken_images
-    from stages.serve import answer_question, caption_image, match_image_text, search_images
 
     models, root = page_models
     image = str(root / "data" / "images" / "000001.png")
@@ -82,7 +84,7 @@ def test_what_each_tab_does(page_models, tmp_path):
 
 @needs_gradio
 def test_tabs_without_their_model_say_what_is_missing():
-    from stages.serve import Models, build_app, import_gradio
+    from stages.apps.serve import Models, build_app, import_gradio
 
     import_gradio()
     page = str(build_app(Models()).config)
@@ -96,7 +98,7 @@ def test_tabs_without_their_model_say_what_is_missing():
 def test_the_page_captions_an_upload_and_searches_in_chromium(served, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    from stages.serve import caption_image
+    from stages.apps.serve import caption_image
 
     url, models, root = served
     image = root / "data" / "images" / "000003.png"

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from stages.cli import main
-from stages.data import Collate
-from stages.optim import warmup_cosine
-from stages.shards import ShardStream, expand_shards
-from stages.synthetic import make_dataset
+from stages.data.captions import Collate
+from stages.data.synthetic import make_dataset
+from stages.data.webdataset import ShardStream, expand_shards
+from stages.train.optim import warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def test_gaps_missing_parts_corrupt_members_and_a_damaged_tar_are_skipped_and_na
     damaged.write_bytes(whole.read_bytes()[: 4 * 1024 + 700])  # cut inside the third sample's image
 
     from qformer.bert import load_tokenizer
-    from stages.data import eval_transform
+    from qformer.transforms import eval_transform
 
     stream = ShardStream([str(good), str(damaged)], eval_transform(8), Collate(load_tokenizer(data), 16), batch_size=4,
                          rank=0, world=1, num_workers=0, seed=0, train=False, max_image_pixels=1_000_000)
@@ -154,7 +154,7 @@ def test_two_processes_read_disjoint_shares_of_a_fixed_epoch_and_stage1_learns(d
 def test_stage2_from_shards_stops_on_sigterm_and_resumes_with_its_schedule(data, shards, tmp_path):
     from qformer.bert import load_tokenizer
     from qformer.config import preset
-    from qformer.export import save_stage1
+    from qformer.folders import save_stage1
     from qformer.stage1 import Stage1Model
 
     tokenizer = load_tokenizer(data)
@@ -189,7 +189,7 @@ def test_stage2_from_shards_stops_on_sigterm_and_resumes_with_its_schedule(data,
 def test_eval_retrieval_reads_shards_as_it_reads_the_folder(data, tmp_path):
     from qformer.bert import load_tokenizer
     from qformer.config import preset
-    from qformer.export import save_stage1
+    from qformer.folders import save_stage1
     from qformer.stage1 import Stage1Model
 
     tokenizer = load_tokenizer(data)

@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 from qformer.losses import stage1_losses
 from qformer.retrieval import RetrievalFeatures, itc_similarity, rerank
 from qformer.stage1 import Stage1Model
+
 from reference_stage1 import reference_rerank, reference_stage1_losses
 
 DEC = 1

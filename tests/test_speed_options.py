@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import torch
+from test_shared_image_kv import batch
 
 from qformer.frozen import cpu_autocast_dtype
 from qformer.losses import stage1_losses
 from qformer.stage1 import Stage1Model
-from test_shared_image_kv import batch
 
 DEC = 1
 
@@ -70,7 +70,7 @@ def test_frozen_towers_follow_a_cpu_bf16_autocast(tiny_config):
 # --- both stages train under bf16-mixed on a CPU ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from stages.synthetic import make_dataset
+    from stages.data.synthetic import make_dataset
 
     folder = tmp_path_factory.mktemp("bf16_data")
     make_dataset(folder, num_images=40, seed=2)
@@ -80,7 +80,7 @@ def data(tmp_path_factory):
 def fit(stage: str, config: str, data, root, *options: str):
     from pathlib import Path
 
-    from stages.training import run_training
+    from stages.train.lightning_cli import run_training
 
     argv = ["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / stage / config),
             "--data.train", str(data / "train.json"), "--data.val", str(data / "val.json"), "--data.image_root", str(data),
@@ -125,7 +125,7 @@ def test_stage1_trains_in_bf16_mixed_on_cpu(data, tmp_path):
 def test_stage2_trains_in_bf16_mixed_on_cpu(data, tmp_path):
     from qformer.bert import load_tokenizer
     from qformer.config import preset
-    from qformer.export import save_stage1
+    from qformer.folders import save_stage1
 
     tokenizer = load_tokenizer(data)
     config = preset("tiny")

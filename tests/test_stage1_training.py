@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qformer.export import load_stage1
+from qformer.folders import load_stage1
 from stages.cli import main
-from stages.stage1 import Stage1Module
-from stages.synthetic import make_dataset
+from stages.data.synthetic import make_dataset
+from stages.train.stage1 import Stage1Module
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "stage1" / "tiny.yaml"
 

@@ -2,10 +2,11 @@
 
 import torch
 
-from stages.annotations import load_annotations
-from stages.data import CaptionDataset, Collate, eval_transform
-from stages.stage1 import Stage1Module
-from stages.synthetic import make_dataset
+from qformer.transforms import eval_transform
+from stages.data.annotations import load_annotations
+from stages.data.captions import CaptionDataset, Collate
+from stages.data.synthetic import make_dataset
+from stages.train.stage1 import Stage1Module
 
 
 def test_validation_encodes_each_image_once_and_keeps_the_losses_features(tmp_path):

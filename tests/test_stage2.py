@@ -11,12 +11,13 @@ from safetensors.torch import load_file
 
 from qformer.bert import load_tokenizer
 from qformer.config import LanguageModelConfig, preset
-from qformer.export import load_stage2, save_stage1
+from qformer.folders import load_stage2, save_stage1
+from qformer.lm_text import IGNORE, decoder_only_batch, encoder_decoder_batch, split_caption
 from qformer.stage1 import Stage1Model
-from qformer.stage2 import IGNORE, Stage2Model, decoder_only_batch, encoder_decoder_batch, split_caption
+from qformer.stage2 import Stage2Model
 from stages.cli import main
-from stages.stage2 import Stage2Module
-from stages.synthetic import make_dataset
+from stages.data.synthetic import make_dataset
+from stages.train.stage2 import Stage2Module
 
 ROOT = Path(__file__).resolve().parents[1]
 OPT = dict(model_type="opt", vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
@@ -199,7 +200,7 @@ def newline_bpe():
 def test_generation_ends_at_every_token_holding_the_end_text_and_at_the_eos_token(num_beams):
     """An LM that would answer with its eos token or "\\n\\n" once `min_new_tokens` holds back "\\n" gets no empty
     answer: those end the text too, so they are held back as well and the answer is the next-best word."""
-    from qformer.stage2 import GenerationSettings, generate_text
+    from qformer.generation import GenerationSettings, generate_text
 
     tokenizer = newline_bpe()
     newline, blank_line, red = (tokenizer.convert_tokens_to_ids(t) for t in ("Ċ", "ĊĊ", "Ġred"))

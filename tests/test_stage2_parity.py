@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from qformer.config import LanguageModelConfig, preset
-from qformer.convert import to_hf_generation
-from qformer.stage2 import IGNORE, Stage2Model
+from qformer.interop.names import to_hf_generation
+from qformer.lm_text import IGNORE
+from qformer.stage2 import Stage2Model
 
 pytestmark = pytest.mark.parity
 
@@ -146,7 +147,7 @@ CAUSAL_FAMILIES = {
 @pytest.mark.parametrize("lm", ["opt", "llama", *CAUSAL_FAMILIES])
 def test_the_loss_of_every_causal_family_is_the_cross_entropy_of_its_full_logits(lm):
     """Where the head runs on labelled positions only (PLAIN_HEAD_MODEL_TYPES) and where the LM applies its own head."""
-    from qformer.stage2 import PLAIN_HEAD_MODEL_TYPES
+    from qformer.language_model import PLAIN_HEAD_MODEL_TYPES
 
     config = preset("tiny")
     config.language_model = LanguageModelConfig(config=LMS.get(lm) or CAUSAL_FAMILIES[lm], precision="fp32")

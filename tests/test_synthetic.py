@@ -6,7 +6,16 @@ import random
 import pytest
 
 from stages.cli import main
-from stages.synthetic import COLORS, SHAPES, _scene, captions_for, content_key, distinct_contents, make_dataset, questions_for
+from stages.data.synthetic import (
+    COLORS,
+    SHAPES,
+    _scene,
+    captions_for,
+    content_key,
+    distinct_contents,
+    make_dataset,
+    questions_for,
+)
 
 
 def test_make_data_writes_the_asked_splits_reproducibly(tmp_path, capsys):

@@ -9,10 +9,10 @@ import pytorch_lightning as pl
 import torch
 
 from stages.cli import main
-from stages.data import CaptionDataModule
-from stages.skeleton import TrainingStopped
-from stages.stage1 import Stage1Module
-from stages.synthetic import make_dataset
+from stages.data.captions import CaptionDataModule
+from stages.data.synthetic import make_dataset
+from stages.train.base import TrainingStopped
+from stages.train.stage1 import Stage1Module
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "stage1" / "tiny.yaml"
 

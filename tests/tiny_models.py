@@ -8,9 +8,10 @@ import torch
 
 from qformer.bert import load_tokenizer
 from qformer.config import LanguageModelConfig, preset
-from qformer.export import save_stage1, save_stage2
+from qformer.folders import save_stage1, save_stage2
+from qformer.language_model import load_lm_tokenizer
 from qformer.stage1 import Stage1Model
-from qformer.stage2 import Stage2Model, load_lm_tokenizer
+from qformer.stage2 import Stage2Model
 
 
 def write_stage1(data: Path, out: Path, seed: int = 0) -> Path:

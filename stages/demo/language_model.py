@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qformer.stage2 import CAPTION_PROMPT
+from qformer.generation import CAPTION_PROMPT
+from stages.data.synthetic import questions_for
 from stages.demo.settings import DemoSettings, lm_config
-from stages.optim import warmup_cosine
-from stages.synthetic import questions_for
+from stages.train.optim import warmup_cosine
 
 
 def context_embeddings(model, tokenizer, objects_batch: list[list[dict]], slots: int, noise: float) -> torch.Tensor:
@@ -39,7 +39,7 @@ def pretraining_text(sample: dict, rng: random.Random, encoder_decoder: bool) ->
 
     Decoder-only LMs learn the whole `prefix + text`; encoder-decoder LMs read the prefix and learn the text.
     """
-    from qformer.stage2 import VQA_PROMPTS
+    from qformer.generation import VQA_PROMPTS
 
     if rng.random() < 0.25:
         question, answer = rng.choice(questions_for(sample["objects"]))
@@ -61,7 +61,7 @@ def pretrain_language_model(settings: DemoSettings, data: Path, out: Path, slots
     """
     import transformers
 
-    from qformer.stage2 import IGNORE, decoder_only_batch, encoder_decoder_batch
+    from qformer.lm_text import IGNORE, decoder_only_batch, encoder_decoder_batch
 
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)

@@ -21,11 +21,22 @@ import torch
 import yaml
 
 from qformer.files import check_gguf
-from qformer.stage2 import CAPTION_GENERATION, CAPTION_PROMPT, VQA_GENERATION, vqa_prompt
+from qformer.generation import CAPTION_GENERATION, CAPTION_PROMPT, VQA_GENERATION, vqa_prompt
 from stages.demo.figures import plot_losses, plot_samples
 from stages.demo.language_model import pretrain_language_model
-from stages.demo.settings import (CROP_SCALE, ENCODER, HFLIP, SMOLLM2, DemoSettings, feature_caches, lm_config, model_config,
-                                  smollm2_gguf, write_configs, write_encoder_weights)
+from stages.demo.settings import (
+    CROP_SCALE,
+    ENCODER,
+    HFLIP,
+    SMOLLM2,
+    DemoSettings,
+    feature_caches,
+    lm_config,
+    model_config,
+    smollm2_gguf,
+    write_configs,
+    write_encoder_weights,
+)
 
 # Training views cached per training image. With the demo's transform (crop_scale [1, 1], no flip) every
 # RandomResizedCrop draw is the whole image resized, pixel for pixel the eval view (checked in the tests), so one
@@ -42,15 +53,14 @@ def attribute_accuracy(predictions: dict[str, str], entries: list[dict]) -> floa
     return hits / len(entries)
 
 
-
 def _step(title: str) -> None:
     print(f"\n== {title}", file=sys.stderr)
 
 
 def _train(stage: str, config: Path) -> Path:
     """`qformer STAGE fit --config CONFIG`, called as a function; returns the run's last checkpoint."""
-    from stages.checkpoints import last_checkpoint
-    from stages.training import run_training
+    from stages.train.checkpoints import last_checkpoint
+    from stages.train.lightning_cli import run_training
 
     _step(f"{stage} fit ({config})")
     cli = run_training(stage, {"subcommand": "fit", "fit": yaml.safe_load(config.read_text())})
@@ -62,7 +72,7 @@ def _train(stage: str, config: Path) -> Path:
 
 def _cache_features(settings: DemoSettings, data: Path, model_config_file: Path, out: Path) -> None:
     """`qformer cache-features`: the frozen encoder runs once per image (and view) for all of training and evaluation."""
-    from stages.caching import cache_features
+    from stages.tools.cache_features import cache_features
 
     caches = feature_caches(out)
     common = dict(config=str(model_config_file), images=str(data), seed=settings.seed, hflip=HFLIP, crop_scale=CROP_SCALE,
@@ -74,10 +84,12 @@ def _cache_features(settings: DemoSettings, data: Path, model_config_file: Path,
 
 def _evaluate(settings: DemoSettings, data: Path, exports: Path, out: Path, phase) -> tuple[dict, dict, dict, dict[str, str]]:
     """Retrieval, captioning and zero-shot VQA on the test split, as `qformer eval retrieval|caption|vqa --features` compute them."""
-    from qformer.export import load_stage1, load_stage2
-    from stages.evaluate import EvalSet, evaluate_captions, evaluate_retrieval
-    from stages.feature_cache import image_source
-    from stages.vqa import evaluate_vqa, load_questions
+    from qformer.folders import load_stage1, load_stage2
+    from stages.data.feature_cache import image_source
+    from stages.eval.caption import evaluate_captions
+    from stages.eval.common import EvalSet
+    from stages.eval.retrieval import evaluate_retrieval
+    from stages.eval.vqa import evaluate_vqa, load_questions
 
     features = str(feature_caches(out)["eval"])
     _step("eval retrieval (ITC top-16 + ITM re-rank)")
@@ -107,9 +119,9 @@ def _evaluate(settings: DemoSettings, data: Path, exports: Path, out: Path, phas
 
 def _examples(settings: DemoSettings, data: Path, stage2_folder: Path, entries: list[dict]) -> list[dict]:
     """Four test images, captioned and asked about as `qformer caption` and `qformer ask` do it."""
-    from qformer.export import load_stage2
-    from stages.generation import generate_for_images
-    from stages.images import ImageReader
+    from qformer.folders import load_stage2
+    from stages.apps.generate import generate_for_images
+    from stages.data.images import ImageReader
 
     _step("caption and ask")
     model, tokenizer = load_stage2(stage2_folder)
@@ -128,8 +140,8 @@ def _examples(settings: DemoSettings, data: Path, stage2_folder: Path, entries: 
 
 def run_demo(settings: DemoSettings) -> dict:
     from qformer.bert import load_tokenizer
-    from stages.checkpoints import export
-    from stages.synthetic import make_data
+    from stages.data.synthetic import make_data
+    from stages.tools.export import export
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(settings.out)

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 import yaml
 
-from qformer.stage2 import CAPTION_PROMPT
+from qformer.generation import CAPTION_PROMPT
 
 ENCODER = ("timm vit_tiny_patch16_224 architecture (64 wide, 3 blocks of which 2 are used, 8 px patches, 48 px input), "
            "randomly initialised with a fixed 2-D sin-cos position embedding, and frozen")
@@ -148,7 +148,7 @@ def write_encoder_weights(settings: DemoSettings, out: Path) -> Path:
     import timm
     from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
-    from qformer.export import save_encoder_weights
+    from qformer.folders import save_encoder_weights
 
     torch.manual_seed(settings.seed)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=settings.image_size, **ENCODER_KWARGS)

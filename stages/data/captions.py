@@ -1,6 +1,6 @@
-"""Image-caption training data: transforms, the dataset of (image, caption) pairs and the Lightning data module.
+"""Image-caption training data: the dataset of (image, caption) pairs, its batches and the Lightning data module.
 
-Annotation files are read by `stages.annotations`; an image that cannot be read is skipped, counted and
+Annotation files are read by `stages.data.annotations`; an image that cannot be read is skipped, counted and
 reported (or fails at once with `strict`).
 """
 
@@ -12,30 +12,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 
-from qformer.vision import IMAGE_MEAN, IMAGE_STD
-from stages.annotations import Entry, clean_caption, load_annotations
-from stages.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, UnreadableImage, check_pixel_limit
-from stages.resume import ResumableSampler, sample_key, sample_rng
-from stages.shards import ShardLoader, ShardStream, counted_samples, epoch_batches, expand_shards, is_shard_spec
-
-
-def train_transform(image_size: int, hflip: bool = True, crop_scale: tuple[float, float] = (0.5, 1.0)) -> T.Compose:
-    steps = [T.RandomResizedCrop(image_size, scale=crop_scale, interpolation=T.InterpolationMode.BICUBIC)]
-    if hflip:
-        steps.append(T.RandomHorizontalFlip())
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGE_MEAN, IMAGE_STD)])
-
-
-def eval_transform(image_size: int) -> T.Compose:
-    return T.Compose(
-        [
-            T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC),
-            T.ToTensor(),
-            T.Normalize(IMAGE_MEAN, IMAGE_STD),
-        ]
-    )
+from qformer.transforms import eval_transform, train_transform
+from stages.data.annotations import Entry, clean_caption, load_annotations
+from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, UnreadableImage, check_pixel_limit
+from stages.data.sampling import ResumableSampler, sample_key, sample_rng
+from stages.data.webdataset import ShardLoader, ShardStream, counted_samples, epoch_batches, expand_shards, is_shard_spec
 
 
 def caption_samples(entries: list[Entry], max_words: int = 50) -> list[tuple[str, str, int]]:
@@ -117,7 +99,7 @@ class Collate:
 
 @dataclass
 class ShardSplit:
-    """A split given as webdataset shards (`stages.shards`): its files, and its samples per epoch when known."""
+    """A split given as webdataset shards (`stages.data.webdataset`): its files, and its samples per epoch when known."""
 
     urls: list[str]
     samples: int | None
@@ -224,7 +206,7 @@ class CaptionDataModule(pl.LightningDataModule):
                              f"(data.batch_size {hp.batch_size} x {world} process(es)); lower data.batch_size")
 
     def _cached_datasets(self) -> None:
-        from stages.feature_cache import FeatureCache
+        from stages.data.feature_cache import FeatureCache
 
         hp = self.hparams
         train_cache = FeatureCache(hp.features, "data.features")
@@ -235,7 +217,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self.val_set = None if hp.val is None else self._cached_dataset(hp.val, val_cache, train=False)
 
     def _cached_dataset(self, annotations: str, cache, train: bool):
-        from stages.feature_cache import CachedCaptionDataset
+        from stages.data.feature_cache import CachedCaptionDataset
 
         hp = self.hparams
         entries = load_annotations(annotations, hp.allow_outside_root)
@@ -282,7 +264,7 @@ class CaptionDataModule(pl.LightningDataModule):
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
     def _shard_loader(self, split: ShardSplit, train: bool) -> ShardLoader:
-        """Batches from shards (`stages.shards`); a resumed run's training stream is a fresh draw (restart = its step)."""
+        """Batches from shards (`stages.data.webdataset`); a resumed run's training stream is a fresh draw (restart = its step)."""
         hp = self.hparams
         rank, world = self._rank_and_world()
         workers = hp.num_workers if train else 0  # validation: each process reads every name, decodes its share
@@ -309,7 +291,7 @@ class CaptionDataModule(pl.LightningDataModule):
             return self._shard_loader(self.val_set, train=False)
         return [] if self.val_set is None else self._loader(self.val_set)
 
-    # --- the data position in checkpoints (see stages.resume) ---------------------------------------------------
+    # --- the data position in checkpoints (see stages.train.resume) ---------------------------------------------------
     def state_dict(self) -> dict:
         trainer = self.trainer
         if trainer is None or self.data_seed is None:

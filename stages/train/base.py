@@ -14,10 +14,10 @@ import logging
 import pytorch_lightning as pl
 import torch
 
-from qformer.export import FROZEN_PREFIX, LM_PREFIX
+from qformer.folders import FROZEN_PREFIX, LM_PREFIX
 from stages.distributed import gather_objects, world
-from stages.optim import configure_adamw
-from stages.resume import capture_rng, restore_rng
+from stages.train.optim import configure_adamw
+from stages.train.resume import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
 

@@ -160,7 +160,7 @@ def load_stage1(folder: str | Path, map_location: str = "cpu") -> tuple[Stage1Mo
 
 def load_stage2(folder: str | Path, map_location: str = "cpu") -> tuple[Stage2Model, object]:
     """(model in eval mode, the LM's tokenizer) from a stage-2 export folder."""
-    from qformer.stage2 import load_lm_tokenizer
+    from qformer.language_model import load_lm_tokenizer
 
     folder = Path(folder)
     info = read_export_info(folder)

@@ -1,20 +1,20 @@
 """The frozen-feature cache: the image encoder runs once per image and view, training and evaluation read its output.
 
-`qformer cache-features` (`stages.caching`) stores the frozen encoder's patch tokens, taken *before* `ln_vision` (which trains), for
+`qformer cache-features` (`stages.tools.cache_features`) stores the frozen encoder's patch tokens, taken *before* `ln_vision` (which trains), for
 every image of one or more annotation files:
 
 * views: view 0 is the eval view (`eval_transform`); with `--views V` and V > 1, views 1..V are V training views drawn
   with `train_transform` (random resized crop + flip, with the settings recorded). `--views 1` stores the eval view
   only, and training then uses it.
-* storage: numpy `.npy` files, read with `np.load(mmap_mode="r")`. Each shard `features-NNNNN.npy` is
+* storage: numpy `.npy` files, read with `np.load(mmap_mode="r")`. Each part `features-NNNNN.npy` is
   (images, views, tokens, width); bf16 is stored as uint16 and read back with `.view(torch.bfloat16)` (numpy has no
-  bf16). `.npy` rather than safetensors because a shard is written row by row into a memory-mapped file
-  (`open_memmap`): nothing is held in memory, an interrupted run loses at most one shard, and any row is read
+  bf16). `.npy` rather than safetensors because a part is written row by row into a memory-mapped file
+  (`open_memmap`): nothing is held in memory, an interrupted run loses at most one part, and any row is read
   lazily (one DataLoader worker opens its own maps) with no dependency beyond numpy.
 * `feature_cache.json`, the manifest, is written last and atomically. It records the encoder (timm name, sha256 of
   its pruned weights, image size, drop_last_blocks, width), the transforms, views, dtype, token shape, and every
   image (normalised relative path + image id) with those that could not be read. A folder without it is an
-  interrupted cache: readers refuse it and the same command resumes it (finished shards are kept).
+  interrupted cache: readers refuse it and the same command resumes it (finished parts are kept).
 
 A model whose encoder differs from the cache's is refused, naming the field; an image the cache could not read is
 named once when caching and its samples are skipped and counted (as unreadable images are) when training from it.
@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, SkippedImages, UnreadableImage
-from stages.resume import sample_key, sample_rng
+from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, SkippedImages, UnreadableImage
+from stages.data.sampling import sample_key, sample_rng
 
 MANIFEST = "feature_cache.json"  # written last: a folder without it is not (yet) a cache
 SETTINGS = "cache_settings.json"  # written first: what an interrupted run was making, to resume it
-FORMAT = {"format": "qformer-feature-cache", "version": 1}
+FORMAT = {"format": "qformer-feature-cache", "version": 2}  # 2: the .npy files are "parts" (version 1 said "shards")
 STORAGE = {"fp16": ("float16", torch.float16), "bf16": ("uint16", torch.bfloat16), "fp32": ("float32", torch.float32)}
 ENCODER_FIELDS = ("model_name", "image_size", "drop_last_blocks", "width", "weights_sha256")  # checked in this order
 EVAL_VIEW = 0
@@ -71,7 +71,7 @@ def load_encoder(config: str, seed: int = 0, vision_weights: str | None = None):
     from lightning_fabric.utilities.seed import seed_everything
 
     from qformer.config import resolve_config
-    from qformer.export import read_config, read_export_info
+    from qformer.folders import read_config, read_export_info
     from qformer.vision import FrozenImageEncoder
 
     if Path(config).is_dir():
@@ -87,7 +87,7 @@ def load_encoder(config: str, seed: int = 0, vision_weights: str | None = None):
 
 # --- reading ------------------------------------------------------------------------------------------------
 class FeatureCache:
-    """A finished cache folder: its manifest, and its shards opened lazily (per process, so per DataLoader worker)."""
+    """A finished cache folder: its manifest, and its parts opened lazily (per process, so per DataLoader worker)."""
 
     def __init__(self, folder: str | Path, option: str = "--features"):
         self.folder = Path(folder)
@@ -101,12 +101,14 @@ class FeatureCache:
                                  f"rerun the command that made it to resume: {command}")
             raise ValueError(f"{option}: {self.folder} is not a feature cache (no {MANIFEST}); make one with qformer cache-features")
         self.manifest = read_cache_file(self.folder / MANIFEST)
+        if self.manifest.get("format") == FORMAT["format"] and self.manifest.get("version") == 1:
+            self.manifest["version"], self.manifest["parts"] = 2, self.manifest.pop("shards", [])  # same files, older word
         if {k: self.manifest.get(k) for k in FORMAT} != FORMAT:
             raise ValueError(f"{option}: {self.folder / MANIFEST}: not a feature cache manifest of version {FORMAT['version']}")
-        self.index: dict[str, tuple[int, int]] = {}  # image path -> (shard, row)
-        for shard, info in enumerate(self.manifest["shards"]):
+        self.index: dict[str, tuple[int, int]] = {}  # image path -> (part, row)
+        for part, info in enumerate(self.manifest["parts"]):
             for row in range(info["images"]):
-                self.index[self.manifest["images"][info["start"] + row]["image"]] = (shard, row)
+                self.index[self.manifest["images"][info["start"] + row]["image"]] = (part, row)
         self.skipped: dict[str, str] = self.manifest["skipped"]
         self.train_views = self.manifest["views"]["train"]
         self._arrays: dict[int, np.ndarray] = {}
@@ -153,10 +155,10 @@ class FeatureCache:
 
     def tokens(self, path: str, view: int) -> torch.Tensor:
         """(N, width) in the stored dtype (fp16, bf16 or fp32)."""
-        shard, row = self.index[path]
-        array = self._arrays.get(shard)
+        part, row = self.index[path]
+        array = self._arrays.get(part)
         if array is None:
-            array = self._arrays[shard] = np.load(self.folder / self.manifest["shards"][shard]["file"], mmap_mode="r")
+            array = self._arrays[part] = np.load(self.folder / self.manifest["parts"][part]["file"], mmap_mode="r")
         tensor = torch.from_numpy(np.array(array[row, view]))
         return tensor.view(torch.bfloat16) if self.manifest["dtype"] == "bf16" else tensor
 
@@ -197,7 +199,7 @@ def image_source(images: str | None, features: str | None, encoder, paths, sourc
 
 
 class CachedCaptionDataset(torch.utils.data.Dataset):
-    """`stages.data.CaptionDataset` from a cache: a random training view per sample (`train`), else the eval view."""
+    """`stages.data.captions.CaptionDataset` from a cache: a random training view per sample (`train`), else the eval view."""
 
     def __init__(self, samples: list[tuple[str, str, int]], cache: FeatureCache, train: bool, strict: bool = False):
         self.samples = samples

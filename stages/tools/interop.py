@@ -37,7 +37,7 @@ def import_lavis(
         num_heads: Q-Former attention heads (default: width / 64, as BERT).
         overwrite: replace an existing non-empty --out folder (as a whole, once the new one is complete).
     """
-    from qformer.interop import import_lavis as convert
+    from qformer.interop.lavis import import_lavis as convert
 
     if stage not in (None, 1, 2):
         raise ValueError(f"--stage must be 1 or 2, got {stage}")
@@ -57,7 +57,7 @@ def import_hf(folder: str, *, out: str, overwrite: bool = False) -> int:
         out: the export folder to write.
         overwrite: replace an existing non-empty --out folder (as a whole, once the new one is complete).
     """
-    from qformer.interop import import_hf as convert
+    from qformer.interop.hf import import_hf as convert
 
     return _report(convert(folder, out, overwrite), f"imported {folder} into {out}")
 
@@ -70,6 +70,6 @@ def export_hf(folder: str, *, out: str, overwrite: bool = False) -> int:
         out: the transformers folder to write.
         overwrite: replace an existing non-empty --out folder (as a whole, once the new one is complete).
     """
-    from qformer.interop import export_hf as convert
+    from qformer.interop.hf import export_hf as convert
 
     return _report(convert(folder, out, overwrite), f"wrote a transformers BLIP-2 folder to {out}")

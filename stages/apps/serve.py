@@ -15,9 +15,10 @@ import os
 import sys
 from dataclasses import dataclass
 
-from qformer.stage2 import CAPTION_GENERATION, CAPTION_PROMPT, VQA_GENERATION, GenerationSettings
-from stages.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, SkippedImages, UnreadableImage
-from stages.search import ImageIndex, hit_label, model_identity, thumbnail, tokenize
+from qformer.generation import CAPTION_GENERATION, CAPTION_PROMPT, VQA_GENERATION, GenerationSettings
+from stages.apps.image_index import ImageIndex, model_identity, tokenize
+from stages.apps.search import hit_label, thumbnail
+from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, SkippedImages, UnreadableImage
 
 MAX_UPLOAD = "25mb"
 QUEUE_SIZE = 16  # requests waiting beyond this are turned away instead of piling up
@@ -42,7 +43,7 @@ class Models:
 def load_models(stage1: str | None, stage2: str | None, index: str | None, device: str = "cpu",
                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Models:
     """Load what was given; an index without --stage1 uses the stage-1 export it was built with."""
-    from qformer.export import load_stage1, load_stage2
+    from qformer.folders import load_stage1, load_stage2
     from stages.distributed import device_for
 
     torch_device = device_for(device, 0)
@@ -66,7 +67,7 @@ def _unreadable(reader: ImageReader, image: str) -> ValueError:
 
 
 def _generate(models: Models, image: str | None, prompt: str, settings: GenerationSettings) -> str:
-    from stages.generation import generate_for_images
+    from stages.apps.generate import generate_for_images
 
     if not image:
         raise ValueError("upload an image first")
@@ -90,7 +91,7 @@ def caption_image(models: Models, image: str | None, prompt: str = CAPTION_PROMP
 
 def answer_question(models: Models, image: str | None, question: str) -> str:
     """A zero-shot answer, with the paper's prompt for the LM's family."""
-    from qformer.stage2 import vqa_prompt
+    from qformer.generation import vqa_prompt
 
     if not question.strip():
         raise ValueError("type a question")
@@ -111,7 +112,7 @@ def search_images(models: Models, text: str, k: int = 12, rerank: int = 0) -> li
 def match_image_text(models: Models, image: str | None, text: str) -> str:
     """ITM match probability and ITC similarity of one image and one text."""
     from qformer.retrieval import image_features, match_scores
-    from stages.data import eval_transform
+    from qformer.transforms import eval_transform
 
     if not image or not text.strip():
         raise ValueError("upload an image and type a text")

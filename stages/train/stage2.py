@@ -9,10 +9,12 @@ import torch
 
 from qformer.bert import load_tokenizer
 from qformer.config import LanguageModelConfig
-from qformer.export import load_stage1_into_stage2, read_config, read_export_info
-from qformer.stage2 import Stage2Model, decoder_only_batch, encoder_decoder_batch, resolve_eos_text, load_lm_tokenizer, split_caption
+from qformer.folders import load_stage1_into_stage2, read_config, read_export_info
+from qformer.language_model import load_lm_tokenizer
+from qformer.lm_text import decoder_only_batch, encoder_decoder_batch, resolve_eos_text, split_caption
+from qformer.stage2 import Stage2Model
 from stages.distributed import gather_objects
-from stages.skeleton import TrainingSkeleton, checkpoint_callbacks
+from stages.train.base import TrainingSkeleton, checkpoint_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,7 @@ class Stage2Module(TrainingSkeleton):
 
     @torch.no_grad()
     def _caption_new_images(self, batch: dict) -> None:
-        from qformer.stage2 import GenerationSettings, generate_text
+        from qformer.generation import GenerationSettings, generate_text
 
         image_ids = batch["image_ids"].tolist()
         for image_id, caption in zip(image_ids, batch["captions"]):
@@ -136,7 +138,7 @@ class Stage2Module(TrainingSkeleton):
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         if self.hparams.val_caption and self.val_captions:
-            from stages.metrics import caption_metrics
+            from stages.eval.metrics import caption_metrics
 
             captions, references = self.val_captions, self.val_references
             if self.trainer.world_size > 1:  # every rank scores the union, so every rank logs the same value

@@ -7,9 +7,9 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from qformer.stage2 import CAPTION_GENERATION, CAPTION_PROMPT, VQA_GENERATION, GenerationSettings, generate_text, vqa_prompt
-from stages.data import eval_transform
-from stages.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, ImageReader, image_files
+from qformer.generation import CAPTION_GENERATION, CAPTION_PROMPT, VQA_GENERATION, GenerationSettings, generate_text, vqa_prompt
+from qformer.transforms import eval_transform
+from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, ImageReader, image_files
 
 
 def generate_for_images(
@@ -42,7 +42,7 @@ def generate_for_images(
 
 def load_stage2_on(model: str, device: str):
     """A stage-2 export folder's (model, LM tokenizer), the model on `device` (checked)."""
-    from qformer.export import load_stage2
+    from qformer.folders import load_stage2
     from stages.distributed import device_for
 
     stage2, tokenizer = load_stage2(model)

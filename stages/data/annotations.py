@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.images import OUTSIDE_ROOT_HINT, escapes_root
+from stages.data.images import OUTSIDE_ROOT_HINT, escapes_root
 
 log = logging.getLogger(__name__)
 

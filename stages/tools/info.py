@@ -20,7 +20,7 @@ def info(config: str = "vitg") -> int:
 
     from qformer.accounting import stage1_parameter_counts, stage2_parameter_counts
     from qformer.config import resolve_config
-    from qformer.export import read_config, read_export_info
+    from qformer.folders import read_config, read_export_info
 
     if Path(config).is_dir():
         read_export_info(config)  # a folder must be an export: say so if it is not

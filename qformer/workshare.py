@@ -1,7 +1,7 @@
 """A process's share of work split over several processes, as one small value.
 
 The model library never calls `torch.distributed`: whoever starts the processes (`stages.distributed`)
-builds a `Shard` whose `reduce_sum` sums a tensor over all of them. The default is one process.
+builds a `WorkShare` whose `reduce_sum` sums a tensor over all of them. The default is one process.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def no_reduce(x: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class Shard:
+class WorkShare:
     rank: int = 0
     world: int = 1
     reduce_sum: Callable[[Tensor], Tensor] = no_reduce  # a sum over all processes, in place or not

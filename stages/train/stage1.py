@@ -10,8 +10,8 @@ from qformer.bert import init_from_bert, load_tokenizer
 from qformer.config import resolve_config
 from qformer.losses import stage1_losses
 from qformer.stage1 import Stage1Model
-from stages.distributed import all_gather_with_grad, current_shard, world
-from stages.skeleton import TrainingSkeleton, checkpoint_callbacks
+from stages.distributed import all_gather_with_grad, current_share, world
+from stages.train.base import TrainingSkeleton, checkpoint_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Stage1Module(TrainingSkeleton):
     def _validation_recalls(self) -> dict[str, float]:
         """Retrieval recall over the whole validation split, gathered from every rank (same result on each)."""
         from qformer.retrieval import RetrievalFeatures, discard_nonfinite, itc_only_scores, itc_similarity, rerank
-        from stages.metrics import retrieval_recalls
+        from stages.eval.metrics import retrieval_recalls
 
         length = max(o["input_ids"].shape[1] for o in self.val_outputs)  # pad text to one length to concatenate
         pad = lambda t: torch.nn.functional.pad(t, (0, length - t.shape[1]))  # noqa: E731
@@ -161,7 +161,7 @@ class Stage1Module(TrainingSkeleton):
         else:
             features = RetrievalFeatures(everything["image_embeds"][texts][images], image_feats, text_feat,
                                          everything["input_ids"][texts], everything["attention_mask"][texts])
-            score_i2t, score_t2i = rerank(self.model, features, sim, self.hparams.val_k_test, shard=current_shard())
+            score_i2t, score_t2i = rerank(self.model, features, sim, self.hparams.val_k_test, share=current_share())
         discard_nonfinite(score_i2t, score_t2i, image_feats, text_feat)  # a diverged model's checkpoint is never the best
         recalls = retrieval_recalls(score_i2t.cpu(), score_t2i.cpu(), img2txt, txt2img)
         return {k: v for k, v in recalls.items() if k.startswith(("txt_r", "img_r", "r_mean"))}

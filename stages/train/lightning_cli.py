@@ -14,9 +14,9 @@ from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-from stages.checkpoints import RunFiles
-from stages.data import CaptionDataModule
-from stages.resume import AtomicCheckpointIO, StopOnSignal, find_checkpoint
+from stages.data.captions import CaptionDataModule
+from stages.train.checkpoints import RunFiles
+from stages.train.resume import AtomicCheckpointIO, StopOnSignal, find_checkpoint
 
 # Given on the command line, each of these replaces the other one from a config file.
 EXCLUSIVE_OPTIONS = (("--model.lm_path", "--model.lm_config"),)
@@ -127,8 +127,8 @@ def command_line_wins(argv: list[str]) -> list[str]:
 
 def run_training(stage: str, args: list[str] | dict) -> QFormerCLI:
     """Run `fit` or `validate` of stage 1 or 2; `args` is a command line, or a dict {"subcommand": ..., NAME: options}."""
-    from stages.stage1 import Stage1Module
-    from stages.stage2 import Stage2Module
+    from stages.train.stage1 import Stage1Module
+    from stages.train.stage2 import Stage2Module
 
     module = Stage1Module if stage == "stage1" else Stage2Module
     if isinstance(args, list):

@@ -1,4 +1,5 @@
-"""Text-to-image search over a photo folder with a stage-1 model: `qformer index` and `qformer search`.
+"""The image index that `qformer index` writes and `qformer search` / `qformer serve` read: its format, its updates,
+and the model it belongs to.
 
 An index is a folder, written whole or not at all (`qformer.files.atomic_folder`):
 
@@ -19,7 +20,6 @@ refused (features of two models cannot be compared).
 from __future__ import annotations
 
 import json as json_io
-import os
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,17 +27,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, ImageReader, UnreadableImage, image_files
+from stages.data.images import ImageReader, UnreadableImage
 
 MANIFEST = "qformer_index.json"  # written last: a folder without it is not an index
+
+
 FEATURES = "image_feats.npy"
+
+
 FORMAT = {"format": "qformer-image-index", "version": 1}
 
 
 # --- the model an index belongs to ------------------------------------------------------------------------------
 def model_identity(model, folder: str | Path) -> dict:
     """What an index's features depend on: the model's weights (frozen encoder included) and its input size."""
-    from stages.feature_cache import weights_sha256
+    from stages.data.feature_cache import weights_sha256
 
     return {"folder": str(Path(folder).resolve()), "weights_sha256": weights_sha256(model),
             "image_size": model.config.vision_config.image_size}
@@ -141,7 +145,7 @@ class ImageIndex:
 
     def _rerank(self, model, hits: list[Hit], input_ids, attention_mask, reader: ImageReader) -> list[Hit]:
         from qformer.retrieval import image_features, match_scores
-        from stages.data import eval_transform
+        from qformer.transforms import eval_transform
 
         stamps = {s.path: s for s in self.images}
         current = [h for h in hits if _unchanged(stamps[h.path], reader)]
@@ -167,7 +171,7 @@ def _unchanged(stamp: FileStamp, reader: ImageReader) -> bool:
 
 def tokenize(model, tokenizer, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A query as the model's texts were trained: cleaned as captions are, padded to the model's text length."""
-    from stages.annotations import clean_caption
+    from stages.data.annotations import clean_caption
 
     device = next(model.parameters()).device
     tokens = tokenizer([clean_caption(text)], padding="max_length", truncation=True, max_length=model.config.max_text_length,
@@ -237,7 +241,7 @@ def compute_features(model, files: list[tuple[Path, FileStamp | None]], reader: 
     from tqdm import tqdm
 
     from qformer.retrieval import image_features
-    from stages.data import eval_transform
+    from qformer.transforms import eval_transform
 
     device = next(model.parameters()).device
     transform = eval_transform(model.config.vision_config.image_size)
@@ -266,154 +270,3 @@ def write_index(folder: Path, identity: dict, rows: list[tuple[FileStamp, np.nda
     manifest = {**FORMAT, "model": identity, "images": [asdict(stamp) for stamp, _ in rows],
                 "skipped": [{**asdict(stamp), "reason": reason} for stamp, reason in skipped]}
     (folder / MANIFEST).write_text(json_io.dumps(manifest, indent=1) + "\n")
-
-
-def index(
-    folders: list[str],
-    *,
-    model: str,
-    out: str,
-    batch_size: int = 32,
-    device: str = "cpu",
-    no_progress: bool = False,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-) -> int:
-    """Index the images under folders for text search with a stage-1 model (`qformer search`, `qformer serve`).
-
-    Run it again to update the index: new files are added, files no longer under the folders dropped and changed
-    ones (size or modification time) read again. Unreadable files are named and left out, never fatal.
-
-    Args:
-        folders: folders searched recursively for .jpg .jpeg .png .bmp .gif .tif .tiff .webp (or single image files).
-        model: a stage-1 export folder.
-        out: the index folder (made, or updated when it is an index of the same model).
-        batch_size: images per batch.
-        device: cpu, cuda or cuda:N.
-        no_progress: no progress bar.
-        max_image_pixels: skip images whose header declares more pixels, before decoding.
-    """
-    from qformer.export import load_stage1
-    from qformer.files import atomic_folder
-    from stages.distributed import device_for
-
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    for folder in folders:
-        if not Path(folder).exists() and not Path(folder).is_symlink():
-            raise FileNotFoundError(f"folder not found: {folder}")
-    out_path = Path(out)
-    old = check_index_out(out_path)
-    files = [Path(os.path.abspath(p)) for p in image_files(folders)]
-    if not files:
-        raise ValueError("no image files under " + ", ".join(folders) + " (searched for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
-    stage1, _ = load_stage1(model)
-    identity = model_identity(stage1, model)
-    if old is not None:
-        old.check_model(identity, "--out")
-    plan = plan_update(files, old)
-    reader = ImageReader(max_image_pixels)
-    for path, (stamp, reason) in plan.still_unreadable.items():
-        reader.skipped.add(UnreadableImage(path, f"{reason} (unchanged since the last run)"))
-    computed = compute_features(stage1.to(device_for(device, 0)), plan.to_read, reader, batch_size, not no_progress)
-    rows, skipped = plan.rows(computed, old), plan.unreadable(reader)
-    with atomic_folder(out_path, overwrite=True) as folder:
-        write_index(folder, identity, rows, skipped)
-    reader.skipped.finish()
-    print(f"{out}: {len(rows)} images ({len(computed)} read, {len(plan.reused)} unchanged, {plan.dropped} dropped), "
-          f"{len(skipped)} unreadable")
-    return 0
-
-
-# --- showing results ------------------------------------------------------------------------------------------
-def print_hits(hits: list[Hit]) -> None:
-    for hit in hits:
-        itm = "" if hit.itm_probability is None else f"  (itc {hit.itc:.4f}, itm {hit.itm_probability:.3f})"
-        print(f"{hit.rank:>3}  {hit.score:.4f}  {hit.path}{itm}")
-
-
-def hit_label(hit: Hit) -> str:
-    itm = "" if hit.itm_probability is None else f"  itm {hit.itm_probability:.2f}"
-    return f"{hit.rank}. {hit.score:.3f}{itm}  {Path(hit.path).name}"
-
-
-def thumbnail(path: str, side: int, reader: ImageReader):
-    """The image scaled (up or down) to fit side x side, or None when it cannot be read now."""
-    from PIL import ImageOps
-
-    try:
-        image = reader.open(path)
-    except UnreadableImage as error:
-        reader.skipped.add(error)
-        return None
-    return ImageOps.contain(image, (side, side))
-
-
-def contact_sheet(hits: list[Hit], reader: ImageReader, columns: int = 5, side: int = 160):
-    """The results as one picture: thumbnails in rank order, each with its rank, score and file name."""
-    from PIL import Image, ImageDraw
-
-    label_height = 28
-    rows = (len(hits) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * side, rows * (side + label_height)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, hit in enumerate(hits):
-        x, y = (i % columns) * side, (i // columns) * (side + label_height)
-        image = thumbnail(hit.path, side - 8, reader)
-        if image is None:
-            draw.rectangle((x + 4, y + 4, x + side - 4, y + side - 4), fill=(220, 220, 220))
-            draw.text((x + 10, y + side // 2), "unreadable now", fill="black")
-        else:
-            sheet.paste(image, (x + (side - image.width) // 2, y + (side - image.height) // 2))
-        name = Path(hit.path).name
-        draw.text((x + 4, y + side), f"{hit.rank}. {hit.score:.3f}", fill="black")
-        draw.text((x + 4, y + side + 13), name if len(name) <= 24 else name[:21] + "...", fill=(80, 80, 80))
-    return sheet
-
-
-def search(
-    text: str,
-    *,
-    index: str,
-    k: int = 10,
-    rerank: int = 0,
-    model: str | None = None,
-    json: bool = False,
-    grid: str | None = None,
-    device: str = "cpu",
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-) -> int:
-    """The images of an index (qformer index) that best match a text: top k by ITC, optionally re-ranked with ITM.
-
-    Prints rank, score and path per image (or JSON). The score is the ITC similarity, or for re-ranked images the
-    ITM logit plus the ITC similarity (as LAVIS ranks), with the ITM match probability.
-
-    Args:
-        text: what to look for, in words.
-        index: an index folder made by qformer index.
-        k: how many images to show.
-        rerank: re-rank the top K by ITC with ITM (reads those K images again); 0: ITC only.
-        model: the stage-1 export to use (default: the folder the index was built with; must have the same weights).
-        json: print a JSON list of {"rank", "path", "score", "itc", "itm_probability"}.
-        grid: also write a contact sheet of the results (PNG) to this file.
-        device: cpu, cuda or cuda:N.
-        max_image_pixels: skip images whose header declares more pixels, before decoding (re-rank, grid).
-    """
-    from qformer.export import load_stage1
-    from stages.distributed import device_for
-    from stages.evaluate import check_output_files
-
-    check_output_files(grid=grid)
-    image_index = ImageIndex(index)
-    model = model or image_index.built_with()
-    stage1, tokenizer = load_stage1(model)
-    image_index.check_model(model_identity(stage1, model), "--model")
-    reader = ImageReader(max_image_pixels)
-    hits = image_index.search(stage1.to(device_for(device, 0)), tokenizer, text, k, rerank, reader)
-    if json:
-        print(json_io.dumps([asdict(hit) for hit in hits], indent=2))
-    else:
-        print_hits(hits)
-    if grid:
-        contact_sheet(hits, reader).save(grid)
-    reader.skipped.finish()
-    return 0

@@ -6,13 +6,14 @@ import json as json_io
 import posixpath
 from dataclasses import dataclass
 
-from qformer.stage2 import VQA_GENERATION, GenerationSettings, vqa_prompt
-from stages.annotations import read_json
-from stages.evaluate import NoReadableImage, check_output_files, print_scores, progress, write_json
-from stages.generation import generate_for_images, load_stage2_on
-from stages.feature_cache import image_source
-from stages.images import DEFAULT_MAX_IMAGE_PIXELS, OUTSIDE_ROOT_HINT, ImageReader, escapes_root
-from stages.metrics import vqa_accuracy
+from qformer.generation import VQA_GENERATION, GenerationSettings, vqa_prompt
+from stages.apps.generate import generate_for_images, load_stage2_on
+from stages.data.annotations import read_json
+from stages.data.feature_cache import image_source
+from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, OUTSIDE_ROOT_HINT, ImageReader, escapes_root
+from stages.eval.common import NoReadableImage, print_scores, progress
+from stages.eval.metrics import vqa_accuracy
+from stages.outputs import check_output_files, write_json
 
 
 @dataclass

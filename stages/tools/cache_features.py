@@ -1,8 +1,8 @@
 """`qformer cache-features`: run the frozen image encoder once per image and view and write a feature cache.
 
-The format, and everything that reads a cache, is `stages.feature_cache`. A cache is written in place: the settings
-first (`cache_settings.json`), then each shard into a hidden partial file renamed into place once whole (its list of
-unreadable images beside it), and the manifest last, atomically. An interrupted run leaves finished shards, which
+The format, and everything that reads a cache, is `stages.data.feature_cache`. A cache is written in place: the settings
+first (`cache_settings.json`), then each part into a hidden partial file renamed into place once whole (its list of
+unreadable images beside it), and the manifest last, atomically. An interrupted run leaves finished parts, which
 the same command keeps and resumes from; a reader refuses the folder until the manifest is there.
 """
 
@@ -20,10 +20,19 @@ from typing import Literal
 import numpy as np
 import torch
 
-from stages.feature_cache import EVAL_VIEW, FORMAT, MANIFEST, SETTINGS, STORAGE, encoder_identity, load_encoder, read_cache_file
-from stages.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, UnreadableImage
+from stages.data.feature_cache import (
+    EVAL_VIEW,
+    FORMAT,
+    MANIFEST,
+    SETTINGS,
+    STORAGE,
+    encoder_identity,
+    load_encoder,
+    read_cache_file,
+)
+from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, UnreadableImage
 
-SHARD_BYTES = 512 * 2**20  # resume granularity: at most this much work is redone after an interrupt
+PART_BYTES = 512 * 2**20  # resume granularity: at most this much work is redone after an interrupt
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -100,7 +109,7 @@ def cache_features(
 ) -> int:
     """Run the frozen image encoder once per image and view and store its output (before ln_vision) for training and evaluation.
 
-    Rerun after an interrupt (Ctrl-C, kill), the same command resumes; finished shards are kept.
+    Rerun after an interrupt (Ctrl-C, kill), the same command resumes; finished parts are kept.
 
     Args:
         config: the model whose encoder to run: a preset (vitg, vitl, tiny), a model config file, or an export folder.
@@ -120,7 +129,7 @@ def cache_features(
         max_image_pixels: skip images whose header declares more pixels, before decoding.
         allow_outside_root: read annotation paths that lead outside --images (absolute, '..', symbolic links).
     """
-    from stages.data import eval_transform, train_transform
+    from qformer.transforms import eval_transform, train_transform
     from stages.distributed import device_for
 
     if views < 1 or batch_size < 1:
@@ -144,7 +153,7 @@ def cache_features(
     token_shape = list(encoder(torch.zeros(1, 3, size, size, device=torch_device)).shape[1:])
     train_views = views if views > 1 else 0
     row_bytes = (1 + train_views) * token_shape[0] * token_shape[1] * np.dtype(STORAGE[dtype][0]).itemsize
-    per_shard = max(1, SHARD_BYTES // row_bytes)
+    per_part = max(1, PART_BYTES // row_bytes)
     settings = {
         **FORMAT,
         "encoder": identity,
@@ -157,8 +166,8 @@ def cache_features(
         "token_shape": token_shape,
         "seed": seed,
         "images": [{"image": image, "image_id": image_id} for image, image_id in image_list],
-        "shards": [{"file": f"features-{s:05d}.npy", "start": start, "images": min(per_shard, len(image_list) - start)}
-                   for s, start in enumerate(range(0, len(image_list), per_shard))],
+        "parts": [{"file": f"features-{s:05d}.npy", "start": start, "images": min(per_part, len(image_list) - start)}
+                   for s, start in enumerate(range(0, len(image_list), per_part))],
     }
     out_dir = Path(out)
     if _prepare_folder(out_dir, settings, overwrite):
@@ -169,19 +178,19 @@ def cache_features(
     transforms = (eval_transform(size), train_transform(size, hflip, tuple(crop_scale)))
     skipped: dict[str, str] = {}
     started, done_before = time.perf_counter(), 0
-    for s, shard in enumerate(settings["shards"]):
-        file = out_dir / shard["file"]
+    for s, part in enumerate(settings["parts"]):
+        file = out_dir / part["file"]
         if file.is_file() and (out_dir / f"{file.stem}.json").is_file():
             skipped.update(read_cache_file(out_dir / f"{file.stem}.json")["skipped"])
             done_before += 1
             continue
         if s == done_before and done_before:
-            print(f"resuming {out}: {done_before} of {len(settings['shards'])} shard(s) were done", file=sys.stderr)
-        paths = [entry["image"] for entry in settings["images"][shard["start"] : shard["start"] + shard["images"]]]
-        skipped.update(_write_shard(file, paths, encoder, reader, transforms, settings, (seed << 20) + s, batch_size, torch_device))
-        print(f"shard {s + 1}/{len(settings['shards'])}: {shard['images']} images", file=sys.stderr)
+            print(f"resuming {out}: {done_before} of {len(settings['parts'])} part(s) were done", file=sys.stderr)
+        paths = [entry["image"] for entry in settings["images"][part["start"] : part["start"] + part["images"]]]
+        skipped.update(_write_part(file, paths, encoder, reader, transforms, settings, (seed << 20) + s, batch_size, torch_device))
+        print(f"part {s + 1}/{len(settings['parts'])}: {part['images']} images", file=sys.stderr)
     reader.skipped.finish()
-    total = sum((out_dir / shard["file"]).stat().st_size for shard in settings["shards"])
+    total = sum((out_dir / part["file"]).stat().st_size for part in settings["parts"])
     _write_json(out_dir / MANIFEST, {**settings, "skipped": skipped, "bytes_per_image": row_bytes, "total_bytes": total,
                                      "command": command})
     print(f"cached {len(image_list) - len(skipped)} images x {1 + train_views} view(s) of {token_shape[0]} x {token_shape[1]} "
@@ -192,13 +201,13 @@ def cache_features(
 
 def _images_of(files: list[str], allow_outside_root: bool) -> list[tuple[str, str]]:
     """(normalised path, image id) of every distinct image of the annotation (or VQA question) files, in order."""
-    from stages.annotations import AnnotationError, load_annotations, read_json
+    from stages.data.annotations import AnnotationError, load_annotations, read_json
 
     images: dict[str, str] = {}
     for file in files:
         content = read_json(file)
         if isinstance(content, list) and content and isinstance(content[0], dict) and "question" in content[0]:
-            from stages.vqa import load_questions
+            from stages.eval.vqa import load_questions
 
             for question in load_questions(file, allow_outside_root):
                 images.setdefault(question.image, question.image)
@@ -213,16 +222,16 @@ def _images_of(files: list[str], allow_outside_root: bool) -> list[tuple[str, st
 
 
 @torch.no_grad()
-def _write_shard(file: Path, paths: list[str], encoder, reader: ImageReader, transforms, settings: dict, seed: int,
+def _write_part(file: Path, paths: list[str], encoder, reader: ImageReader, transforms, settings: dict, seed: int,
                  batch_size: int, device: torch.device) -> dict[str, str]:
-    """One shard, written into a hidden partial file and renamed into place once whole (its skipped list first)."""
+    """One part, written into a hidden partial file and renamed into place once whole (its skipped list first)."""
     storage, torch_dtype = STORAGE[settings["dtype"]]
     stored = settings["views"]["stored"]
     eval_view, train_view = transforms
     partial = file.with_name(f".{file.name}.partial")
     array = np.lib.format.open_memmap(partial, mode="w+", dtype=storage, shape=(len(paths), stored, *settings["token_shape"]))
     skipped: dict[str, str] = {}
-    torch.manual_seed(seed)  # the views of a shard do not depend on whether the run was resumed
+    torch.manual_seed(seed)  # the views of a part do not depend on whether the run was resumed
     try:
         for start in range(0, len(paths), max(1, batch_size // stored)):
             pixels, rows = [], []
@@ -250,7 +259,7 @@ def _write_shard(file: Path, paths: list[str], encoder, reader: ImageReader, tra
         del array
         _write_json(file.with_name(f"{file.stem}.json"), {"skipped": skipped})
         os.replace(partial, file)
-    except BaseException:  # an interrupt too: the partial shard is redone on resume
+    except BaseException:  # an interrupt too: the partial part is redone on resume
         partial.unlink(missing_ok=True)
         raise
     return skipped

@@ -1,0 +1,1 @@
+"""Bridges to LAVIS and transformers: `names` maps weight names, `lavis` and `hf` convert whole models."""

@@ -1,0 +1,1 @@
+"""What a user runs on a trained model: `caption`, `ask`, `index`, `search` and the `serve` page. No training code."""

@@ -1,0 +1,1 @@
+"""Commands that prepare data or move models: `cache-features`, `make-shards`, `export`, `import`, `export-hf`, `info`."""
