@@ -3,7 +3,7 @@
 Options are generated from each function's signature and docstring (parsed with docstring_parser, as jsonargparse
 does): a parameter without a default is a positional argument, a keyword-only one a required `--option`;
 `list[str]` takes one or more values, `bool` is a flag, `X | None` may be left out, and a dataclass parameter
-(GenerationSettings, DemoSettings) gives one option per field. Names keep the dashes of a command line
+(GenerationSettings, EvalOptions, DemoSettings) gives one option per field. Names keep the dashes of a command line
 (`--k-test`, `--num-beams`). `qformer stage1|stage2 fit|validate` hand over to LightningCLI (`stages.train.lightning_cli`).
 
 A user's mistake ends in one line, `qformer COMMAND: error: ...`, exit status 2; `--debug` (or QFORMER_DEBUG=1)
@@ -112,11 +112,18 @@ def add_function(parser: argparse.ArgumentParser, function) -> None:
         if dataclasses.is_dataclass(hint):
             _, field_helps = _docs(hint)
             for field in dataclasses.fields(hint):
-                _add_parameter(parser, field.name, typing.get_type_hints(hint)[field.name], getattr(param.default, field.name),
+                _add_parameter(parser, field.name, typing.get_type_hints(hint)[field.name], _field_default(param, field),
                                field_helps.get(field.name, ""), positional=False)
             continue
         positional = param.default is inspect.Parameter.empty and param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
         _add_parameter(parser, name, hint, param.default, helps.get(name, ""), positional)
+
+
+def _field_default(param: inspect.Parameter, field: dataclasses.Field):
+    """A dataclass option's default: the parameter's default instance (CAPTION_GENERATION, ...) or the field's own."""
+    if param.default is not inspect.Parameter.empty:
+        return getattr(param.default, field.name)
+    return inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default
 
 
 def call(function, values: dict):

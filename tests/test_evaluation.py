@@ -173,6 +173,49 @@ def test_two_process_retrieval_is_identical_to_one(tmp_path):
     assert one["result"] == two["result"]
 
 
+def _vqa_worker(rank, world, port, export, data, out):
+    from stages.cli import main
+
+    import stages.eval.vqa as vqa
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    generate, asked = vqa.generate_for_images, []
+    vqa.generate_for_images = lambda model, tokenizer, images, *rest: asked.extend(images) or generate(model, tokenizer, images, *rest)
+    assert main(["eval", "vqa", "--model", export, "--data", str(Path(data) / "test_vqa.json"), "--images", data, "--batch-size", "3",
+                 "--json", f"{out}.scores.json", "--predictions", f"{out}.answers.json", "--no-progress"]) == 0
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    Path(f"{out}.rank{rank}").write_text(json.dumps(asked))
+    if rank == 0:
+        Path(out).write_text(json.dumps({"scores": json.loads(Path(f"{out}.scores.json").read_text()),
+                                         "answers": json.loads(Path(f"{out}.answers.json").read_text())}))
+
+
+def test_two_process_vqa_is_identical_to_one(tmp_path):
+    """eval vqa splits its images over torchrun's processes like the other two evaluations, and gathers the answers."""
+    import socket
+
+    from tiny_models import write_stage2
+
+    data = tmp_path / "data"
+    make_dataset(data, num_images=60, seed=6, val_images=10, test_images=11)  # 11 images: the two shares differ in size
+    write_stage2(data, tmp_path / "stage2")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_vqa_worker, args=(1, port, str(tmp_path / "stage2"), str(data), str(tmp_path / "one.json")), nprocs=1)
+    mp.spawn(_vqa_worker, args=(2, port, str(tmp_path / "stage2"), str(data), str(tmp_path / "two.json")), nprocs=2)
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert one["scores"]["questions"] == 11 and one["scores"]["skipped_images"] == 0
+    assert one == two
+    shares = [json.loads((tmp_path / f"two.json.rank{rank}").read_text()) for rank in (0, 1)]
+    assert sorted(len(share) for share in shares) == [5, 6] and not set(shares[0]) & set(shares[1])  # each image asked once
+
+
 # --- captioning and VQA metrics ----------------------------------------------------------------------
 def test_caption_metrics_match_pycocoevalcap():
     from pycocoevalcap.bleu.bleu import Bleu

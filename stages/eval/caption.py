@@ -8,9 +8,8 @@ from qformer.generation import CAPTION_GENERATION, CAPTION_PROMPT, GenerationSet
 from qformer.workshare import WorkShare
 from stages.apps.generate import generate_for_images
 from stages.data.annotations import clean_caption
-from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from stages.distributed import gather_objects
-from stages.eval.common import EvalSet, print_scores, progress, setup_processes
+from stages.eval.common import EvalOptions, EvalSet, print_scores, progress, setup_processes
 from stages.eval.metrics import caption_metrics
 from stages.outputs import check_output_files, write_json
 
@@ -42,49 +41,34 @@ def evaluate_captions(model, tokenizer, data: EvalSet, prompt: str, batch_size: 
 def eval_caption(
     *,
     model: str,
-    data: str,
-    images: str | None = None,
-    features: str | None = None,
+    options: EvalOptions,
     prompt: str = CAPTION_PROMPT,
     generation: GenerationSettings = CAPTION_GENERATION,
-    batch_size: int = 64,
-    device: str = "cpu",
-    json: str | None = None,
     predictions: str | None = None,
-    no_progress: bool = False,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    allow_outside_root: bool = False,
 ) -> int:
     """Captioning scores of a stage-2 model: BLEU-1..4, CIDEr, ROUGE-L (+ METEOR when Java runs).
 
     Args:
         model: a stage-2 export folder.
-        data: annotation file whose captions are the references, or webdataset shards (as eval retrieval).
-        images: image root folder the annotation paths are relative to.
-        features: read the images' eval view from this feature cache (qformer cache-features) instead of --images.
+        options: the options every evaluation takes; --data's captions are the references.
         prompt: text every caption continues.
         generation: beam search settings (COCO evaluation: beam 5, 8 to 30 tokens).
-        batch_size: images per generation batch.
-        device: cpu, cuda or cuda:N (one GPU per process under torchrun).
-        json: also write the scores to this JSON file.
         predictions: write the generated captions to this JSON file ([{"image_id", "caption"}]).
-        no_progress: no progress bars.
-        max_image_pixels: skip images whose header declares more pixels, before decoding.
-        allow_outside_root: read annotation paths that lead outside --images (absolute, '..', symbolic links).
     """
     from qformer.folders import load_stage2
 
-    check_output_files(json=json, predictions=predictions)
-    share, torch_device = setup_processes(device)
+    check_output_files(json=options.json, predictions=predictions)
+    options.check_batch_size()
+    share, torch_device = setup_processes(options.device)
     stage2, tokenizer = load_stage2(model)
-    evalset = EvalSet.load(data, images, max_image_pixels, allow_outside_root, features, stage2.visual_encoder)
-    scores, captions, notices = evaluate_captions(stage2.to(torch_device), tokenizer, evalset, prompt, batch_size, generation, share,
-                                                  not no_progress)
+    evalset = options.load_set(stage2.visual_encoder)
+    scores, captions, notices = evaluate_captions(stage2.to(torch_device), tokenizer, evalset, prompt, options.batch_size, generation,
+                                                  share, not options.no_progress)
     if share.is_main:
         for notice in notices:
             print(f"note: {notice}", file=sys.stderr)
         source_ids = {e.image_id: e.image_id if e.source_id is None else e.source_id for e in evalset.entries}
         write_json(predictions, [{"image_id": source_ids[k], "caption": v} for k, v in captions.items()])  # ids as in the file
-        print_scores(f"captioning on {data}", scores)
-        write_json(json, scores)
+        print_scores(f"captioning on {options.data}", scores)
+        write_json(options.json, scores)
     return 0

@@ -75,6 +75,44 @@ def print_scores(title: str, scores: dict) -> None:
         print(f"  {key:<{width}}  {value:.2f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
 
 
+@dataclass
+class EvalOptions:
+    """What every evaluation command takes besides its model and its task's settings.
+
+    Args:
+        data: annotation file (LAVIS / COCO-Karpathy list, or official COCO captions) for retrieval and captioning,
+            question file for VQA; or webdataset shards (`DIR/{00000..00009}.tar`, img2dataset's layout; read into
+            memory, no --images needed) for retrieval and captioning.
+        images: image root folder the annotation paths are relative to.
+        features: read the images' eval view from this feature cache (qformer cache-features) instead of --images.
+        batch_size: images (and ITM pairs) or questions per batch.
+        device: cpu, cuda or cuda:N (one GPU per process under torchrun).
+        json: also write the scores to this JSON file.
+        no_progress: no progress bars.
+        max_image_pixels: skip images whose header declares more pixels, before decoding.
+        allow_outside_root: read annotation paths that lead outside --images (absolute, '..', symbolic links).
+    """
+
+    data: str
+    images: str | None = None
+    features: str | None = None
+    batch_size: int = 64
+    device: str = "cpu"
+    json: str | None = None
+    no_progress: bool = False
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    allow_outside_root: bool = False
+
+    def check_batch_size(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+    def load_set(self, encoder) -> EvalSet:
+        """The evaluation set of --data, its images from --images or --features (checked against `encoder`)."""
+        return EvalSet.load(self.data, self.images, self.max_image_pixels, self.allow_outside_root, self.features, encoder)
+
+
 def setup_processes(device: str) -> tuple[WorkShare, torch.device]:
+    """This process's share of the work (one process, or one of torchrun's) and its device."""
     rank, _ = init_distributed(device)
     return current_share(), device_for(device, rank)

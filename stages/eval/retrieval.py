@@ -9,8 +9,7 @@ import torch
 from qformer.retrieval import RetrievalFeatures
 from qformer.workshare import WorkShare
 from stages.data.annotations import clean_caption
-from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS
-from stages.eval.common import EvalSet, print_scores, progress, setup_processes
+from stages.eval.common import EvalOptions, EvalSet, print_scores, progress, setup_processes
 from stages.eval.metrics import retrieval_recalls
 from stages.outputs import check_output_files, write_json
 
@@ -78,18 +77,10 @@ def evaluate_retrieval(model, tokenizer, data: EvalSet, k_test: int = 128, itc_o
 def eval_retrieval(
     *,
     model: str,
-    data: str,
-    images: str | None = None,
-    features: str | None = None,
+    options: EvalOptions,
     k_test: int = 128,
     itc_only: bool = False,
-    batch_size: int = 64,
-    device: str = "cpu",
-    json: str | None = None,
     save_scores: str | None = None,
-    no_progress: bool = False,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    allow_outside_root: bool = False,
 ) -> int:
     """Image-text retrieval recall@1/5/10 both ways of a stage-1 model: ITC shortlist, ITM re-rank (as LAVIS).
 
@@ -97,32 +88,24 @@ def eval_retrieval(
 
     Args:
         model: a stage-1 export folder.
-        data: annotation file (LAVIS / COCO-Karpathy list, or official COCO captions), or webdataset shards
-            (`DIR/{00000..00009}.tar`, img2dataset's layout; read into memory, no --images needed).
-        images: image root folder the annotation paths are relative to.
-        features: read the images' eval view from this feature cache (qformer cache-features) instead of --images.
+        options: the options every evaluation takes (--data, --images, --features, --batch-size, --device, ...).
         k_test: candidates re-ranked with ITM per query.
         itc_only: rank by ITC similarity alone.
-        batch_size: images (and ITM pairs) per batch.
-        device: cpu, cuda or cuda:N (one GPU per process under torchrun).
-        json: also write the scores to this JSON file.
         save_scores: torch file with both score matrices (-100 outside each top-k).
-        no_progress: no progress bars.
-        max_image_pixels: skip images whose header declares more pixels, before decoding.
-        allow_outside_root: read annotation paths that lead outside --images (absolute, '..', symbolic links).
     """
     from qformer.folders import load_stage1
 
-    check_output_files(json=json, save_scores=save_scores)
-    share, torch_device = setup_processes(device)
+    check_output_files(json=options.json, save_scores=save_scores)
+    share, torch_device = setup_processes(options.device)
     stage1, tokenizer = load_stage1(model)
-    evalset = EvalSet.load(data, images, max_image_pixels, allow_outside_root, features, stage1.visual_encoder)
-    scores, i2t, t2i = evaluate_retrieval(stage1.to(torch_device), tokenizer, evalset, k_test, itc_only, batch_size, share, not no_progress)
+    evalset = options.load_set(stage1.visual_encoder)
+    scores, i2t, t2i = evaluate_retrieval(stage1.to(torch_device), tokenizer, evalset, k_test, itc_only, options.batch_size, share,
+                                          not options.no_progress)
     if share.is_main:
         if save_scores:
             torch.save({"score_i2t": i2t.cpu(), "score_t2i": t2i.cpu()}, save_scores)
-        print_scores(f"retrieval on {data} ({'ITC only' if itc_only else f'ITC top-{k_test} + ITM re-rank'})", scores)
-        write_json(json, scores)
+        print_scores(f"retrieval on {options.data} ({'ITC only' if itc_only else f'ITC top-{k_test} + ITM re-rank'})", scores)
+        write_json(options.json, scores)
     if scores["nonfinite_features"]:
         print(f"qformer eval retrieval: error: the model gives non-finite features ({scores['nonfinite_features']} images/texts): "
               "its weights have diverged", file=sys.stderr)
