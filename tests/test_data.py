@@ -9,7 +9,7 @@ from PIL import Image
 
 from qformer.transforms import eval_transform
 from stages.data.annotations import AnnotationError, clean_caption, load_annotations
-from stages.data.captions import CaptionDataset, Collate
+from stages.data.captions import BertText, CaptionDataset, Collate
 from stages.data.synthetic import make_dataset
 
 
@@ -54,7 +54,7 @@ def test_convertible_images_are_used_and_broken_ones_counted(odd_images, tokeniz
     torch.testing.assert_close(used[2]["pixel_values"], white)  # RGBA on white
     torch.testing.assert_close(used[4]["pixel_values"], white, atol=0.02, rtol=0)  # 16-bit full scale
 
-    batch = Collate(tokenizer, 32)(samples)
+    batch = Collate(BertText(tokenizer, 32))(samples)
     assert len(batch["skipped"]) == 3
     assert batch["pixel_values"].shape == (8, 3, 16, 16)  # refilled to the batch size
     assert batch["image_ids"].tolist()[:5] == [0, 1, 2, 3, 4]

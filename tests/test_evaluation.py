@@ -174,9 +174,8 @@ def test_two_process_retrieval_is_identical_to_one(tmp_path):
 
 
 def _vqa_worker(rank, world, port, export, data, out):
-    from stages.cli import main
-
     import stages.eval.vqa as vqa
+    from stages.cli import main
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -14,7 +14,7 @@ from qformer.losses import stage1_losses
 from qformer.stage1 import Stage1Model
 from qformer.transforms import eval_transform, train_transform
 from stages.cli import main
-from stages.data.captions import Collate
+from stages.data.captions import BertText, Collate
 from stages.data.feature_cache import MANIFEST, CachedCaptionDataset, FeatureCache, encoder_identity, load_encoder
 from stages.data.images import read_rgb
 from stages.data.synthetic import make_dataset
@@ -271,7 +271,7 @@ def test_broken_images_are_named_once_when_caching_and_their_samples_skipped_lat
     # Training: their samples are skipped records, counted by the batch (as unreadable images are).
     samples = [(e["image"], c, i) for i, e in enumerate(entries) for c in e["caption"]]
     dataset = CachedCaptionDataset(samples, features, train=True)
-    batch = Collate(load_tokenizer(data), 16)([dataset[i] for i in range(len(dataset))])
+    batch = Collate(BertText(load_tokenizer(data), 16))([dataset[i] for i in range(len(dataset))])
     assert len(batch["skipped"]) == 10 and len(batch["pixel_values"]) == len(dataset)
     assert "unreadable when cached" in batch["skipped"][0]
     with pytest.raises(OSError, match="unreadable when cached"):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from stages.cli import main
-from stages.data.captions import Collate
+from stages.data.captions import BertText, Collate
 from stages.data.synthetic import make_dataset
 from stages.data.webdataset import ShardStream, expand_shards
 from stages.train.optim import warmup_cosine
@@ -104,7 +104,7 @@ def test_gaps_missing_parts_corrupt_members_and_a_damaged_tar_are_skipped_and_na
     from qformer.bert import load_tokenizer
     from qformer.transforms import eval_transform
 
-    stream = ShardStream([str(good), str(damaged)], eval_transform(8), Collate(load_tokenizer(data), 16), batch_size=4,
+    stream = ShardStream([str(good), str(damaged)], eval_transform(8), Collate(BertText(load_tokenizer(data), 16)), batch_size=4,
                          rank=0, world=1, num_workers=0, seed=0, train=False, max_image_pixels=1_000_000)
     batches = list(stream)
     skipped = [s for b in batches for s in b["skipped"]]

@@ -4,7 +4,7 @@ import torch
 
 from qformer.transforms import eval_transform
 from stages.data.annotations import load_annotations
-from stages.data.captions import CaptionDataset, Collate
+from stages.data.captions import BertText, CaptionDataset, Collate
 from stages.data.synthetic import make_dataset
 from stages.train.stage1 import Stage1Module
 
@@ -13,7 +13,7 @@ def test_validation_encodes_each_image_once_and_keeps_the_losses_features(tmp_pa
     make_dataset(tmp_path, num_images=20, seed=0)
     module = Stage1Module(tokenizer=str(tmp_path), val_retrieval="itm").eval()
     dataset = CaptionDataset(load_annotations(tmp_path / "val.json"), tmp_path, eval_transform(32))
-    batch = Collate(module.tokenizer, 32)([dataset[i] for i in range(4)])
+    batch = Collate(BertText(module.tokenizer, 32))([dataset[i] for i in range(4)])
     calls = []
     encode = module.model.encode_image
     module.model.encode_image = lambda pixels: calls.append(len(pixels)) or encode(pixels)

@@ -107,7 +107,7 @@ def test_stage1_weights_loaded_and_one_step_trains_only_the_bridge(stage1_export
     model.train()
     assert not model.language_model.training and not model.visual_encoder.training
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    loss = module._loss({"pixel_values": torch.randn(4, 3, 32, 32), "captions": ["a red circle"] * 4})
+    loss = module._loss({"pixel_values": torch.randn(4, 3, 32, 32), **module.lm_text(["a red circle"] * 4, [(0, i) for i in range(4)])})
     loss.backward()
     optimizer.step()
     for key, value in model.state_dict().items():
@@ -116,6 +116,51 @@ def test_stage1_weights_loaded_and_one_step_trains_only_the_bridge(stage1_export
     assert not torch.equal(model.language_projection.weight, bridge["language_projection.weight"])
     assert not torch.equal(model.qformer.query_tokens, bridge["qformer.query_tokens"])
     assert all(p.grad is None for p in model.language_model.parameters())
+
+
+def test_captions_are_tokenized_once_by_the_lm_tokenizer_in_the_data_loader(stage1_export, data, monkeypatch):
+    """The batch carries the LM's input and labels made by the data loader's collate (the workers, when there are
+    some); the training step tokenizes nothing, and no BERT tokens are made for stage 2."""
+    from stages.data.captions import CaptionDataModule
+
+    module = Stage2Module(str(stage1_export), lm_config=OPT, lm_tokenizer=str(data / "lm_tokenizer_decoder"), lm_precision="fp32",
+                          eos_text="</s>", max_text_length=24)
+    datamodule = CaptionDataModule(str(data / "train.json"), str(data), image_size=32, batch_size=4)
+    datamodule.setup("fit")
+    datamodule.use_text_encoder(*module.text_encoder())
+    batch = next(iter(datamodule.train_dataloader()))
+    expected = decoder_only_batch(module.lm_tokenizer, batch["captions"], "", "</s>", 24).as_kwargs()
+    assert "input_ids" not in batch and set(batch["lm_text"]) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(batch["lm_text"][key], value), key
+    monkeypatch.setattr(type(module.lm_tokenizer), "__call__", lambda *args, **kwargs: pytest.fail("tokenized in the step"))
+    assert torch.isfinite(module._loss(batch))
+
+
+def test_data_max_length_other_than_the_models_text_length_is_one_line(stage1_export, data, capsys):
+    argv = ["stage2", "fit", "--config", str(ROOT / "configs" / "stage2" / "tiny.yaml"), "--model.stage1", str(stage1_export),
+            "--model.lm_tokenizer", str(data / "lm_tokenizer_decoder"), "--data.train", str(data / "train.json"),
+            "--data.val", str(data / "val.json"), "--data.image_root", str(data), "--data.max_length", "20",
+            "--model.max_text_length", "32"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("qformer stage2: error: data.max_length is 20 but the model's model.max_text_length is 32: leave "
+                       "data.max_length out (the model's setting is used) or make them equal"), err
+
+
+def test_prefix_suffix_split_is_drawn_per_sample_and_epoch(monkeypatch):
+    """FlanT5 pre-training splits each caption at a random word, drawn from (seed, epoch, index): the same in a
+    resumed run, in any data worker, and different from one epoch to the next."""
+    import stages.train.stage2 as stage2
+
+    monkeypatch.setattr(stage2, "encoder_decoder_batch", lambda tokenizer, prefixes, targets, max_length: prefixes)
+    captions = ["a small red circle on the left of a large blue square"] * 8
+    split = stage2.LanguageModelText(None, True, "", None, 32, split_seed=0)
+    first, second = (split.batch(captions, [(epoch, i) for i in range(8)]) for epoch in (0, 1))
+    again = split.batch(captions, [(0, i) for i in reversed(range(8))])
+    assert len(set(first)) > 1  # samples are split at different words
+    assert first != second  # and differently in the next epoch
+    assert list(reversed(again)) == first  # a sample's split depends on its key, not on its place in the batch
 
 
 def test_stage2_rejects_a_wrong_stage1_folder(tmp_path, data):

@@ -61,20 +61,35 @@ class CaptionDataset(Dataset):
             if self.strict:
                 raise
             return {"skipped": error.path, "reason": error.reason}
-        return {"pixel_values": pixels, "caption": caption, "image_id": image_index, "sample_id": i}
+        return {"pixel_values": pixels, "caption": caption, "image_id": image_index, "sample_id": i, "epoch": epoch or 0}
+
+
+class BertText:
+    """Captions -> the Q-Former's tokens (stage 1): BERT's tokenizer, fixed-length padding as LAVIS (every rank's text
+    then has the same shape, which the ITM gather needs)."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, captions: list[str], keys: list[tuple[int, int]]) -> dict:
+        text = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
 
 
 class Collate:
-    """Stacks images and tokenizes captions; reports the skipped samples of the batch by path.
+    """Stacks images and turns captions into the training module's text tensors; reports the skipped samples by path.
+
+    `encode_text(captions, keys)` is the training module's (`text_encoder()`): tokenizing happens here, in the data
+    workers, once, with the tokenizer the model uses. `keys` are each sample's (epoch, index), for text randomness
+    that a resumed run draws again identically.
 
     Skipped samples are replaced by copies of the batch's good ones (same image id, so the losses treat
     them as positives, never as negatives): every rank keeps the same batch size, which the global-batch
     gathers need.
     """
 
-    def __init__(self, tokenizer, max_length: int):
-        self.tokenizer = tokenizer
-        self.max_length = max_length
+    def __init__(self, encode_text):
+        self.encode_text = encode_text
 
     def __call__(self, samples: list[dict]) -> dict:
         good = [s for s in samples if "skipped" not in s]
@@ -82,18 +97,14 @@ class Collate:
         if not good:
             return batch
         good = [good[i % len(good)] for i in range(len(samples))]
-        # Fixed-length padding, as LAVIS: every rank's text has the same shape, which the ITM gather needs.
-        text = self.tokenizer(
-            [s["caption"] for s in good], padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        captions = [s["caption"] for s in good]
         batch.update(
             pixel_values=torch.stack([s["pixel_values"] for s in good]),
-            input_ids=text["input_ids"],
-            attention_mask=text["attention_mask"],
             image_ids=torch.tensor([s["image_id"] for s in good]),
             sample_ids=torch.tensor([s["sample_id"] for s in good]),
-            captions=[s["caption"] for s in good],
+            captions=captions,
         )
+        batch.update(self.encode_text(captions, [(s.get("epoch", 0), s["sample_id"]) for s in good]))
         return batch
 
 
@@ -117,8 +128,10 @@ class CaptionDataModule(pl.LightningDataModule):
         val: annotation file or shard spec for validation (optional).
         image_root: folder the annotation paths are relative to (not needed with `features` or shards).
         image_size: must equal the model's `vision_config.image_size`.
-        tokenizer_dir: BERT tokenizer folder (vocab.txt / tokenizer.json); the training module sets its own when omitted.
-        max_length: text tokens per caption.
+        tokenizer_dir: BERT tokenizer folder (vocab.txt / tokenizer.json), for the data module on its own; in training
+            the training module tokenizes with its model's tokenizer (stage 2: the LM's).
+        max_length: text tokens per caption; by default the model's (stage 1: `max_text_length` of its config, stage 2:
+            `model.max_text_length`). A different value is refused: the model's setting is the one read everywhere.
         max_words: captions are cut to this many words before tokenizing (LAVIS: 50).
         hflip: random horizontal flips in training (turn off when captions say left/right).
         crop_scale: RandomResizedCrop's area range in training (LAVIS: 0.5 to 1; [1, 1] when captions say small/large).
@@ -148,7 +161,7 @@ class CaptionDataModule(pl.LightningDataModule):
         tokenizer_dir: str | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
-        max_length: int = 32,
+        max_length: int | None = None,
         max_words: int = 50,
         hflip: bool = True,
         crop_scale: tuple[float, float] = (0.5, 1.0),
@@ -165,13 +178,13 @@ class CaptionDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.tokenizer = None
+        self.encode_text = None  # set by the training module (`use_text_encoder`), or from tokenizer_dir
         self.data_seed = seed
         self.resume_at: tuple[int, int] | None = None  # (epoch, batches trained) of the checkpoint resumed from
         self.resume_step = 0  # the global step of the checkpoint resumed from
         self.train_sampler: ResumableSampler | None = None
         for name in ("batch_size", "max_length", "max_words", "image_size"):
-            if getattr(self.hparams, name) < 1:
+            if getattr(self.hparams, name) is not None and getattr(self.hparams, name) < 1:
                 raise ValueError(f"data.{name} must be at least 1, got {getattr(self.hparams, name)}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be 0 or more, got {num_workers}")
@@ -190,10 +203,10 @@ class CaptionDataModule(pl.LightningDataModule):
             raise FileNotFoundError(f"data.image_root: image folder not found: {hp.image_root}")
         if self.data_seed is None:
             self.data_seed = torch.initial_seed() % 2**31  # the run's seed after seed_everything
-        if self.tokenizer is None and hp.tokenizer_dir is not None:
+        if self.encode_text is None and hp.tokenizer_dir is not None:
             from qformer.bert import load_tokenizer
 
-            self.tokenizer = load_tokenizer(hp.tokenizer_dir)
+            self.encode_text = BertText(load_tokenizer(hp.tokenizer_dir), hp.max_length or 32)
         if hp.features is None:
             self.caches = []
             self.train_set = self._dataset(hp.train, train_transform(hp.image_size, hp.hflip, tuple(hp.crop_scale)))
@@ -246,15 +259,25 @@ class CaptionDataModule(pl.LightningDataModule):
         entries = load_annotations(annotations, hp.allow_outside_root)
         return CaptionDataset(entries, hp.image_root, transform, hp.max_words, hp.strict, hp.max_image_pixels, hp.allow_outside_root)
 
-    def _loader(self, dataset, sampler=None) -> DataLoader:
-        if self.tokenizer is None:
+    def use_text_encoder(self, encode_text, max_length: int, setting: str) -> None:
+        """The training module's text encoder; `max_length` is its model's `setting`, which data.max_length must equal."""
+        if self.hparams.max_length is not None and self.hparams.max_length != max_length:
+            raise ValueError(f"data.max_length is {self.hparams.max_length} but the model's {setting} is {max_length}: "
+                             f"leave data.max_length out (the model's setting is used) or make them equal")
+        self.encode_text = encode_text
+
+    def _collate(self) -> Collate:
+        if self.encode_text is None:
             raise ValueError("data.tokenizer_dir: give a BERT tokenizer folder (the training module sets its own when used with one)")
+        return Collate(self.encode_text)
+
+    def _loader(self, dataset, sampler=None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
             sampler=sampler,
             num_workers=self.hparams.num_workers,
-            collate_fn=Collate(self.tokenizer, self.hparams.max_length),
+            collate_fn=self._collate(),
             drop_last=sampler is not None,  # equal batches on every rank for the global-batch losses
             persistent_workers=self.hparams.num_workers > 0,
             generator=torch.Generator().manual_seed(self.data_seed or 0),  # worker seeds, not a draw from the run's RNG
@@ -270,7 +293,7 @@ class CaptionDataModule(pl.LightningDataModule):
         workers = hp.num_workers if train else 0  # validation: each process reads every name, decodes its share
         transform = train_transform(hp.image_size, hp.hflip, tuple(hp.crop_scale)) if train else eval_transform(hp.image_size)
         batches = epoch_batches(split.samples, hp.batch_size, world, workers, "data.train") if train else None
-        stream = ShardStream(split.urls, transform, Collate(self.tokenizer, hp.max_length), hp.batch_size, rank, world, workers,
+        stream = ShardStream(split.urls, transform, self._collate(), hp.batch_size, rank, world, workers,
                              self.data_seed, train, batches, hp.resampled, hp.shuffle_buffer, hp.caption_key, hp.max_words,
                              hp.max_image_pixels)
         stream.restart = self.resume_step if train else 0

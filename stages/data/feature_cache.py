@@ -220,7 +220,8 @@ class CachedCaptionDataset(torch.utils.data.Dataset):
                 raise error
             return {"skipped": error.path, "reason": error.reason}
         view = self.views[0] if len(self.views) == 1 else self._random_view(epoch, i)
-        return {"pixel_values": self.cache.tokens(image, view), "caption": caption, "image_id": image_index, "sample_id": i}
+        return {"pixel_values": self.cache.tokens(image, view), "caption": caption, "image_id": image_index, "sample_id": i,
+                "epoch": epoch or 0}
 
     def _random_view(self, epoch: int | None, i: int) -> int:
         """Drawn from (seed, epoch, index) for a training key, else from the global RNG."""

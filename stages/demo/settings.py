@@ -177,7 +177,7 @@ def write_configs(settings: DemoSettings, out: Path, data: Path, vocab_size: int
     data_section = {
         "train": str(data / "train.json"), "val": str(data / "val.json"), "image_root": str(data),
         "features": str(caches["train"]), "val_features": str(caches["eval"]),  # made by `qformer cache-features`
-        "image_size": settings.image_size, "batch_size": settings.batch_size, "num_workers": 0, "max_length": 20,
+        "image_size": settings.image_size, "batch_size": settings.batch_size, "num_workers": 0,
         "hflip": HFLIP, "crop_scale": CROP_SCALE,
     }
     trainer = {"accelerator": "cpu", "devices": 1, "precision": "32", "log_every_n_steps": 25, "gradient_clip_val": 1.0,

@@ -212,12 +212,17 @@ class TrainingSkeleton(pl.LightningModule):
             restore_rng(self._rng_to_restore)
             self._rng_to_restore = None
 
+    def text_encoder(self) -> tuple:
+        """(captions, keys -> the batch's text tensors; tokens per caption; the setting that gives that number):
+        what the data workers tokenize with, so that a caption is tokenized once, by the tokenizer the model uses."""
+        raise NotImplementedError
+
     def setup(self, stage: str) -> None:
         data = getattr(self.trainer, "datamodule", None)
         if data is None:
             return
-        if getattr(data, "tokenizer", None) is None:
-            data.tokenizer = self.tokenizer
+        if hasattr(data, "use_text_encoder"):
+            data.use_text_encoder(*self.text_encoder())
         data.check_encoder(self.model.visual_encoder)  # the image size, or a feature cache's encoder
 
     # --- unreadable images ----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from qformer.bert import init_from_bert, load_tokenizer
 from qformer.config import resolve_config
 from qformer.losses import stage1_losses
 from qformer.stage1 import Stage1Model
+from stages.data.captions import BertText
 from stages.distributed import all_gather_with_grad, current_share, world
 from stages.train.base import TrainingSkeleton, checkpoint_callbacks
 
@@ -95,6 +96,10 @@ class Stage1Module(TrainingSkeleton):
             self.model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["image_ids"],
             self.tokenizer.bos_token_id, all_gather_with_grad, rank,
         )
+
+    def text_encoder(self) -> tuple:
+        length = self.model.config.max_text_length
+        return BertText(self.tokenizer, length), length, "max_text_length (model.config)"
 
     def training_loss(self, batch: dict) -> torch.Tensor:
         with torch.no_grad():

@@ -7,7 +7,6 @@ import random
 
 import torch
 
-from qformer.bert import load_tokenizer
 from qformer.config import LanguageModelConfig
 from qformer.folders import load_stage1_into_stage2, read_config, read_export_info
 from qformer.language_model import load_lm_tokenizer
@@ -17,6 +16,32 @@ from stages.distributed import gather_objects
 from stages.train.base import TrainingSkeleton, checkpoint_callbacks
 
 log = logging.getLogger(__name__)
+
+
+class LanguageModelText:
+    """Captions -> the frozen LM's input and labels, in the data workers (`stages.data.captions.Collate`).
+
+    Decoder-only: [prompt ; caption + eos], loss on the caption. Encoder-decoder: the prompt into the encoder and the
+    caption as the target, or, with no prompt (the paper's pre-training), each caption split at a random word into
+    prefix and suffix, drawn from (split_seed, epoch, sample index) so that a resumed run splits as the first did.
+    """
+
+    def __init__(self, tokenizer, encoder_decoder: bool, prompt: str, eos_text: str | None, max_length: int, split_seed: int):
+        self.tokenizer, self.encoder_decoder, self.prompt = tokenizer, encoder_decoder, prompt
+        self.eos_text, self.max_length, self.split_seed = eos_text, max_length, split_seed
+
+    def __call__(self, captions: list[str], keys: list[tuple[int, int]]) -> dict:
+        return {"lm_text": self.batch(captions, keys).as_kwargs()}
+
+    def batch(self, captions: list[str], keys: list[tuple[int, int]]):
+        if not self.encoder_decoder:
+            return decoder_only_batch(self.tokenizer, captions, self.prompt, self.eos_text, self.max_length)
+        if self.prompt:
+            prefixes, targets = [self.prompt] * len(captions), captions
+        else:
+            prefixes, targets = zip(*(split_caption(c, random.Random(f"{self.split_seed}:{epoch}:{index}"))
+                                      for c, (epoch, index) in zip(captions, keys)))
+        return encoder_decoder_batch(self.tokenizer, list(prefixes), list(targets), self.max_length)
 
 
 class Stage2Module(TrainingSkeleton):
@@ -89,23 +114,14 @@ class Stage2Module(TrainingSkeleton):
         unused = load_stage1_into_stage2(self.model, stage1)
         log.info("loaded the stage-1 Q-Former from %s (%d stage-1-only tensors not used)", stage1, len(unused))
         self.lm_tokenizer = load_lm_tokenizer(config.language_model)
-        self.tokenizer = load_tokenizer(f"{stage1}/tokenizer")  # the data module's caption collation
-        self.split_rng = random.Random(split_seed)
+        eos = None if self.model.is_encoder_decoder else resolve_eos_text(self.lm_tokenizer, config.language_model.eos_text)
+        self.lm_text = LanguageModelText(self.lm_tokenizer, self.model.is_encoder_decoder, prompt, eos, max_text_length, split_seed)
 
-    def text_batch(self, captions: list[str]):
-        hp, tokenizer = self.hparams, self.lm_tokenizer
-        if not self.model.is_encoder_decoder:
-            eos = resolve_eos_text(tokenizer, self.model.config.language_model.eos_text)
-            return decoder_only_batch(tokenizer, captions, hp.prompt, eos, hp.max_text_length)
-        if hp.prompt:
-            prefixes, targets = [hp.prompt] * len(captions), captions
-        else:
-            prefixes, targets = zip(*(split_caption(c, self.split_rng) for c in captions))
-        return encoder_decoder_batch(tokenizer, list(prefixes), list(targets), hp.max_text_length)
+    def text_encoder(self) -> tuple:
+        return self.lm_text, self.hparams.max_text_length, "model.max_text_length"
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        text = {k: v.to(self.device) for k, v in self.text_batch(batch["captions"]).as_kwargs().items()}
-        return self.model(batch["pixel_values"], **text)
+        return self.model(batch["pixel_values"], **batch["lm_text"])
 
     def training_loss(self, batch: dict) -> torch.Tensor:
         loss = self._loss(batch)
