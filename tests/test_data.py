@@ -9,8 +9,9 @@ from PIL import Image
 
 from qformer.transforms import eval_transform
 from stages.data.annotations import AnnotationError, clean_caption, load_annotations
-from stages.data.captions import BertText, CaptionDataset, Collate
+from stages.data.captions import CaptionDataset, Collate
 from stages.data.synthetic import make_dataset
+from stages.data.text import BertText
 
 
 @pytest.fixture

@@ -14,10 +14,11 @@ from qformer.losses import stage1_losses
 from qformer.stage1 import Stage1Model
 from qformer.transforms import eval_transform, train_transform
 from stages.cli import main
-from stages.data.captions import BertText, Collate
+from stages.data.captions import Collate
 from stages.data.feature_cache import MANIFEST, CachedCaptionDataset, FeatureCache, encoder_identity, load_encoder
 from stages.data.images import read_rgb
 from stages.data.synthetic import make_dataset
+from stages.data.text import BertText
 from stages.tools import cache_features as caching
 
 from broken_files import write_broken_images

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from stages.cli import main
-from stages.data.captions import BertText, Collate
+from stages.data.captions import Collate
 from stages.data.synthetic import make_dataset
+from stages.data.text import BertText
 from stages.data.webdataset import ShardStream, expand_shards
 from stages.train.optim import warmup_cosine
 

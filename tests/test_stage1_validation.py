@@ -4,8 +4,9 @@ import torch
 
 from qformer.transforms import eval_transform
 from stages.data.annotations import load_annotations
-from stages.data.captions import BertText, CaptionDataset, Collate
+from stages.data.captions import CaptionDataset, Collate
 from stages.data.synthetic import make_dataset
+from stages.data.text import BertText
 from stages.train.stage1 import Stage1Module
 
 

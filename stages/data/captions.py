@@ -17,6 +17,7 @@ from qformer.transforms import eval_transform, train_transform
 from stages.data.annotations import Entry, clean_caption, load_annotations
 from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, UnreadableImage, check_pixel_limit
 from stages.data.sampling import ResumableSampler, sample_key, sample_rng
+from stages.data.text import BertText
 from stages.data.webdataset import ShardLoader, ShardStream, counted_samples, epoch_batches, expand_shards, is_shard_spec
 
 
@@ -62,18 +63,6 @@ class CaptionDataset(Dataset):
                 raise
             return {"skipped": error.path, "reason": error.reason}
         return {"pixel_values": pixels, "caption": caption, "image_id": image_index, "sample_id": i, "epoch": epoch or 0}
-
-
-class BertText:
-    """Captions -> the Q-Former's tokens (stage 1): BERT's tokenizer, fixed-length padding as LAVIS (every rank's text
-    then has the same shape, which the ITM gather needs)."""
-
-    def __init__(self, tokenizer, max_length: int):
-        self.tokenizer, self.max_length = tokenizer, max_length
-
-    def __call__(self, captions: list[str], keys: list[tuple[int, int]]) -> dict:
-        text = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
-        return {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
 
 
 class Collate:

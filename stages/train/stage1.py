@@ -10,7 +10,7 @@ from qformer.bert import init_from_bert, load_tokenizer
 from qformer.config import resolve_config
 from qformer.losses import stage1_losses
 from qformer.stage1 import Stage1Model
-from stages.data.captions import BertText
+from stages.data.text import BertText
 from stages.distributed import all_gather_with_grad, current_share, world
 from stages.train.base import TrainingSkeleton, checkpoint_callbacks
 
