@@ -60,6 +60,15 @@ def test_the_model_library_never_imports_the_training_layer():
         assert "lightning" not in path.read_text(), path
 
 
+def test_data_and_inference_never_import_training():
+    """Rooms by purpose: data is below training; the apps and evaluations run without the training room."""
+    graph = module_graph()
+    for room in ("stages.data", "stages.apps", "stages.eval"):
+        for module, imports in graph.items():
+            if module.startswith(room):
+                assert not [i for i in imports if i.startswith("stages.train")], module
+
+
 def test_every_command_is_a_documented_function():
     import argparse
 
