@@ -142,6 +142,27 @@ def call(function, values: dict):
     return function(*args, **kwargs)
 
 
+def command_line(command: str, function, values: dict) -> str:
+    """The `qformer ...` line that runs `function` with `values` (every parameter's value; defaults left out): what a
+    folder records so that a user can rerun (and so resume) the command that made it. `parse(command_line(...))` gives
+    `values` back (tested)."""
+    import shlex
+
+    words = ["qformer", *command.split()]
+    hints = typing.get_type_hints(function)
+    for name, param in inspect.signature(function).parameters.items():
+        value, hint = values[name], _unwrap_optional(hints[name])[0]
+        if param.default is inspect.Parameter.empty and param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            words += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+        elif value is None or value == param.default and param.default is not inspect.Parameter.empty:
+            continue
+        elif hint is bool:
+            words.append(_option(name) if value else "--no-" + name.replace("_", "-"))
+        else:
+            words += [_option(name), *map(str, value if isinstance(value, (list, tuple)) else [value])]
+    return shlex.join(words)
+
+
 # --- the parser -----------------------------------------------------------------------------------------------
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage dump): the mistake and, for a misspelt option, the closest valid one."""

@@ -202,3 +202,20 @@ def test_info_reads_an_export_folder_and_counts_stage2(exports, capsys):
 def test_debug_shows_the_traceback(data, tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a qformer export folder"):
         main(["--debug", "info", "--config", str(data)])
+
+
+def test_a_command_line_parses_back_to_its_values():
+    """What a folder records as the command that made it (`command_line`) runs the same function with the same values."""
+    import shlex
+
+    from stages.cli import build_parser, command_line
+    from stages.tools.cache_features import cache_features
+
+    values = {"config": "tiny", "vision_weights": None, "data": ["a b.json", "c.json"], "images": "/x y", "out": "o", "views": 2,
+              "dtype": "bf16", "batch_size": 64, "seed": 3, "device": "cpu", "hflip": False, "crop_scale": [0.5, 0.9],
+              "overwrite": False, "max_image_pixels": 10, "allow_outside_root": True}
+    line = command_line("cache-features", cache_features, values)
+    assert line.startswith("qformer cache-features ") and "--batch-size" not in line and "--vision-weights" not in line
+    words = shlex.split(line)[1:]
+    parsed = vars(build_parser(words).parse_args(words))
+    assert {k: parsed[k] for k in values} == {**values, "crop_scale": [0.5, 0.9]}
