@@ -3,6 +3,8 @@
     python benchmarks/run.py                 # CPU, all rows (about 20 minutes on 2 cores)
     python benchmarks/run.py --rows stage1,rerank --device cuda
 
+Each row is also appended, dated, to docs/benchmarks.csv (`--csv FILE` for another file, `--no-csv` for none).
+
 Every measurement runs in its own process, so each one's peak memory (CUDA: max allocated; CPU: peak RSS of the
 process, weights and inputs included) is its own. References:
 - stage-1 step at the paper's shapes (bert-base Q-Former, 32 queries, ViT-g features [B, 257, 1408] given, text 32,
@@ -31,7 +33,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
-from common import describe_machine, print_table, time_ms  # noqa: E402
+from common import RESULTS_CSV, append_results, describe_machine, print_table, time_ms  # noqa: E402
 
 DEC = 1
 
@@ -235,19 +237,28 @@ def main() -> None:
     parser.add_argument("--rerank-precision", default="bf16")
     parser.add_argument("--vitg-batch", type=int, default=2)
     parser.add_argument("--vitg-precision", default="fp32")
+    parser.add_argument("--csv", type=Path, default=RESULTS_CSV, help="append every row, dated, to this CSV file")
+    parser.add_argument("--no-csv", action="store_true", help="print the table only")
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))
     args.rerank_batches = args.rerank_batches or None
 
-    table = []
+    table, results = [], []
     for _, title, reference, change in rows_to_run(args):
         before, after = measure(reference), measure(change)
+        results.append({"row": title, "reference": f"{before['ms']:.0f}", "this": f"{after['ms']:.0f}", "unit": "ms",
+                        "speedup": f"{before['ms'] / after['ms']:.2f}", "reference_peak_mib": f"{before['peak_mib']:.0f}",
+                        "this_peak_mib": f"{after['peak_mib']:.0f}"})
         table.append([title, f"{before['ms']:.0f}", f"{after['ms']:.0f}", f"{before['ms'] / after['ms']:.2f}x",
                       f"{before['peak_mib']:.0f}", f"{after['peak_mib']:.0f}"])
         print(f"  {title}: {before['ms']:.0f} -> {after['ms']:.0f} ms", file=sys.stderr, flush=True)
     print(f"{describe_machine(torch.device(args.device))}; each row: reference -> this change, in one run")
     print_table(["measurement", "reference ms", "this ms", "speed-up", "reference peak MiB", "this peak MiB"], table)
+    if not args.no_csv:
+        command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+        append_results(results, describe_machine(torch.device(args.device)), command.strip(), args.csv)
+        print(f"appended {len(results)} rows to {args.csv}", file=sys.stderr)
 
 
 if __name__ == "__main__":
