@@ -44,14 +44,15 @@ def page_models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(page_models):
     """The page on a free port of 127.0.0.1; closed afterwards."""
-    from stages.apps.serve import build_app, import_gradio, launch
+    from stages.apps.serve import build_app, import_gradio, launch, upload_folder
 
     import_gradio()
     models, root = page_models
-    app = build_app(models)
-    launch(app, "127.0.0.1", free_port(), block=False)
-    yield app.local_url, models, root
-    app.close()
+    with upload_folder():  # as `qformer serve` runs it: uploads in a folder of this server's own
+        app = build_app(models)
+        launch(app, "127.0.0.1", free_port(), block=False)
+        yield app.local_url, models, root
+        app.close()
 
 
 def free_port() -> int:

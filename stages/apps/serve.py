@@ -11,19 +11,30 @@ off: the page and the server reach nothing beyond the machine they run on (the t
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
+import shutil
+import socket
 import sys
+import tempfile
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
-from qformer.generation import CAPTION_GENERATION, CAPTION_PROMPT, VQA_GENERATION, GenerationSettings
+from qformer.generation import (CAPTION_GENERATION, CAPTION_PROMPT, VQA_GENERATION, GenerationSettings, check_max_new_tokens,
+                                max_new_tokens_for)
 from stages.apps.image_index import ImageIndex, model_identity, tokenize
 from stages.apps.search import hit_label, thumbnail
 from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, SkippedImages, UnreadableImage
 
-MAX_UPLOAD = "25mb"
+MAX_UPLOAD = "25mb"  # one file
+MAX_UPLOADS_TOTAL = 512 * 2**20  # everything one run of the server keeps; removed when it stops
 QUEUE_SIZE = 16  # requests waiting beyond this are turned away instead of piling up
 WEB_EXTRA = 'pip install -e ".[web]"'
 NO_TEXT = "(no text: the model ended at once)"
+NOT_AN_UPLOAD = "the page reads only images uploaded to it, not URLs or the server's files: upload the image"
+UNLIMITED_SLIDER = 256  # the max-new-tokens slider's end for an LM without a position limit (T5)
 
 
 @dataclass
@@ -66,12 +77,13 @@ def _unreadable(reader: ImageReader, image: str) -> ValueError:
     return ValueError(f"cannot read the image: {reader.skipped.reasons[str(image)]}")
 
 
-def _generate(models: Models, image: str | None, prompt: str, settings: GenerationSettings) -> str:
+def _generate(models: Models, image: str | None, prompt: str, settings: GenerationSettings, prompt_name: str = "prompt") -> str:
     from stages.apps.generate import generate_for_images
 
     if not image:
         raise ValueError("upload an image first")
     model, tokenizer = models.stage2
+    check_max_new_tokens(model, tokenizer, [prompt], settings.max_new_tokens, setting="max new tokens", prompt_name=prompt_name)
     reader = models.reader()
     [texts] = generate_for_images(model, tokenizer, [image], [[prompt]], reader, settings, batch_size=1)
     if texts is None:
@@ -89,13 +101,20 @@ def caption_image(models: Models, image: str | None, prompt: str = CAPTION_PROMP
     return _generate(models, image, prompt, settings)
 
 
+def max_new_tokens_slider_end(models: Models) -> int:
+    """The slider's end: the most new tokens the LM's positions leave beside the default prompt (the CLI's limit)."""
+    model, tokenizer = models.stage2
+    room = max_new_tokens_for(model, tokenizer, [CAPTION_PROMPT])
+    return UNLIMITED_SLIDER if room is None else room
+
+
 def answer_question(models: Models, image: str | None, question: str) -> str:
     """A zero-shot answer, with the paper's prompt for the LM's family."""
     from qformer.generation import vqa_prompt
 
     if not question.strip():
         raise ValueError("type a question")
-    return _generate(models, image, vqa_prompt(models.stage2[0]).format(question.strip()), VQA_GENERATION)
+    return _generate(models, image, vqa_prompt(models.stage2[0]).format(question.strip()), VQA_GENERATION, "question")
 
 
 def search_images(models: Models, text: str, k: int = 12, rerank: int = 0) -> list[tuple]:
@@ -130,8 +149,6 @@ def match_image_text(models: Models, image: str | None, text: str) -> str:
 # --- the page ---------------------------------------------------------------------------------------------------
 def _shown_to_user(function):
     """A user's mistake becomes a message on the page (gr.Error), not a server traceback."""
-    import functools
-
     import gradio as gr
 
     @functools.wraps(function)
@@ -139,7 +156,7 @@ def _shown_to_user(function):
         try:
             return function(*args)
         except (ValueError, UnreadableImage) as error:
-            raise gr.Error(str(error).splitlines()[0]) from None
+            raise gr.Error(str(error).splitlines()[0], print_exception=False) from None  # no traceback in the log either
 
     return wrapped
 
@@ -150,10 +167,49 @@ def _missing(what: str, option: str) -> None:
     gr.Markdown(f"**{what} is not loaded.** Start the page with `qformer serve {option}` to use this tab.")
 
 
+@functools.cache
+def _uploaded_image_class():
+    import gradio as gr
+    from gradio.utils import is_in_or_equal
+    from gradio_client.utils import is_http_url_like
+
+    class UploadedImage(gr.Image):
+        is_template = True  # the browser draws it as gradio's Image
+
+        def preprocess(self, payload):
+            if payload is None:
+                return None
+            if payload.path is None or not is_in_or_equal(payload.path, self.GRADIO_CACHE):
+                raise gr.Error(NOT_AN_UPLOAD, print_exception=False)
+            return payload.path
+
+        async def async_move_resource_to_block_cache(self, url_or_file_path):
+            _refuse_url(url_or_file_path)
+            return await super().async_move_resource_to_block_cache(url_or_file_path)
+
+        def move_resource_to_block_cache(self, url_or_file_path):
+            _refuse_url(url_or_file_path)
+            return super().move_resource_to_block_cache(url_or_file_path)
+
+    def _refuse_url(url_or_file_path) -> None:
+        if url_or_file_path is not None and is_http_url_like(str(url_or_file_path)):
+            raise gr.Error(NOT_AN_UPLOAD, print_exception=False)  # before gradio downloads it
+
+    return UploadedImage
+
+
+def uploaded_image(**options):
+    """An image input that gives the function the path of a file uploaded to this page, unopened.
+
+    gradio's own Image opens the upload with PIL before the function runs (a broken file then shows a bare
+    "Error", not the reader's reason), and downloads a URL that an API request sends as the file's path. This one
+    takes only a file in this server's upload folder and leaves the reading to `ImageReader`.
+    """
+    return _uploaded_image_class()(type="filepath", image_mode=None, label="image", sources=["upload"], height=320, **options)
+
+
 def build_app(models: Models):
     """The page: four tabs, each wired to its function above."""
-    import functools
-
     import gradio as gr
 
     def bound(function):
@@ -168,29 +224,31 @@ def build_app(models: Models):
                     _missing("A stage-2 model", "--stage2 DIR")
                 else:
                     with gr.Row():
-                        image = gr.Image(type="filepath", image_mode=None, label="image", sources=["upload"], height=320, elem_id="caption-image")
+                        image = uploaded_image(elem_id="caption-image")
                         with gr.Column():
                             prompt = gr.Textbox(CAPTION_PROMPT, label="prompt")
                             beams = gr.Slider(1, 10, CAPTION_GENERATION.num_beams, step=1, label="beams")
-                            max_tokens = gr.Slider(1, 60, CAPTION_GENERATION.max_new_tokens, step=1, label="max new tokens")
+                            end = max_new_tokens_slider_end(models)
+                            max_tokens = gr.Slider(1, end, min(CAPTION_GENERATION.max_new_tokens, end), step=1, label="max new tokens")
                             sample = gr.Checkbox(False, label="nucleus sampling instead of beam search")
                             top_p = gr.Slider(0.05, 1.0, 0.9, step=0.05, label="top p")
                             temperature = gr.Slider(0.1, 2.0, 1.0, step=0.1, label="temperature")
                     button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                     caption = gr.Textbox(label="caption", elem_id="caption-output")
-                    button.click(bound(caption_image), [image, prompt, beams, max_tokens, sample, top_p, temperature], caption)
+                    button.click(bound(caption_image), [image, prompt, beams, max_tokens, sample, top_p, temperature], caption,
+                                 api_name="caption")
             with gr.Tab("Ask"):
                 if models.stage2 is None:
                     _missing("A stage-2 model", "--stage2 DIR")
                 else:
                     with gr.Row():
-                        image = gr.Image(type="filepath", image_mode=None, label="image", sources=["upload"], height=320)
+                        image = uploaded_image()
                         with gr.Column():
                             question = gr.Textbox(label="question", placeholder="what color is the circle?")
                             button = gr.Button("Ask", variant="primary")
                             answer = gr.Textbox(label="answer")
-                    button.click(bound(answer_question), [image, question], answer)
-                    question.submit(bound(answer_question), [image, question], answer)
+                    button.click(bound(answer_question), [image, question], answer, api_name="ask")
+                    question.submit(bound(answer_question), [image, question], answer, api_name=False)
             with gr.Tab("Search"):
                 if models.index is None:
                     _missing("An index", "--index INDEX (made with qformer index)")
@@ -202,19 +260,19 @@ def build_app(models: Models):
                         rerank = gr.Slider(0, 48, 0, step=1, label="ITM re-rank of the top K (0: off)", scale=1)
                     button = gr.Button("Search", variant="primary", elem_id="search-button")
                     gallery = gr.Gallery(label="results (score, file)", columns=6, object_fit="contain", elem_id="search-gallery")
-                    button.click(bound(search_images), [query, k, rerank], gallery)
-                    query.submit(bound(search_images), [query, k, rerank], gallery)
+                    button.click(bound(search_images), [query, k, rerank], gallery, api_name="search")
+                    query.submit(bound(search_images), [query, k, rerank], gallery, api_name=False)
             with gr.Tab("Match"):
                 if models.stage1 is None:
                     _missing("A stage-1 model", "--stage1 DIR")
                 else:
                     with gr.Row():
-                        image = gr.Image(type="filepath", image_mode=None, label="image", sources=["upload"], height=320)
+                        image = uploaded_image()
                         with gr.Column():
                             text = gr.Textbox(label="text", placeholder="a small blue square")
                             button = gr.Button("Match", variant="primary")
                             scores = gr.Markdown()
-                    button.click(bound(match_image_text), [image, text], scores)
+                    button.click(bound(match_image_text), [image, text], scores, api_name="match")
     return app.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
 
 
@@ -227,8 +285,79 @@ def theme():
 
 def launch(app, host: str, port: int, block: bool = True):
     """Start the server: local only unless `host` says otherwise, no share link, no server-side rendering (Node)."""
+    from gradio.utils import get_upload_folder
+    from starlette.middleware import Middleware
+
+    capped = Middleware(UploadCap, folder=get_upload_folder(), limit=MAX_UPLOADS_TOTAL)
     return app.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False, mcp_server=False,
-                      pwa=False, max_file_size=MAX_UPLOAD, theme=theme(), prevent_thread_lock=not block, quiet=True)
+                      pwa=False, max_file_size=MAX_UPLOAD, theme=theme(), prevent_thread_lock=not block, quiet=True,
+                      app_kwargs={"middleware": [capped]})
+
+
+@contextlib.contextmanager
+def upload_folder():
+    """A fresh folder for this run's uploads (gradio's GRADIO_TEMP_DIR), removed with them when the server stops.
+
+    Build the page and launch it inside: gradio reads the folder when components are made and when it starts.
+    """
+    folder = tempfile.mkdtemp(prefix="qformer-serve-uploads-")
+    before = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = folder
+    try:
+        yield Path(folder)
+    finally:
+        if before is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = before
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def folder_bytes(folder: str | Path) -> int:
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
+class UploadCap:
+    """Refuses an upload (413) that would take this run's upload folder past `limit` bytes (gradio caps one file)."""
+
+    def __init__(self, app, folder: str, limit: int):
+        self.app, self.folder, self.limit = app, folder, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/upload"):
+            incoming = int(dict(scope["headers"]).get(b"content-length", b"0") or 0)  # absent: the folder alone decides
+            if folder_bytes(self.folder) + incoming > self.limit:
+                from starlette.responses import PlainTextResponse
+
+                full = (f"the server keeps at most {self.limit / 2**20:g} MB of uploads and that is used up: "
+                        f"restart qformer serve to remove them")
+                return await PlainTextResponse(full, status_code=413)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a busy port or an address this machine does not have, naming --port or --host, before loading models."""
+    import errno
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself binds
+            probe.bind((host, port))
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise OSError(f"port {port} is busy (another program listens on it): pass --port with a free one") from None
+        raise OSError(f"cannot listen on --host {host} --port {port}: {error.strerror or error}") from None
+
+
+def exposure_warning(host: str) -> str | None:
+    """One line for a `host` other machines can reach: the page has no login."""
+    try:
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:  # a host name other than localhost: it may be reachable
+        pass
+    return (f"qformer serve: warning: --host {host} opens the page to the network and it has no login: anyone who can "
+            f"reach this machine can use it and upload files (--host 127.0.0.1 keeps it to this machine)")
 
 
 def import_gradio() -> None:
@@ -266,8 +395,13 @@ def serve(
         raise ValueError("give at least one of --stage1 DIR, --stage2 DIR, --index INDEX")
     if not 0 < port < 65536:
         raise ValueError(f"--port must be between 1 and 65535, got {port}")
+    check_port(host, port)
     import_gradio()
     models = load_models(stage1, stage2, index, device, max_image_pixels)
-    print(f"qformer serve: http://{host}:{port} (Ctrl+C stops it)", file=sys.stderr)
-    launch(build_app(models), host, port)
+    with upload_folder():  # removed when the server stops: Ctrl+C, SIGTERM or an error
+        app = build_app(models)
+        print(f"qformer serve: http://{host}:{port} (Ctrl+C stops it)", file=sys.stderr)
+        if exposure_warning(host):
+            print(exposure_warning(host), file=sys.stderr)
+        launch(app, host, port)
     return 0
