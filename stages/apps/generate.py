@@ -7,8 +7,15 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from qformer.generation import (CAPTION_GENERATION, CAPTION_PROMPT, VQA_GENERATION, GenerationSettings, check_max_new_tokens,
-                                generate_text, vqa_prompt)
+from qformer.generation import (
+    CAPTION_GENERATION,
+    CAPTION_PROMPT,
+    VQA_GENERATION,
+    GenerationSettings,
+    check_max_new_tokens,
+    generate_text,
+    vqa_prompt,
+)
 from qformer.transforms import eval_transform
 from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, ImageReader, image_files
 

@@ -7,33 +7,33 @@ turns a user's mistake (an unreadable upload, a wrong setting) into a message on
 
 gradio is imported inside the functions that need it, so the core install does not need it, and with analytics
 off: the page and the server reach nothing beyond the machine they run on (the theme uses the system's fonts).
+The page reads only files uploaded to it, kept in a folder of the run's own and removed when it stops (web_guards).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ipaddress
-import os
-import shutil
-import socket
-import sys
-import tempfile
 import functools
+import os
+import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-from qformer.generation import (CAPTION_GENERATION, CAPTION_PROMPT, VQA_GENERATION, GenerationSettings, check_max_new_tokens,
-                                max_new_tokens_for)
+from qformer.generation import (
+    CAPTION_GENERATION,
+    CAPTION_PROMPT,
+    VQA_GENERATION,
+    GenerationSettings,
+    check_max_new_tokens,
+    max_new_tokens_for,
+)
 from stages.apps.image_index import ImageIndex, model_identity, tokenize
 from stages.apps.search import hit_label, thumbnail
+from stages.apps.web_guards import capped_uploads, check_port, exposure_warning, upload_folder, uploaded_image
 from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, SkippedImages, UnreadableImage
 
 MAX_UPLOAD = "25mb"  # one file
-MAX_UPLOADS_TOTAL = 512 * 2**20  # everything one run of the server keeps; removed when it stops
 QUEUE_SIZE = 16  # requests waiting beyond this are turned away instead of piling up
 WEB_EXTRA = 'pip install -e ".[web]"'
 NO_TEXT = "(no text: the model ended at once)"
-NOT_AN_UPLOAD = "the page reads only images uploaded to it, not URLs or the server's files: upload the image"
 UNLIMITED_SLIDER = 256  # the max-new-tokens slider's end for an LM without a position limit (T5)
 
 
@@ -167,47 +167,6 @@ def _missing(what: str, option: str) -> None:
     gr.Markdown(f"**{what} is not loaded.** Start the page with `qformer serve {option}` to use this tab.")
 
 
-@functools.cache
-def _uploaded_image_class():
-    import gradio as gr
-    from gradio.utils import is_in_or_equal
-    from gradio_client.utils import is_http_url_like
-
-    class UploadedImage(gr.Image):
-        is_template = True  # the browser draws it as gradio's Image
-
-        def preprocess(self, payload):
-            if payload is None:
-                return None
-            if payload.path is None or not is_in_or_equal(payload.path, self.GRADIO_CACHE):
-                raise gr.Error(NOT_AN_UPLOAD, print_exception=False)
-            return payload.path
-
-        async def async_move_resource_to_block_cache(self, url_or_file_path):
-            _refuse_url(url_or_file_path)
-            return await super().async_move_resource_to_block_cache(url_or_file_path)
-
-        def move_resource_to_block_cache(self, url_or_file_path):
-            _refuse_url(url_or_file_path)
-            return super().move_resource_to_block_cache(url_or_file_path)
-
-    def _refuse_url(url_or_file_path) -> None:
-        if url_or_file_path is not None and is_http_url_like(str(url_or_file_path)):
-            raise gr.Error(NOT_AN_UPLOAD, print_exception=False)  # before gradio downloads it
-
-    return UploadedImage
-
-
-def uploaded_image(**options):
-    """An image input that gives the function the path of a file uploaded to this page, unopened.
-
-    gradio's own Image opens the upload with PIL before the function runs (a broken file then shows a bare
-    "Error", not the reader's reason), and downloads a URL that an API request sends as the file's path. This one
-    takes only a file in this server's upload folder and leaves the reading to `ImageReader`.
-    """
-    return _uploaded_image_class()(type="filepath", image_mode=None, label="image", sources=["upload"], height=320, **options)
-
-
 def build_app(models: Models):
     """The page: four tabs, each wired to its function above."""
     import gradio as gr
@@ -228,8 +187,9 @@ def build_app(models: Models):
                         with gr.Column():
                             prompt = gr.Textbox(CAPTION_PROMPT, label="prompt")
                             beams = gr.Slider(1, 10, CAPTION_GENERATION.num_beams, step=1, label="beams")
-                            end = max_new_tokens_slider_end(models)
-                            max_tokens = gr.Slider(1, end, min(CAPTION_GENERATION.max_new_tokens, end), step=1, label="max new tokens")
+                            end = max_new_tokens_slider_end(models)  # what the CLI allows with the default prompt
+                            max_tokens = gr.Slider(1, end, min(CAPTION_GENERATION.max_new_tokens, end), step=1,
+                                                   label="max new tokens")
                             sample = gr.Checkbox(False, label="nucleus sampling instead of beam search")
                             top_p = gr.Slider(0.05, 1.0, 0.9, step=0.05, label="top p")
                             temperature = gr.Slider(0.1, 2.0, 1.0, step=0.1, label="temperature")
@@ -285,79 +245,9 @@ def theme():
 
 def launch(app, host: str, port: int, block: bool = True):
     """Start the server: local only unless `host` says otherwise, no share link, no server-side rendering (Node)."""
-    from gradio.utils import get_upload_folder
-    from starlette.middleware import Middleware
-
-    capped = Middleware(UploadCap, folder=get_upload_folder(), limit=MAX_UPLOADS_TOTAL)
     return app.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False, mcp_server=False,
                       pwa=False, max_file_size=MAX_UPLOAD, theme=theme(), prevent_thread_lock=not block, quiet=True,
-                      app_kwargs={"middleware": [capped]})
-
-
-@contextlib.contextmanager
-def upload_folder():
-    """A fresh folder for this run's uploads (gradio's GRADIO_TEMP_DIR), removed with them when the server stops.
-
-    Build the page and launch it inside: gradio reads the folder when components are made and when it starts.
-    """
-    folder = tempfile.mkdtemp(prefix="qformer-serve-uploads-")
-    before = os.environ.get("GRADIO_TEMP_DIR")
-    os.environ["GRADIO_TEMP_DIR"] = folder
-    try:
-        yield Path(folder)
-    finally:
-        if before is None:
-            os.environ.pop("GRADIO_TEMP_DIR", None)
-        else:
-            os.environ["GRADIO_TEMP_DIR"] = before
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def folder_bytes(folder: str | Path) -> int:
-    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
-
-
-class UploadCap:
-    """Refuses an upload (413) that would take this run's upload folder past `limit` bytes (gradio caps one file)."""
-
-    def __init__(self, app, folder: str, limit: int):
-        self.app, self.folder, self.limit = app, folder, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/upload"):
-            incoming = int(dict(scope["headers"]).get(b"content-length", b"0") or 0)  # absent: the folder alone decides
-            if folder_bytes(self.folder) + incoming > self.limit:
-                from starlette.responses import PlainTextResponse
-
-                full = (f"the server keeps at most {self.limit / 2**20:g} MB of uploads and that is used up: "
-                        f"restart qformer serve to remove them")
-                return await PlainTextResponse(full, status_code=413)(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-def check_port(host: str, port: int) -> None:
-    """Refuse a busy port or an address this machine does not have, naming --port or --host, before loading models."""
-    import errno
-
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself binds
-            probe.bind((host, port))
-    except OSError as error:
-        if error.errno == errno.EADDRINUSE:
-            raise OSError(f"port {port} is busy (another program listens on it): pass --port with a free one") from None
-        raise OSError(f"cannot listen on --host {host} --port {port}: {error.strerror or error}") from None
-
-
-def exposure_warning(host: str) -> str | None:
-    """One line for a `host` other machines can reach: the page has no login."""
-    try:
-        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
-            return None
-    except ValueError:  # a host name other than localhost: it may be reachable
-        pass
-    return (f"qformer serve: warning: --host {host} opens the page to the network and it has no login: anyone who can "
-            f"reach this machine can use it and upload files (--host 127.0.0.1 keeps it to this machine)")
+                      app_kwargs={"middleware": [capped_uploads()]})
 
 
 def import_gradio() -> None:
@@ -386,7 +276,8 @@ def serve(
         stage1: a stage-1 export folder (Match and Search tabs).
         stage2: a stage-2 export folder (Caption and Ask tabs).
         index: an index made by qformer index (Search tab); without --stage1, the model it was built with is used.
-        host: address to listen on; 127.0.0.1 keeps the page on this machine (0.0.0.0: every network interface).
+        host: address to listen on; 127.0.0.1 keeps the page on this machine (0.0.0.0: every network interface,
+            with a warning: the page has no login).
         port: port to listen on.
         device: cpu, cuda or cuda:N.
         max_image_pixels: refuse images whose header declares more pixels, before decoding.
