@@ -111,16 +111,51 @@ def vqa_prompt(model: "Stage2Model", template: str | None = None) -> str:
     return template or VQA_PROMPTS["encoder_decoder" if model.is_encoder_decoder else "decoder"]
 
 
+def lm_positions(model: "Stage2Model") -> int | None:
+    """How many tokens the LM reads at most, soft prompts, prompt and new tokens together (None: no limit)."""
+    if model.is_encoder_decoder:  # T5 has relative positions
+        return None
+    return getattr(model.language_model.model.config, "max_position_embeddings", None)
+
+
 def prompt_room(model: "Stage2Model", max_new_tokens: int) -> int | None:
     """How many prompt tokens fit in the LM's positions beside the soft prompts and the new tokens (None: no limit)."""
-    positions = getattr(model.language_model.model.config, "max_position_embeddings", None)
-    if positions is None or model.is_encoder_decoder:  # T5 has relative positions
+    positions = lm_positions(model)
+    if positions is None:
         return None
     room = positions - model.config.num_query_tokens - max_new_tokens
-    if room < 2:
-        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the LM's {positions} positions "
+    if room < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the LM's {positions} positions "
                          f"({model.config.num_query_tokens} are the soft prompts)")
     return room
+
+
+def max_new_tokens_for(model: "Stage2Model", tokenizer, prompts: list[str]) -> int | None:
+    """The most new tokens that fit after the soft prompts and the longest of `prompts` (None: no limit).
+
+    The one limit of `caption`, `ask` and the page's slider: past it, `generate_text` would cut the prompt.
+    """
+    positions = lm_positions(model)
+    if positions is None:
+        return None
+    return positions - model.config.num_query_tokens - _longest_prompt(tokenizer, prompts)
+
+
+def _longest_prompt(tokenizer, prompts: list[str]) -> int:
+    return max(len(ids) for ids in tokenizer(list(prompts))["input_ids"])  # with the BOS token generation adds
+
+
+def check_max_new_tokens(model: "Stage2Model", tokenizer, prompts: list[str], max_new_tokens: int,
+                         setting: str = "--max-new-tokens", prompt_name: str = "prompt") -> None:
+    """Refuse `max_new_tokens` past `max_new_tokens_for`, in the caller's words (`setting`: a flag, a slider)."""
+    room = max_new_tokens_for(model, tokenizer, prompts)
+    if room is None or max_new_tokens <= room:
+        return
+    used = (f"the language model reads at most {lm_positions(model)} tokens: {model.config.num_query_tokens} for the image, "
+            f"{_longest_prompt(tokenizer, prompts)} for the {prompt_name}")
+    if room < 1:
+        raise ValueError(f"the {prompt_name} is too long ({used}): shorten it")
+    raise ValueError(f"{setting} {max_new_tokens} is too many: at most {room} new tokens fit with this {prompt_name} ({used})")
 
 
 def generate_text(

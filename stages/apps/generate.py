@@ -7,7 +7,15 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from qformer.generation import CAPTION_GENERATION, CAPTION_PROMPT, VQA_GENERATION, GenerationSettings, generate_text, vqa_prompt
+from qformer.generation import (
+    CAPTION_GENERATION,
+    CAPTION_PROMPT,
+    VQA_GENERATION,
+    GenerationSettings,
+    check_max_new_tokens,
+    generate_text,
+    vqa_prompt,
+)
 from qformer.transforms import eval_transform
 from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, ImageReader, image_files
 
@@ -78,6 +86,7 @@ def caption(
     if not paths:
         raise ValueError("no image files given (folders are searched for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
     stage2, tokenizer = load_stage2_on(model, device)
+    check_max_new_tokens(stage2, tokenizer, [prompt], generation.max_new_tokens)
     reader = ImageReader(max_image_pixels)
     texts = generate_for_images(stage2, tokenizer, paths, [[prompt]] * len(paths), reader, generation, batch_size)
     results = [{"image": str(path), "caption": t[0]} for path, t in zip(paths, texts) if t is not None]
@@ -114,9 +123,10 @@ def ask(
         max_image_pixels: refuse an image whose header declares more pixels, before decoding.
     """
     stage2, tokenizer = load_stage2_on(model, device)
+    prompt = vqa_prompt(stage2, prompt_template).format(question)
+    check_max_new_tokens(stage2, tokenizer, [prompt], generation.max_new_tokens, prompt_name="question")
     reader = ImageReader(max_image_pixels)
-    [answer] = generate_for_images(stage2, tokenizer, [image], [[vqa_prompt(stage2, prompt_template).format(question)]],
-                                   reader, generation, batch_size=1)
+    [answer] = generate_for_images(stage2, tokenizer, [image], [[prompt]], reader, generation, batch_size=1)
     if answer is None:
         return 1
     print(answer[0])

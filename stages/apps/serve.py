@@ -7,23 +7,34 @@ turns a user's mistake (an unreadable upload, a wrong setting) into a message on
 
 gradio is imported inside the functions that need it, so the core install does not need it, and with analytics
 off: the page and the server reach nothing beyond the machine they run on (the theme uses the system's fonts).
+The page reads only files uploaded to it, kept in a folder of the run's own and removed when it stops (web_guards).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
 
-from qformer.generation import CAPTION_GENERATION, CAPTION_PROMPT, VQA_GENERATION, GenerationSettings
+from qformer.generation import (
+    CAPTION_GENERATION,
+    CAPTION_PROMPT,
+    VQA_GENERATION,
+    GenerationSettings,
+    check_max_new_tokens,
+    max_new_tokens_for,
+)
 from stages.apps.image_index import ImageIndex, model_identity, tokenize
 from stages.apps.search import hit_label, thumbnail
+from stages.apps.web_guards import capped_uploads, check_port, exposure_warning, upload_folder, uploaded_image
 from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, SkippedImages, UnreadableImage
 
-MAX_UPLOAD = "25mb"
+MAX_UPLOAD = "25mb"  # one file
 QUEUE_SIZE = 16  # requests waiting beyond this are turned away instead of piling up
 WEB_EXTRA = 'pip install -e ".[web]"'
 NO_TEXT = "(no text: the model ended at once)"
+UNLIMITED_SLIDER = 256  # the max-new-tokens slider's end for an LM without a position limit (T5)
 
 
 @dataclass
@@ -66,12 +77,13 @@ def _unreadable(reader: ImageReader, image: str) -> ValueError:
     return ValueError(f"cannot read the image: {reader.skipped.reasons[str(image)]}")
 
 
-def _generate(models: Models, image: str | None, prompt: str, settings: GenerationSettings) -> str:
+def _generate(models: Models, image: str | None, prompt: str, settings: GenerationSettings, prompt_name: str = "prompt") -> str:
     from stages.apps.generate import generate_for_images
 
     if not image:
         raise ValueError("upload an image first")
     model, tokenizer = models.stage2
+    check_max_new_tokens(model, tokenizer, [prompt], settings.max_new_tokens, setting="max new tokens", prompt_name=prompt_name)
     reader = models.reader()
     [texts] = generate_for_images(model, tokenizer, [image], [[prompt]], reader, settings, batch_size=1)
     if texts is None:
@@ -89,13 +101,20 @@ def caption_image(models: Models, image: str | None, prompt: str = CAPTION_PROMP
     return _generate(models, image, prompt, settings)
 
 
+def max_new_tokens_slider_end(models: Models) -> int:
+    """The slider's end: the most new tokens the LM's positions leave beside the default prompt (the CLI's limit)."""
+    model, tokenizer = models.stage2
+    room = max_new_tokens_for(model, tokenizer, [CAPTION_PROMPT])
+    return UNLIMITED_SLIDER if room is None else room
+
+
 def answer_question(models: Models, image: str | None, question: str) -> str:
     """A zero-shot answer, with the paper's prompt for the LM's family."""
     from qformer.generation import vqa_prompt
 
     if not question.strip():
         raise ValueError("type a question")
-    return _generate(models, image, vqa_prompt(models.stage2[0]).format(question.strip()), VQA_GENERATION)
+    return _generate(models, image, vqa_prompt(models.stage2[0]).format(question.strip()), VQA_GENERATION, "question")
 
 
 def search_images(models: Models, text: str, k: int = 12, rerank: int = 0) -> list[tuple]:
@@ -130,8 +149,6 @@ def match_image_text(models: Models, image: str | None, text: str) -> str:
 # --- the page ---------------------------------------------------------------------------------------------------
 def _shown_to_user(function):
     """A user's mistake becomes a message on the page (gr.Error), not a server traceback."""
-    import functools
-
     import gradio as gr
 
     @functools.wraps(function)
@@ -139,7 +156,7 @@ def _shown_to_user(function):
         try:
             return function(*args)
         except (ValueError, UnreadableImage) as error:
-            raise gr.Error(str(error).splitlines()[0]) from None
+            raise gr.Error(str(error).splitlines()[0], print_exception=False) from None  # no traceback in the log either
 
     return wrapped
 
@@ -152,8 +169,6 @@ def _missing(what: str, option: str) -> None:
 
 def build_app(models: Models):
     """The page: four tabs, each wired to its function above."""
-    import functools
-
     import gradio as gr
 
     def bound(function):
@@ -168,29 +183,32 @@ def build_app(models: Models):
                     _missing("A stage-2 model", "--stage2 DIR")
                 else:
                     with gr.Row():
-                        image = gr.Image(type="filepath", image_mode=None, label="image", sources=["upload"], height=320, elem_id="caption-image")
+                        image = uploaded_image(elem_id="caption-image")
                         with gr.Column():
                             prompt = gr.Textbox(CAPTION_PROMPT, label="prompt")
                             beams = gr.Slider(1, 10, CAPTION_GENERATION.num_beams, step=1, label="beams")
-                            max_tokens = gr.Slider(1, 60, CAPTION_GENERATION.max_new_tokens, step=1, label="max new tokens")
+                            end = max_new_tokens_slider_end(models)  # what the CLI allows with the default prompt
+                            max_tokens = gr.Slider(1, end, min(CAPTION_GENERATION.max_new_tokens, end), step=1,
+                                                   label="max new tokens")
                             sample = gr.Checkbox(False, label="nucleus sampling instead of beam search")
                             top_p = gr.Slider(0.05, 1.0, 0.9, step=0.05, label="top p")
                             temperature = gr.Slider(0.1, 2.0, 1.0, step=0.1, label="temperature")
                     button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                     caption = gr.Textbox(label="caption", elem_id="caption-output")
-                    button.click(bound(caption_image), [image, prompt, beams, max_tokens, sample, top_p, temperature], caption)
+                    button.click(bound(caption_image), [image, prompt, beams, max_tokens, sample, top_p, temperature], caption,
+                                 api_name="caption")
             with gr.Tab("Ask"):
                 if models.stage2 is None:
                     _missing("A stage-2 model", "--stage2 DIR")
                 else:
                     with gr.Row():
-                        image = gr.Image(type="filepath", image_mode=None, label="image", sources=["upload"], height=320)
+                        image = uploaded_image()
                         with gr.Column():
                             question = gr.Textbox(label="question", placeholder="what color is the circle?")
                             button = gr.Button("Ask", variant="primary")
                             answer = gr.Textbox(label="answer")
-                    button.click(bound(answer_question), [image, question], answer)
-                    question.submit(bound(answer_question), [image, question], answer)
+                    button.click(bound(answer_question), [image, question], answer, api_name="ask")
+                    question.submit(bound(answer_question), [image, question], answer, api_name=False)
             with gr.Tab("Search"):
                 if models.index is None:
                     _missing("An index", "--index INDEX (made with qformer index)")
@@ -202,19 +220,19 @@ def build_app(models: Models):
                         rerank = gr.Slider(0, 48, 0, step=1, label="ITM re-rank of the top K (0: off)", scale=1)
                     button = gr.Button("Search", variant="primary", elem_id="search-button")
                     gallery = gr.Gallery(label="results (score, file)", columns=6, object_fit="contain", elem_id="search-gallery")
-                    button.click(bound(search_images), [query, k, rerank], gallery)
-                    query.submit(bound(search_images), [query, k, rerank], gallery)
+                    button.click(bound(search_images), [query, k, rerank], gallery, api_name="search")
+                    query.submit(bound(search_images), [query, k, rerank], gallery, api_name=False)
             with gr.Tab("Match"):
                 if models.stage1 is None:
                     _missing("A stage-1 model", "--stage1 DIR")
                 else:
                     with gr.Row():
-                        image = gr.Image(type="filepath", image_mode=None, label="image", sources=["upload"], height=320)
+                        image = uploaded_image()
                         with gr.Column():
                             text = gr.Textbox(label="text", placeholder="a small blue square")
                             button = gr.Button("Match", variant="primary")
                             scores = gr.Markdown()
-                    button.click(bound(match_image_text), [image, text], scores)
+                    button.click(bound(match_image_text), [image, text], scores, api_name="match")
     return app.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
 
 
@@ -228,7 +246,8 @@ def theme():
 def launch(app, host: str, port: int, block: bool = True):
     """Start the server: local only unless `host` says otherwise, no share link, no server-side rendering (Node)."""
     return app.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False, mcp_server=False,
-                      pwa=False, max_file_size=MAX_UPLOAD, theme=theme(), prevent_thread_lock=not block, quiet=True)
+                      pwa=False, max_file_size=MAX_UPLOAD, theme=theme(), prevent_thread_lock=not block, quiet=True,
+                      app_kwargs={"middleware": [capped_uploads()]})
 
 
 def import_gradio() -> None:
@@ -257,7 +276,8 @@ def serve(
         stage1: a stage-1 export folder (Match and Search tabs).
         stage2: a stage-2 export folder (Caption and Ask tabs).
         index: an index made by qformer index (Search tab); without --stage1, the model it was built with is used.
-        host: address to listen on; 127.0.0.1 keeps the page on this machine (0.0.0.0: every network interface).
+        host: address to listen on; 127.0.0.1 keeps the page on this machine (0.0.0.0: every network interface,
+            with a warning: the page has no login).
         port: port to listen on.
         device: cpu, cuda or cuda:N.
         max_image_pixels: refuse images whose header declares more pixels, before decoding.
@@ -266,8 +286,13 @@ def serve(
         raise ValueError("give at least one of --stage1 DIR, --stage2 DIR, --index INDEX")
     if not 0 < port < 65536:
         raise ValueError(f"--port must be between 1 and 65535, got {port}")
+    check_port(host, port)
     import_gradio()
     models = load_models(stage1, stage2, index, device, max_image_pixels)
-    print(f"qformer serve: http://{host}:{port} (Ctrl+C stops it)", file=sys.stderr)
-    launch(build_app(models), host, port)
+    with upload_folder():  # removed when the server stops: Ctrl+C, SIGTERM or an error
+        app = build_app(models)
+        print(f"qformer serve: http://{host}:{port} (Ctrl+C stops it)", file=sys.stderr)
+        if exposure_warning(host):
+            print(exposure_warning(host), file=sys.stderr)
+        launch(app, host, port)
     return 0
