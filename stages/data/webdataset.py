@@ -28,6 +28,7 @@ import io
 import json
 import math
 import random
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,39 @@ def counted_samples(urls: list[str]) -> int | None:
         except (OSError, ValueError, KeyError, TypeError):
             return None
     return total
+
+
+def nonempty_shards(urls: list[str], spec: str, option: str) -> list[str]:
+    """The shards that hold at least one sample. None at all is refused: a training stream over them would wait forever
+    for a first sample (and an empty shard in a worker's share would stall that worker, so those are left out)."""
+    kept = [url for url in urls if not _is_empty(url)]
+    if not kept:
+        counts = [_stats(url).get("count") for url in urls]
+        made = (f" (0 of the {sum(counts)} samples' images could be read when they were made)"
+                if all(isinstance(c, int) for c in counts) and sum(counts) else "")
+        raise ValueError(f"{option}: the shards of {spec} are empty: no sample in {len(urls)} shard(s){made}; "
+                         f"remake them with qformer make-shards from images it can read")
+    return kept
+
+
+def _is_empty(url: str) -> bool:
+    """No member in the tar (a damaged tar is not empty: reading it names the damage)."""
+    successes = _stats(url).get("successes")
+    if isinstance(successes, int) and successes > 0:
+        return False  # its _stats.json says so: no need to open it
+    try:
+        with tarfile.open(url) as tar:
+            return tar.next() is None
+    except (tarfile.TarError, OSError):
+        return False
+
+
+def _stats(url: str) -> dict:
+    try:
+        stats = json.loads(stats_file(url).read_text())
+    except (OSError, ValueError):
+        return {}
+    return stats if isinstance(stats, dict) else {}
 
 
 def stable_id(text: str) -> int:
