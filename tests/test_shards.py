@@ -98,7 +98,7 @@ def test_fit_on_an_empty_shard_set_says_the_shards_are_empty(tmp_path, train_sam
     # Before: "0 image-caption pairs, fewer than one batch; lower data.batch_size", or with data.train_samples a fit
     # that waited forever for a first sample.
     with pytest.raises(ValueError, match=rf"^data.train: the shards of {spec} are empty: no sample in 1 shard\(s\)"
-                                         rf"{'.*0 of the 8' if stats else ''}.*qformer make-shards"):
+                                         "; remake them with qformer make-shards"):
         module.setup("fit")
 
 

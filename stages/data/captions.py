@@ -18,8 +18,7 @@ from stages.data.annotations import Entry, clean_caption, load_annotations
 from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, UnreadableImage, check_pixel_limit
 from stages.data.sampling import ResumableSampler, sample_key, sample_rng
 from stages.data.text import BertText
-from stages.data.webdataset import (ShardLoader, ShardStream, counted_samples, epoch_batches, expand_shards, is_shard_spec,
-                                     nonempty_shards)
+from stages.data.webdataset import ShardLoader, ShardStream, counted_samples, epoch_batches, expand_shards, is_shard_spec
 
 
 def caption_samples(entries: list[Entry], max_words: int = 50) -> list[tuple[str, str, int]]:
@@ -241,7 +240,7 @@ class CaptionDataModule(pl.LightningDataModule):
         hp = self.hparams
         if is_shard_spec(annotations):
             option = "data.train" if annotations == hp.train else "data.val"
-            urls = nonempty_shards(expand_shards(annotations, option), annotations, option)
+            urls = expand_shards(annotations, option)
             samples = hp.train_samples or counted_samples(urls)
             if option == "data.train" and samples is None:
                 raise ValueError(f"data.train_samples: give the samples per epoch (a shard of {annotations} has no _stats.json)")

@@ -51,7 +51,8 @@ def is_shard_spec(spec: str | None) -> bool:
 
 
 def expand_shards(spec: str, option: str) -> list[str]:
-    """The shard files a spec names, brace notation expanded; every one must exist."""
+    """The shard files a spec names, brace notation expanded; every one must exist, and those without a sample are left
+    out (a stream over none, or a worker given only empty ones, would wait forever for a first sample)."""
     import braceexpand
 
     urls = [url for part in spec.split(SPEC_SEPARATOR) if part.strip() for url in braceexpand.braceexpand(part.strip())]
@@ -59,7 +60,19 @@ def expand_shards(spec: str, option: str) -> list[str]:
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise FileNotFoundError(f"{option}: {len(missing)} of the {len(urls)} shard(s) of {spec} not found: {shown}")
-    return urls
+    kept = [url for url in urls if _holds_a_sample(url)]
+    if not kept:
+        raise ValueError(f"{option}: the shards of {spec} are empty: no sample in {len(urls)} shard(s); remake them with "
+                         f"qformer make-shards from images it can read")
+    return kept
+
+
+def _holds_a_sample(url: str) -> bool:
+    try:
+        with tarfile.open(url) as tar:
+            return tar.next() is not None
+    except (tarfile.TarError, OSError):  # a damaged tar is not empty: reading it names the damage
+        return True
 
 
 def stats_file(url: str) -> Path:
@@ -76,39 +89,6 @@ def counted_samples(urls: list[str]) -> int | None:
         except (OSError, ValueError, KeyError, TypeError):
             return None
     return total
-
-
-def nonempty_shards(urls: list[str], spec: str, option: str) -> list[str]:
-    """The shards that hold at least one sample. None at all is refused: a training stream over them would wait forever
-    for a first sample (and an empty shard in a worker's share would stall that worker, so those are left out)."""
-    kept = [url for url in urls if not _is_empty(url)]
-    if not kept:
-        counts = [_stats(url).get("count") for url in urls]
-        made = (f" (0 of the {sum(counts)} samples' images could be read when they were made)"
-                if all(isinstance(c, int) for c in counts) and sum(counts) else "")
-        raise ValueError(f"{option}: the shards of {spec} are empty: no sample in {len(urls)} shard(s){made}; "
-                         f"remake them with qformer make-shards from images it can read")
-    return kept
-
-
-def _is_empty(url: str) -> bool:
-    """No member in the tar (a damaged tar is not empty: reading it names the damage)."""
-    successes = _stats(url).get("successes")
-    if isinstance(successes, int) and successes > 0:
-        return False  # its _stats.json says so: no need to open it
-    try:
-        with tarfile.open(url) as tar:
-            return tar.next() is None
-    except (tarfile.TarError, OSError):
-        return False
-
-
-def _stats(url: str) -> dict:
-    try:
-        stats = json.loads(stats_file(url).read_text())
-    except (OSError, ValueError):
-        return {}
-    return stats if isinstance(stats, dict) else {}
 
 
 def stable_id(text: str) -> int:
