@@ -309,3 +309,62 @@ def test_vision_weights_replace_the_configs_encoder_weights(data, tmp_path):
     assert "--vision-weights" in features.manifest["command"]
     with pytest.raises(ValueError, match="weights_sha256"):
         features.check_encoder(load_encoder("tiny", seed=3))
+
+
+# --- one view: only what was done is recorded, and nothing claims augmentations that never happen --------------------
+def test_a_one_view_cache_records_no_training_transform_and_refuses_crop_scale(data, tmp_path, capsys):
+    folder = cache(data, tmp_path / "c", files=("val.json",))
+    assert FeatureCache(folder).manifest["transform"]["train"] is None  # was: hflip true, crop_scale [0.5, 1]
+    assert "data.hflip false and data.crop_scale [1.0, 1.0]" in capsys.readouterr().out
+    argv = ["cache-features", "--config", "tiny", "--data", str(data / "val.json"), "--images", str(data), "--out", str(tmp_path / "d")]
+    assert main([*argv, "--crop-scale", "0.5", "1"]) == 2  # nothing would be cropped
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--crop-scale 0.5 1" in error and "--views V" in error
+    assert not (tmp_path / "d").exists()
+    assert main([*argv, "--crop-scale", "1", "1", "--no-hflip"]) == 0  # what the eval view is: accepted
+
+
+def test_a_fit_from_a_one_view_cache_refuses_data_settings_it_cannot_apply(data, tmp_path):
+    from stages.data.captions import CaptionDataModule
+
+    folder = cache(data, tmp_path / "c", files=("train.json", "val.json"))
+
+    def setup(**settings):
+        module = CaptionDataModule(str(data / "train.json"), val=str(data / "val.json"), features=str(folder), batch_size=4, **settings)
+        module.setup("fit")
+
+    with pytest.raises(ValueError, match=r"^data.hflip True: the cache .* holds the eval view only .* set data.hflip: false"):
+        setup(image_size=32, crop_scale=(1.0, 1.0))
+    with pytest.raises(ValueError, match=r"^data.hflip True and data.crop_scale \[0.5, 1.0\]: .*--views V"):
+        setup(image_size=32)
+    with pytest.raises(ValueError, match=r"^data.image_size is 224 but the cache .* 32-pixel images: set data.image_size: 32"):
+        setup(hflip=False, crop_scale=(1.0, 1.0))  # data.image_size left at its default
+    setup(image_size=32, hflip=False, crop_scale=(1.0, 1.0))  # what training from the eval view does
+
+
+# --- damaged parts ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["truncated", "header", "empty", "foreign", "missing"])
+def test_a_damaged_part_is_named_and_the_command_that_made_the_cache_redoes_it(data, tmp_path, capsys, damage):
+    argv = ["cache-features", "--config", "tiny", "--data", str(data / "val.json"), "--images", str(data), "--out", str(tmp_path / "c")]
+    assert main(argv) == 0
+    part = tmp_path / "c" / "features-00000.npy"
+    whole = part.read_bytes()
+    if damage == "truncated":
+        part.write_bytes(whole[: len(whole) // 2])
+    elif damage == "header":
+        part.write_bytes(whole[:60])
+    elif damage == "empty":
+        part.write_bytes(b"")
+    elif damage == "foreign":
+        np.save(part, np.zeros((2, 1, 17, 31), np.float16))  # a whole .npy file, not this cache's array
+    else:
+        part.unlink()
+    with pytest.raises(ValueError) as refused:
+        FeatureCache(tmp_path / "c")
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1 and str(part) in message and "pickle" not in message
+    assert "rerun the command that made the cache, which redoes damaged parts: qformer cache-features" in message
+    capsys.readouterr()
+    assert main(argv) == 0  # was: "already holds this feature cache; nothing to do"
+    assert "1 damaged part(s)" in capsys.readouterr().err and part.read_bytes() == whole
+    FeatureCache(tmp_path / "c")

@@ -67,6 +67,51 @@ def test_make_shards_writes_img2dataset_layout_and_leaves_out_broken_images(data
         expand_shards(f"{tmp_path / 's'}/{{00000,00099}}.tar", "data.train")
 
 
+def test_make_shards_with_no_readable_image_fails_in_one_line_and_writes_nothing(data, tmp_path, capsys):
+    entries = json.loads((data / "val.json").read_text())
+    (tmp_path / "ann.json").write_text(json.dumps(entries))  # paths relative to data, given the wrong --images
+    capsys.readouterr()
+    assert main(["make-shards", str(tmp_path / "ann.json"), "--images", str(tmp_path), "--out", str(tmp_path / "s")]) == 2
+    captured = capsys.readouterr()
+    images = len({e["image"] for e in entries})
+    assert captured.out == "" and len(captured.err.splitlines()) == 1  # no screen of "skipping ..." notes
+    assert captured.err.startswith(f"qformer make-shards: error: 0 of {images} images could be read; first errors: ")
+    assert "file not found" in captured.err and f"--images {tmp_path}" in captured.err
+    assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.partial-*"))
+
+
+def empty_shard(path: Path, stats: dict | None) -> str:
+    """A tar without a member, as make-shards wrote when no image could be read (with its _stats.json, or none)."""
+    tarfile.open(path, "w").close()
+    if stats is not None:
+        path.with_name(f"{path.stem}_stats.json").write_text(json.dumps(stats))
+    return str(path)
+
+
+@pytest.mark.parametrize("train_samples, stats", [(None, {"count": 8, "successes": 0, "failed_to_download": 8}),
+                                                   (40, {"count": 8, "successes": 0, "failed_to_download": 8}), (40, None)])
+def test_fit_on_an_empty_shard_set_says_the_shards_are_empty(tmp_path, train_samples, stats):
+    from stages.data.captions import CaptionDataModule
+
+    spec = empty_shard(tmp_path / "00000.tar", stats)
+    module = CaptionDataModule(spec, batch_size=4, train_samples=train_samples)
+    # Before: "0 image-caption pairs, fewer than one batch; lower data.batch_size", or with data.train_samples a fit
+    # that waited forever for a first sample.
+    with pytest.raises(ValueError, match=rf"^data.train: the shards of {spec} are empty: no sample in 1 shard\(s\)"
+                                         "; remake them with qformer make-shards"):
+        module.setup("fit")
+
+
+def test_an_empty_shard_among_others_is_left_out(shards, tmp_path):
+    from stages.data.captions import CaptionDataModule
+
+    good = sorted(str(p) for p in shards.glob("*.tar"))
+    empty = empty_shard(tmp_path / "00000.tar", None)
+    module = CaptionDataModule("::".join([*good, empty]), batch_size=4, train_samples=8)
+    module.setup("fit")
+    assert module.train_set.urls == good  # a worker given only the empty shard would wait forever
+
+
 def png(color=(200, 30, 30), size=(16, 16)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="PNG")

@@ -212,7 +212,7 @@ class CaptionDataModule(pl.LightningDataModule):
 
         hp = self.hparams
         train_cache = FeatureCache(hp.features, "data.features")
-        train_cache.check_transform(hp.hflip, hp.crop_scale)
+        train_cache.check_transform(hp.hflip, hp.crop_scale, hp.image_size)
         val_cache = train_cache if hp.val_features is None else FeatureCache(hp.val_features, "data.val_features")
         self.caches = [train_cache] + ([val_cache] if val_cache is not train_cache else [])
         self.train_set = self._cached_dataset(hp.train, train_cache, train=True)

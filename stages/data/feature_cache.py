@@ -112,6 +112,8 @@ class FeatureCache:
         self.skipped: dict[str, str] = self.manifest["skipped"]
         self.train_views = self.manifest["views"]["train"]
         self._arrays: dict[int, np.ndarray] = {}
+        for part in range(len(self.manifest["parts"])):
+            self._part(part)  # a damaged part is named now, not by a DataLoader worker halfway through an epoch
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_arrays": {}}  # a worker opens its own memory maps (a pickled map would copy the data)
@@ -132,14 +134,29 @@ class FeatureCache:
                                  f"{_short(cached[name])} there, {_short(current[name])} in this model; rerun qformer "
                                  f"cache-features with this model's config{hint}")
 
-    def check_transform(self, hflip: bool, crop_scale) -> None:
-        """Training views must have been drawn as the data module would draw them."""
+    def check_transform(self, hflip: bool, crop_scale, image_size: int) -> None:
+        """The run's data settings must say what training from this cache sees: its image size, crops and flips."""
+        made = self.manifest["transform"]
+        if made["image_size"] != image_size:
+            raise ValueError(f"data.image_size is {image_size} but the cache {self.folder} holds the features of "
+                             f"{made['image_size']}-pixel images: set data.image_size: {made['image_size']}")
+        crop_scale = [float(x) for x in crop_scale]
         if not self.train_views:
+            self._check_eval_view_only(hflip, crop_scale)
             return
-        made = self.manifest["transform"]["train"]
-        if made["hflip"] != hflip or [float(x) for x in made["crop_scale"]] != [float(x) for x in crop_scale]:
+        made = made["train"]
+        if made["hflip"] != hflip or [float(x) for x in made["crop_scale"]] != crop_scale:
             raise ValueError(f"{self.option}: the cache {self.folder} drew its training views with hflip {made['hflip']}, crop_scale "
-                             f"{made['crop_scale']}; this run asks for hflip {hflip}, crop_scale {list(crop_scale)}: make them agree")
+                             f"{made['crop_scale']}; this run asks for hflip {hflip}, crop_scale {crop_scale}: make them agree")
+
+    def _check_eval_view_only(self, hflip: bool, crop_scale: list[float]) -> None:
+        """Training from the eval view is training on the whole image, unflipped: the run must not claim crops or flips
+        (its config.yaml would record augmentations that never happened)."""
+        claimed = ([f"data.hflip {hflip}"] if hflip else []) + ([f"data.crop_scale {crop_scale}"] if crop_scale != [1.0, 1.0] else [])
+        if claimed:
+            raise ValueError(f"{' and '.join(claimed)}: the cache {self.folder} holds the eval view only (made with --views 1), "
+                             f"so training from it neither crops nor flips; set data.hflip: false and data.crop_scale: [1.0, 1.0], "
+                             f"or cache training views with qformer cache-features --views V (V > 1)")
 
     def require(self, paths, source: str) -> None:
         """Every image of `source` must be in the cache (a wrong cache is a mistake, not a broken image)."""
@@ -156,11 +173,22 @@ class FeatureCache:
     def tokens(self, path: str, view: int) -> torch.Tensor:
         """(N, width) in the stored dtype (fp16, bf16 or fp32)."""
         part, row = self.index[path]
+        tensor = torch.from_numpy(np.array(self._part(part)[row, view]))
+        return tensor.view(torch.bfloat16) if self.manifest["dtype"] == "bf16" else tensor
+
+    def _part(self, part: int) -> np.ndarray:
+        """A part's memory map, opened once per process; a damaged file is named with the command that redoes it."""
         array = self._arrays.get(part)
         if array is None:
-            array = self._arrays[part] = np.load(self.folder / self.manifest["parts"][part]["file"], mmap_mode="r")
-        tensor = torch.from_numpy(np.array(array[row, view]))
-        return tensor.view(torch.bfloat16) if self.manifest["dtype"] == "bf16" else tensor
+            info = self.manifest["parts"][part]
+            file = self.folder / info["file"]
+            array, problem = open_part(file, part_shape(self.manifest, info), STORAGE[self.manifest["dtype"]][0])
+            if problem:
+                command = self.manifest.get("command", "qformer cache-features ...")
+                raise ValueError(f"{self.option}: {file}: {problem}; rerun the command that made the cache, which redoes "
+                                 f"damaged parts: {command}")
+            self._arrays[part] = array
+        return array
 
 
 class FeatureReader:
@@ -229,6 +257,37 @@ class CachedCaptionDataset(torch.utils.data.Dataset):
             return self.views[int(torch.randint(len(self.views), ()))]
         with sample_rng(self.seed, epoch, i):
             return self.views[int(torch.randint(len(self.views), ()))]
+
+
+# --- part files -------------------------------------------------------------------------------------------
+def part_shape(settings: dict, part: dict) -> tuple[int, ...]:
+    """(images, views, tokens, width) of one part of a cache's manifest or settings."""
+    return (part["images"], settings["views"]["stored"], *settings["token_shape"])
+
+
+def open_part(file: Path, shape: tuple[int, ...], dtype: str) -> tuple[np.ndarray | None, str | None]:
+    """(memory map, None) of a whole part file, or (None, why it cannot be used) for a missing, truncated or foreign one.
+
+    The size is checked against the .npy header first: numpy's own errors for a cut file ("mmap length is greater
+    than file size", or a hint about pickles for a damaged header) name neither the file nor the fix.
+    """
+    try:
+        with open(file, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            stored_shape, _, stored_dtype = header(f)
+            data_offset = f.tell()
+        size = file.stat().st_size
+    except FileNotFoundError:
+        return None, "part file not found"
+    except (OSError, ValueError, EOFError) as error:  # no .npy magic or header: empty, cut in the header, or another file
+        return None, f"not a whole .npy file (its header cannot be read: {str(error).splitlines()[0]})"
+    if tuple(stored_shape) != tuple(shape) or stored_dtype != np.dtype(dtype):
+        return None, f"holds {stored_dtype} {tuple(stored_shape)} where the manifest says {dtype} {tuple(shape)}"
+    needed = data_offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if size < needed:
+        return None, f"truncated: {size:,} of its {needed:,} bytes"
+    return np.load(file, mmap_mode="r"), None
 
 
 # --- helpers ---------------------------------------------------------------------------------------------

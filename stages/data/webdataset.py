@@ -28,6 +28,7 @@ import io
 import json
 import math
 import random
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,8 @@ def is_shard_spec(spec: str | None) -> bool:
 
 
 def expand_shards(spec: str, option: str) -> list[str]:
-    """The shard files a spec names, brace notation expanded; every one must exist."""
+    """The shard files a spec names, brace notation expanded; every one must exist, and those without a sample are left
+    out (a stream over none, or a worker given only empty ones, would wait forever for a first sample)."""
     import braceexpand
 
     urls = [url for part in spec.split(SPEC_SEPARATOR) if part.strip() for url in braceexpand.braceexpand(part.strip())]
@@ -58,7 +60,19 @@ def expand_shards(spec: str, option: str) -> list[str]:
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise FileNotFoundError(f"{option}: {len(missing)} of the {len(urls)} shard(s) of {spec} not found: {shown}")
-    return urls
+    kept = [url for url in urls if _holds_a_sample(url)]
+    if not kept:
+        raise ValueError(f"{option}: the shards of {spec} are empty: no sample in {len(urls)} shard(s); remake them with "
+                         f"qformer make-shards from images it can read")
+    return kept
+
+
+def _holds_a_sample(url: str) -> bool:
+    try:
+        with tarfile.open(url) as tar:
+            return tar.next() is not None
+    except (tarfile.TarError, OSError):  # a damaged tar is not empty: reading it names the damage
+        return True
 
 
 def stats_file(url: str) -> Path:

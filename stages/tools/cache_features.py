@@ -28,11 +28,14 @@ from stages.data.feature_cache import (
     STORAGE,
     encoder_identity,
     load_encoder,
+    open_part,
+    part_shape,
     read_cache_file,
 )
 from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, UnreadableImage
 
 PART_BYTES = 512 * 2**20  # resume granularity: at most this much work is redone after an interrupt
+DEFAULT_CROP_SCALE = [0.5, 1.0]  # as data.crop_scale
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -64,7 +67,7 @@ def _prepare_folder(out: Path, settings: dict, overwrite: bool) -> bool:
             old = read_cache_file(out / name)
             old_settings = {k: old.get(k) for k in settings}
             if old_settings == settings:
-                return name == MANIFEST
+                return name == MANIFEST and not _unmark_if_damaged(out, settings)
             if not overwrite:
                 raise ValueError(f"{out} holds {what} made with other settings ({_first_difference(old_settings, settings)} differs): "
                                  f"give --overwrite to replace it{', or rerun its own command to resume it' if name == SETTINGS else ''}")
@@ -76,13 +79,30 @@ def _prepare_folder(out: Path, settings: dict, overwrite: bool) -> bool:
     return False
 
 
+def _damaged_parts(out: Path, settings: dict) -> list[str]:
+    """'FILE: why' for each part that is missing, truncated or not the array the settings describe."""
+    storage = STORAGE[settings["dtype"]][0]
+    problems = ((part["file"], open_part(out / part["file"], part_shape(settings, part), storage)[1]) for part in settings["parts"])
+    return [f"{file}: {problem}" for file, problem in problems if problem]
+
+
+def _unmark_if_damaged(out: Path, settings: dict) -> bool:
+    """A finished cache with a damaged part becomes an interrupted one again (manifest removed): the run redoes that part."""
+    damaged = _damaged_parts(out, settings)
+    if damaged:
+        print(f"{out}: {len(damaged)} damaged part(s) ({damaged[0]}{' ...' if len(damaged) > 1 else ''}); redoing them",
+              file=sys.stderr)
+        (out / MANIFEST).unlink()
+    return bool(damaged)
+
+
 def _command_line(config, vision_weights, data, images, out, views, dtype, batch_size, seed, device, hflip, crop_scale,
                   max_image_pixels, allow_outside_root) -> str:
     words = ["qformer", "cache-features", "--config", config]
     words += [] if vision_weights is None else ["--vision-weights", vision_weights]
     words += ["--data", *data, "--images", images, "--out", out,
-             "--views", views, "--dtype", dtype, "--batch-size", batch_size, "--seed", seed, "--device", device,
-             "--crop-scale", *crop_scale]
+             "--views", views, "--dtype", dtype, "--batch-size", batch_size, "--seed", seed, "--device", device]
+    words += [] if crop_scale is None else ["--crop-scale", *crop_scale]
     words += [] if hflip else ["--no-hflip"]
     words += [] if max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS else ["--max-image-pixels", max_image_pixels]
     words += ["--allow-outside-root"] if allow_outside_root else []
@@ -102,7 +122,7 @@ def cache_features(
     seed: int = 0,
     device: str = "cpu",
     hflip: bool = True,
-    crop_scale: list[float] = (0.5, 1.0),
+    crop_scale: list[float] | None = None,
     overwrite: bool = False,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     allow_outside_root: bool = False,
@@ -124,7 +144,8 @@ def cache_features(
         seed: the seed a randomly initialised encoder is built with (as --seed_everything in stage1 fit), and of the views.
         device: cpu, cuda or cuda:N.
         hflip: training views may be flipped horizontally (as data.hflip).
-        crop_scale: the training views' RandomResizedCrop area range (as data.crop_scale).
+        crop_scale: the training views' RandomResizedCrop area range (as data.crop_scale; default 0.5 1.0). With --views 1
+            there are no training views: only 1 1 (the whole image, what the eval view is) is accepted.
         overwrite: replace an existing cache (or other folder) made with other settings.
         max_image_pixels: skip images whose header declares more pixels, before decoding.
         allow_outside_root: read annotation paths that lead outside --images (absolute, '..', symbolic links).
@@ -136,14 +157,13 @@ def cache_features(
         raise ValueError(f"--views and --batch-size must be at least 1, got {views} and {batch_size}")
     if dtype not in STORAGE:
         raise ValueError(f"--dtype must be one of {', '.join(STORAGE)}, got {dtype!r}")
-    crop_scale = [float(x) for x in crop_scale]
-    if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-        raise ValueError(f"--crop-scale takes two area fractions 0 < low <= high <= 1, got {crop_scale}")
+    _check_crop_scale(crop_scale, views)
     root = Path(images)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {images}")
     command = _command_line(config, vision_weights, data, images, out, views, dtype, batch_size, seed, device, hflip, crop_scale,
                             max_image_pixels, allow_outside_root)
+    crop_scale = [float(x) for x in crop_scale or DEFAULT_CROP_SCALE]
     image_list = _images_of(data, allow_outside_root)
     encoder = load_encoder(config, seed, vision_weights)
     identity = encoder_identity(encoder)  # before the first forward (precision auto casts on CUDA)
@@ -157,8 +177,7 @@ def cache_features(
     settings = {
         **FORMAT,
         "encoder": identity,
-        "transform": {"train": {"kind": "RandomResizedCrop(bicubic) + RandomHorizontalFlip" if hflip else "RandomResizedCrop(bicubic)",
-                                "crop_scale": crop_scale, "hflip": hflip},
+        "transform": {"train": _train_transform(hflip, crop_scale) if train_views else None,  # only what was done
                       "eval": {"kind": "Resize(bicubic)"}, "image_size": size, "normalize": "CLIP mean/std"},
         "views": {"eval": EVAL_VIEW, "train": train_views, "stored": 1 + train_views},
         "dtype": dtype,
@@ -175,12 +194,13 @@ def cache_features(
         return 0
     _write_json(out_dir / SETTINGS, {**settings, "command": command})
     reader = ImageReader(max_image_pixels, root, allow_outside_root)
-    transforms = (eval_transform(size), train_transform(size, hflip, tuple(crop_scale)))
+    transforms = (eval_transform(size), train_transform(size, hflip, tuple(crop_scale)))  # the second unused with one view
     skipped: dict[str, str] = {}
     started, done_before = time.perf_counter(), 0
     for s, part in enumerate(settings["parts"]):
         file = out_dir / part["file"]
-        if file.is_file() and (out_dir / f"{file.stem}.json").is_file():
+        whole = open_part(file, part_shape(settings, part), settings["storage_dtype"])[1] is None
+        if whole and (out_dir / f"{file.stem}.json").is_file():
             skipped.update(read_cache_file(out_dir / f"{file.stem}.json")["skipped"])
             done_before += 1
             continue
@@ -195,8 +215,25 @@ def cache_features(
                                      "command": command})
     print(f"cached {len(image_list) - len(skipped)} images x {1 + train_views} view(s) of {token_shape[0]} x {token_shape[1]} "
           f"tokens ({dtype}) in {out} in {time.perf_counter() - started:.1f} s: {row_bytes:,} bytes per image, {total:,} bytes in all"
-          + (f"; {len(skipped)} unreadable image(s) recorded as skipped" if skipped else ""))
+          + (f"; {len(skipped)} unreadable image(s) recorded as skipped" if skipped else "")
+          + ("; the eval view only: a fit from it takes data.hflip false and data.crop_scale [1.0, 1.0]" if not train_views else ""))
     return 0
+
+
+def _check_crop_scale(crop_scale: list[float] | None, views: int) -> None:
+    if crop_scale is None:
+        return
+    crop_scale = [float(x) for x in crop_scale]
+    if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        raise ValueError(f"--crop-scale takes two area fractions 0 < low <= high <= 1, got {crop_scale}")
+    if views == 1 and crop_scale != [1.0, 1.0]:  # the eval view is the whole image: nothing would be cropped
+        raise ValueError(f"--crop-scale {crop_scale[0]:g} {crop_scale[1]:g} applies to training views, and --views 1 stores the "
+                         f"eval view only (the whole image): give --views V (V > 1) to cache V cropped views, or leave --crop-scale out")
+
+
+def _train_transform(hflip: bool, crop_scale: list[float]) -> dict:
+    kind = "RandomResizedCrop(bicubic) + RandomHorizontalFlip" if hflip else "RandomResizedCrop(bicubic)"
+    return {"kind": kind, "crop_scale": crop_scale, "hflip": hflip}
 
 
 def _images_of(files: list[str], allow_outside_root: bool) -> list[tuple[str, str]]:

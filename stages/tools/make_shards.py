@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import sys
 from pathlib import Path
 
 from stages.data.annotations import load_annotations
@@ -20,7 +21,8 @@ def make_shards(annotations: list[str], *, images: str, out: str, samples_per_sh
 
     One sample per (image, caption) pair: `<key>.jpg|png|webp` (the file's own bytes; other formats are stored as
     PNG), `<key>.txt` (the caption) and `<key>.json` (caption, image path and image id, so that training still knows
-    which captions share an image). Unreadable images are named, left out and counted in `failed_to_download`.
+    which captions share an image). Unreadable images are named, left out and counted in `failed_to_download`; when
+    not one image can be read, nothing is written and the command fails with one line giving the first reasons.
 
     Args:
         annotations: annotation file(s) in any format the project reads (COCO/LAVIS JSON lists, captions files).
@@ -44,17 +46,48 @@ def make_shards(annotations: list[str], *, images: str, out: str, samples_per_sh
     if shuffle:
         random.Random(seed).shuffle(pairs)
     reader = ImageReader(max_image_pixels, Path(images), allow_outside_root)
-    skipped = SkippedImages()
+    notes = HeldNotes()
+    skipped = SkippedImages(notes)
     digits = max(4, len(str(samples_per_shard - 1)))
-    with atomic_folder(out, overwrite) as folder:
+    with atomic_folder(out, overwrite) as folder:  # an error inside leaves no folder behind
         shards = [pairs[i:i + samples_per_shard] for i in range(0, len(pairs), samples_per_shard)]
-        written = sum(_write_shard(folder, number, shard, reader, skipped, digits) for number, shard in enumerate(shards))
+        written = sum(_write_shard(folder, number, shard, reader, skipped, digits, notes) for number, shard in enumerate(shards))
+        if not written:
+            raise ValueError(_none_readable(skipped, images))
     skipped.finish()
     print(f"wrote {written} samples in {len(shards)} shard(s) to {out}" + (f"; {len(skipped)} left out" if len(skipped) else ""))
     return 0
 
 
-def _write_shard(folder: Path, number: int, pairs, reader: ImageReader, skipped: SkippedImages, digits: int) -> int:
+class HeldNotes:
+    """The 'skipping FILE: reason' notes, held until an image has been read: when none can be (a wrong --images), the
+    command's one error line says so instead of a screen of notes. `SkippedImages` names at most 20, so few are held."""
+
+    def __init__(self):
+        self.held: list[str] | None = []
+
+    def __call__(self, line: str) -> None:
+        if self.held is None:
+            print(line, file=sys.stderr)
+        else:
+            self.held.append(line)
+
+    def release(self) -> None:
+        for line in self.held or []:
+            print(line, file=sys.stderr)
+        self.held = None
+
+
+def _none_readable(skipped: SkippedImages, images: str) -> str:
+    reasons = list(skipped.reasons.items())
+    first = "; ".join(f"{path}: {reason}" for path, reason in reasons[:3]) + (" ..." if len(reasons) > 3 else "")
+    hint = (f" (is --images {images} the folder the annotation paths are relative to?)"
+            if all(reason == "file not found" for _, reason in reasons) else "")
+    return f"0 of {len(reasons)} images could be read; first errors: {first}{hint}; no shards written"
+
+
+def _write_shard(folder: Path, number: int, pairs, reader: ImageReader, skipped: SkippedImages, digits: int,
+                 notes: HeldNotes) -> int:
     import webdataset as wds
 
     successes = 0
@@ -69,6 +102,7 @@ def _write_shard(folder: Path, number: int, pairs, reader: ImageReader, skipped:
             meta = {"caption": caption, "image": entry.image, "image_id": str(entry.image_id)}
             tar.write({"__key__": key, extension: data, "txt": caption, "json": meta})
             successes += 1
+            notes.release()
     stats = {"count": len(pairs), "successes": successes, "failed_to_download": len(pairs) - successes}
     (folder / f"{number:05d}_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     return successes
