@@ -62,12 +62,27 @@ def _train(stage: str, config: Path) -> Path:
     from stages.train.checkpoints import last_checkpoint
     from stages.train.lightning_cli import run_training
 
+    from stages.train.resume import StoppedBySignal
+
     _step(f"{stage} fit ({config})")
-    cli = run_training(stage, {"subcommand": "fit", "fit": yaml.safe_load(config.read_text())})
+    try:
+        cli = run_training(stage, {"subcommand": "fit", "fit": yaml.safe_load(config.read_text())})
+    except StoppedBySignal as stop:  # the checkpoint is saved; the rest of the demo must not run on a half-trained model
+        _say_how_to_resume(stage, config)
+        raise
     stopped_by = cli.stopped_by_signal()
-    if stopped_by is not None:  # Ctrl-C or SIGTERM: the checkpoint is saved; the rest of the demo must not run on it
+    if stopped_by is not None:  # the signal came after the last step: the fit's checkpoints are whole, the demo stops
+        _say_how_to_resume(stage, config)
         raise SystemExit(128 + stopped_by)
     return Path(last_checkpoint(cli.trainer))
+
+
+def _say_how_to_resume(stage: str, config: Path) -> None:
+    """The command that continues the stopped stage (the config's paths are relative to the demo's directory); the
+    steps after it are the demo's own, which reruns them all."""
+    print(f"qformer demo: stopped during the {stage} fit; resume that stage with: cd {Path.cwd()} && "
+          f"qformer {stage} fit --config {config.resolve()} --ckpt_path last (or rerun qformer demo to start over)",
+          file=sys.stderr)
 
 
 def _cache_features(settings: DemoSettings, data: Path, model_config_file: Path, out: Path) -> None:
