@@ -174,3 +174,17 @@ def test_the_demo_stops_after_a_stopped_stage_and_names_the_command_that_resumes
     assert exit.value.code == 128 + signal.SIGTERM
     resume = f"qformer stage2 fit --config {tmp_path / 'configs' / 'stage2.yaml'} --ckpt_path last"
     assert resume in capsys.readouterr().err
+
+
+def test_the_demo_stopped_outside_a_fit_says_it_starts_over(monkeypatch, capsys):
+    from stages.demo import pipeline
+    from stages.demo.settings import DemoSettings
+
+    def stopped(settings):  # as `qformer`'s SIGTERM handler stops an export or an evaluation
+        raise SystemExit(128 + signal.SIGTERM)
+
+    monkeypatch.setattr(pipeline, "run_demo", stopped)
+    with pytest.raises(SystemExit) as exit:
+        pipeline.demo(DemoSettings())
+    assert exit.value.code == 128 + signal.SIGTERM
+    assert "rerun qformer demo to start over" in capsys.readouterr().err

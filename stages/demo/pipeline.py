@@ -69,11 +69,14 @@ def _train(stage: str, config: Path) -> Path:
         cli = run_training(stage, {"subcommand": "fit", "fit": yaml.safe_load(config.read_text())})
     except StoppedBySignal as stop:  # the checkpoint is saved; the rest of the demo must not run on a half-trained model
         _say_how_to_resume(stage, config)
+        stop.told = True
         raise
     stopped_by = cli.stopped_by_signal()
     if stopped_by is not None:  # the signal came after the last step: the fit's checkpoints are whole, the demo stops
         _say_how_to_resume(stage, config)
-        raise SystemExit(128 + stopped_by)
+        stop = SystemExit(128 + stopped_by)
+        stop.told = True
+        raise stop
     return Path(last_checkpoint(cli.trainer))
 
 
@@ -234,7 +237,13 @@ def demo(settings: DemoSettings = DemoSettings()) -> int:
 
     Writes data, configs, runs, exports, results.json, samples.png and losses.png under --out.
     """
-    run_demo(settings)
+    try:
+        run_demo(settings)
+    except SystemExit as stop:  # a signal (`qformer` exits 128 + it): a stopped fit has said how to resume it
+        if isinstance(stop.code, int) and stop.code > 128 and not getattr(stop, "told", False):
+            print(f"qformer demo: stopped by a signal (exit status {stop.code}); its steps other than the fits do not "
+                  f"resume: rerun qformer demo to start over", file=sys.stderr)
+        raise
     return 0
 
 

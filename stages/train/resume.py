@@ -9,7 +9,10 @@ Together: a CPU run killed after the checkpoint at step k and resumed ends with 
 that was never interrupted (tests/test_resume.py).
 
 Checkpoints are written atomically (`AtomicCheckpointIO`): a kill during a save leaves the previous file.
-`--ckpt_path last` / `auto` find the newest checkpoint under `--trainer.default_root_dir` (`find_checkpoint`).
+`--ckpt_path last` / `auto` find the newest checkpoint under `--trainer.default_root_dir` (`find_checkpoint`); a
+damaged one is named, with the one before it, before the run makes its folder (`check_resumable`).
+A signal ends a fit within seconds with `StoppedBySignal`, status 128 + the signal (`StopOnSignal`; docs/scaling.md says
+why not Lightning's SLURM auto-requeue).
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ def check_resumable(path: str, request: str, root: str | Path) -> None:
         return
     older = [p for p in sorted(run_checkpoints(root), key=lambda p: p.stat().st_mtime, reverse=True)
              if p.resolve() != Path(path).resolve() and checkpoint_damage(p) is None]
-    instead = (f"resume from the one before it with --ckpt_path {older[0].resolve()}" if older else
+    which = "the one before it" if request in ("last", "auto") else "the newest readable one"
+    instead = (f"resume from {which} with --ckpt_path {older[0].resolve()}" if older else
                f"no other readable checkpoint under {Path(root).resolve()}: start without --ckpt_path")
     raise ValueError(f"--ckpt_path {request}: cannot read {Path(path).resolve()} ({damage}); {instead}")
 
