@@ -54,12 +54,12 @@ class StampedSignalAt(SignalAt):
 
 
 class RecordValidation(pl.Callback):
-    """Appends `STEP` to `path` for every validation of a fit (the sanity check excepted)."""
+    """Appends `STEP` to `path` for every validation of a fit that ran a batch (the sanity check excepted)."""
 
     def __init__(self, path: str):
         self.path = path
 
-    def on_validation_start(self, trainer, module):
-        if not trainer.sanity_checking:
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking and batch_idx == 0:
             with open(self.path, "a") as f:
                 f.write(f"{trainer.global_step}\n")

@@ -113,9 +113,9 @@ class QFormerCLI(LightningCLI):
             print(f"--ckpt_path auto: no checkpoint under {self.trainer.default_root_dir} yet: starting a new run", file=sys.stderr)
 
     def stopped_by_signal(self) -> int | None:
-        """A signal received during a fit that ended all the same (it came during the last step's validation or the
-        final saves, whose checkpoints are then whole): the command must stop as if the signal had stopped the fit.
-        (A signal received before that ends the fit with `StoppedBySignal`.)"""
+        """The signal received during a fit that ended without `StoppedBySignal`: a fit that validates nothing stops
+        after saving as if it had reached its end, and a signal during the final saves lets them finish. Either way
+        the command stops as if the signal had stopped it (a demo goes no further; `qformer` exits 128 + it)."""
         return next((c.received for c in self.trainer.callbacks if isinstance(c, StopOnSignal)), None)
 
 

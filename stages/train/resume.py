@@ -149,13 +149,15 @@ class StoppedBySignal(SystemExit):
 
 class StopOnSignal(pl.Callback):
     """SIGINT (Ctrl-C), SIGTERM and SIGUSR1 (SLURM's `--signal=USR1@SECONDS` before a preemption or the time limit):
-    the step in progress completes, every process saves `last.ckpt` at that step and the fit ends at once with
-    `StoppedBySignal`: no validation, no best checkpoint from a partial epoch, no end-of-run saves, within seconds of
-    the signal (SLURM kills ~30-90 s after SIGTERM). A signal during a validation stops it at its next batch the same
-    way. A second signal of any of them ends the process at once, saving nothing more."""
+    the step in progress completes, every process saves `last.ckpt` at that step and the fit ends at once: with
+    `StoppedBySignal` where a validation would begin (no validation, no best checkpoint from a partial epoch), else
+    as a fit that reached its end, within seconds of the signal (SLURM kills ~30-90 s after SIGTERM); `qformer` then
+    exits 128 + the signal. A signal during a validation stops it at its next batch the same way. A second signal of
+    any of them ends the process at once, saving nothing more."""
 
     def __init__(self):
         self.received: int | None = None
+        self.stopped: StoppedBySignal | None = None  # once the checkpoint is saved
         self._previous: dict = {}
         self._trainer: pl.Trainer | None = None
 
@@ -177,24 +179,35 @@ class StopOnSignal(pl.Callback):
               f"(a second signal stops at once)", file=sys.stderr)
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
-        self._stop_if_signalled(trainer, module)
+        """Save now and stop; the step's metrics are still logged (Lightning logs them after this hook). A validation
+        would follow, as Lightning validates when a fit is stopped: `on_validation_start` ends the fit there."""
+        if self._signalled(trainer, module) and self.stopped is None:
+            self.stopped = self._save_and_report(trainer)
+            trainer.should_stop = True
+
+    def on_validation_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.stopped is not None and trainer.state.fn == "fit":
+            raise self.stopped
 
     def on_validation_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs, batch, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
-        if trainer.state.fn == "fit" and not trainer.sanity_checking:  # the resumed run finishes this validation
-            self._stop_if_signalled(trainer, module)
+        """A signal during a validation: the resumed run goes on after it (the rest of this one is not run)."""
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and self._signalled(trainer, module):
+            raise self._save_and_report(trainer)
 
-    def _stop_if_signalled(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    def _signalled(self, trainer: pl.Trainer, module: pl.LightningModule) -> bool:
         received = self.received or 0
         if trainer.world_size > 1:  # one process's signal stops them all, at the same step
             received = int(trainer.strategy.reduce(torch.tensor(received, device=module.device), reduce_op="max"))
-        if not received:
-            return
+        self.received = received or None
+        return bool(received)
+
+    def _save_and_report(self, trainer: pl.Trainer) -> StoppedBySignal:
         path = save_last_checkpoint(trainer).resolve()  # absolute: the hint is valid from any directory
         if trainer.is_global_zero:
-            print(f"stopped by {signal.Signals(received).name} at step {trainer.global_step}: checkpoint {path}; "
+            print(f"stopped by {signal.Signals(self.received).name} at step {trainer.global_step}: checkpoint {path}; "
                   f"resume with the same command (in {Path.cwd()}) and --ckpt_path last", file=sys.stderr)
-        raise StoppedBySignal(received, path)
+        return StoppedBySignal(self.received, path)
 
     def teardown(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
         self._restore()
