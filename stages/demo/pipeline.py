@@ -61,7 +61,6 @@ def _train(stage: str, config: Path) -> Path:
     """`qformer STAGE fit --config CONFIG`, called as a function; returns the run's last checkpoint."""
     from stages.train.checkpoints import last_checkpoint
     from stages.train.lightning_cli import run_training
-
     from stages.train.resume import StoppedBySignal
 
     _step(f"{stage} fit ({config})")
