@@ -278,9 +278,13 @@ def run(argv: list[str]) -> int:
     """Parse `argv` and run its command; argparse's own exits (--help, a reported mistake) return their status."""
     if argv[:1] and argv[0] in TRAINING:
         from stages.train.lightning_cli import run_training
+        from stages.train.resume import StoppedBySignal
 
-        stopped_by = run_training(argv[0], argv[1:]).stopped_by_signal()
-        return 0 if stopped_by is None else 128 + stopped_by  # as if killed by it, after saving a checkpoint
+        try:
+            stopped_by = run_training(argv[0], argv[1:]).stopped_by_signal()
+        except StoppedBySignal as stop:
+            return stop.code  # 128 + the signal, as if killed by it, after saving the resume checkpoint
+        return 0 if stopped_by is None else 128 + stopped_by
     parser = build_parser(argv)
     try:
         namespace, unknown = parser.parse_known_args(argv)

@@ -32,3 +32,34 @@ class SignalAt(pl.Callback):
     def on_before_backward(self, trainer, module, loss):
         if self.in_backward and trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+class StampedSignalAt(SignalAt):
+    """Sends `signal` `times` times at the start of the step that follows optimizer step `step`, and writes the time of the
+    first one to `stamp` (the signal tests measure how long the run takes to exit after it)."""
+
+    def __init__(self, step: int, signal_name: str, stamp: str, times: int = 1):
+        super().__init__(step, signal_name)
+        self.stamp, self.times = stamp, times
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step != self.step:
+            return
+        import time
+
+        with open(self.stamp, "w") as f:
+            f.write(str(time.time()))
+        for _ in range(self.times):
+            os.kill(os.getpid(), self.signum)
+
+
+class RecordValidation(pl.Callback):
+    """Appends `STEP` to `path` for every validation of a fit that ran a batch (the sanity check excepted)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking and batch_idx == 0:
+            with open(self.path, "a") as f:
+                f.write(f"{trainer.global_step}\n")

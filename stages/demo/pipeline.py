@@ -61,13 +61,30 @@ def _train(stage: str, config: Path) -> Path:
     """`qformer STAGE fit --config CONFIG`, called as a function; returns the run's last checkpoint."""
     from stages.train.checkpoints import last_checkpoint
     from stages.train.lightning_cli import run_training
+    from stages.train.resume import StoppedBySignal
 
     _step(f"{stage} fit ({config})")
-    cli = run_training(stage, {"subcommand": "fit", "fit": yaml.safe_load(config.read_text())})
+    try:
+        cli = run_training(stage, {"subcommand": "fit", "fit": yaml.safe_load(config.read_text())})
+    except StoppedBySignal as stop:  # the checkpoint is saved; the rest of the demo must not run on a half-trained model
+        _say_how_to_resume(stage, config)
+        stop.told = True
+        raise
     stopped_by = cli.stopped_by_signal()
-    if stopped_by is not None:  # Ctrl-C or SIGTERM: the checkpoint is saved; the rest of the demo must not run on it
-        raise SystemExit(128 + stopped_by)
+    if stopped_by is not None:  # the signal came after the last step: the fit's checkpoints are whole, the demo stops
+        _say_how_to_resume(stage, config)
+        stop = SystemExit(128 + stopped_by)
+        stop.told = True
+        raise stop
     return Path(last_checkpoint(cli.trainer))
+
+
+def _say_how_to_resume(stage: str, config: Path) -> None:
+    """The command that continues the stopped stage (the config's paths are relative to the demo's directory); the
+    steps after it are the demo's own, which reruns them all."""
+    print(f"qformer demo: stopped during the {stage} fit; resume that stage with: cd {Path.cwd()} && "
+          f"qformer {stage} fit --config {config.resolve()} --ckpt_path last (or rerun qformer demo to start over)",
+          file=sys.stderr)
 
 
 def _cache_features(settings: DemoSettings, data: Path, model_config_file: Path, out: Path) -> None:
@@ -219,7 +236,13 @@ def demo(settings: DemoSettings = DemoSettings()) -> int:
 
     Writes data, configs, runs, exports, results.json, samples.png and losses.png under --out.
     """
-    run_demo(settings)
+    try:
+        run_demo(settings)
+    except SystemExit as stop:  # a signal (`qformer` exits 128 + it): a stopped fit has said how to resume it
+        if isinstance(stop.code, int) and stop.code > 128 and not getattr(stop, "told", False):
+            print(f"qformer demo: stopped by a signal (exit status {stop.code}); its steps other than the fits do not "
+                  f"resume: rerun qformer demo to start over", file=sys.stderr)
+        raise
     return 0
 
 

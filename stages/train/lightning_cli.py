@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning import Callback, Trainer
@@ -16,7 +17,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from stages.data.captions import CaptionDataModule
 from stages.train.checkpoints import RunFiles
-from stages.train.resume import AtomicCheckpointIO, StopOnSignal, find_checkpoint
+from stages.train.resume import AtomicCheckpointIO, StopOnSignal, check_resumable, find_checkpoint
 
 # Given on the command line, each of these replaces the other one from a config file.
 EXCLUSIVE_OPTIONS = (("--model.lm_path", "--model.lm_config"),)
@@ -102,16 +103,20 @@ class QFormerCLI(LightningCLI):
             return
         request = self.config_init[self.subcommand]["ckpt_path"]
         path = find_checkpoint(request, self.trainer.default_root_dir)
+        if path is not None:
+            check_resumable(path, request, self.trainer.default_root_dir)
         self.config_init[self.subcommand]["ckpt_path"] = path
         config.ckpt_path = path  # the run's config.yaml then names the checkpoint it continued
         if request is not None and path is not None and self.trainer.is_global_zero:
-            print(f"resuming from {path}", file=sys.stderr)
+            print(f"resuming from {Path(path).resolve()}", file=sys.stderr)
         elif request == "auto" and self.trainer.is_global_zero:
             print(f"--ckpt_path auto: no checkpoint under {self.trainer.default_root_dir} yet: starting a new run", file=sys.stderr)
 
     def stopped_by_signal(self) -> int | None:
-        """The signal that stopped the run (after saving a checkpoint), if one did."""
-        return next((c.stopped_by for c in self.trainer.callbacks if isinstance(c, StopOnSignal)), None)
+        """The signal received during a fit that ended without `StoppedBySignal`: a fit that validates nothing stops
+        after saving as if it had reached its end, and a signal during the final saves lets them finish. Either way
+        the command stops as if the signal had stopped it (a demo goes no further; `qformer` exits 128 + it)."""
+        return next((c.received for c in self.trainer.callbacks if isinstance(c, StopOnSignal)), None)
 
 
 def command_line_wins(argv: list[str]) -> list[str]:
