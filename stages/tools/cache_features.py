@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -96,19 +95,6 @@ def _unmark_if_damaged(out: Path, settings: dict) -> bool:
     return bool(damaged)
 
 
-def _command_line(config, vision_weights, data, images, out, views, dtype, batch_size, seed, device, hflip, crop_scale,
-                  max_image_pixels, allow_outside_root) -> str:
-    words = ["qformer", "cache-features", "--config", config]
-    words += [] if vision_weights is None else ["--vision-weights", vision_weights]
-    words += ["--data", *data, "--images", images, "--out", out,
-             "--views", views, "--dtype", dtype, "--batch-size", batch_size, "--seed", seed, "--device", device]
-    words += [] if crop_scale is None else ["--crop-scale", *crop_scale]
-    words += [] if hflip else ["--no-hflip"]
-    words += [] if max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS else ["--max-image-pixels", max_image_pixels]
-    words += ["--allow-outside-root"] if allow_outside_root else []
-    return shlex.join(map(str, words))
-
-
 def cache_features(
     *,
     config: str,
@@ -150,31 +136,57 @@ def cache_features(
         max_image_pixels: skip images whose header declares more pixels, before decoding.
         allow_outside_root: read annotation paths that lead outside --images (absolute, '..', symbolic links).
     """
-    from qformer.transforms import eval_transform, train_transform
+    from stages.cli import command_line
     from stages.distributed import device_for
 
-    if views < 1 or batch_size < 1:
-        raise ValueError(f"--views and --batch-size must be at least 1, got {views} and {batch_size}")
-    if dtype not in STORAGE:
-        raise ValueError(f"--dtype must be one of {', '.join(STORAGE)}, got {dtype!r}")
-    _check_crop_scale(crop_scale, views)
-    root = Path(images)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {images}")
-    command = _command_line(config, vision_weights, data, images, out, views, dtype, batch_size, seed, device, hflip, crop_scale,
-                            max_image_pixels, allow_outside_root)
+    command = command_line("cache-features", cache_features, dict(locals()))  # first, so it holds just the arguments
+    _check_arguments(views, batch_size, dtype, crop_scale, images)
     crop_scale = [float(x) for x in crop_scale or DEFAULT_CROP_SCALE]
     image_list = _images_of(data, allow_outside_root)
     encoder = load_encoder(config, seed, vision_weights)
     identity = encoder_identity(encoder)  # before the first forward (precision auto casts on CUDA)
     torch_device = device_for(device, 0)
     encoder.to(torch_device)
+    settings = _settings(encoder, identity, image_list, views, dtype, seed, hflip, crop_scale, torch_device)
+    out_dir = Path(out)
+    if _prepare_folder(out_dir, settings, overwrite):
+        print(f"{out} already holds this feature cache ({len(image_list)} images); nothing to do")
+        return 0
+    _write_json(out_dir / SETTINGS, {**settings, "command": command})
+    reader = ImageReader(max_image_pixels, Path(images), allow_outside_root)
+    started = time.perf_counter()
+    skipped = _write_parts(out_dir, settings, encoder, reader, hflip, crop_scale, batch_size, torch_device)
+    reader.skipped.finish()
+    total = sum((out_dir / part["file"]).stat().st_size for part in settings["parts"])
+    row_bytes = settings["bytes_per_image"]
+    _write_json(out_dir / MANIFEST, {**settings, "skipped": skipped, "total_bytes": total, "command": command})
+    train_views, (tokens, width) = settings["views"]["train"], settings["token_shape"]
+    print(f"cached {len(image_list) - len(skipped)} images x {1 + train_views} view(s) of {tokens} x {width} "
+          f"tokens ({dtype}) in {out} in {time.perf_counter() - started:.1f} s: {row_bytes:,} bytes per image, {total:,} bytes in all"
+          + (f"; {len(skipped)} unreadable image(s) recorded as skipped" if skipped else "")
+          + ("; the eval view only: a fit from it takes data.hflip false and data.crop_scale [1.0, 1.0]" if not train_views else ""))
+    return 0
+
+
+def _check_arguments(views: int, batch_size: int, dtype: str, crop_scale: list[float] | None, images: str) -> None:
+    if views < 1 or batch_size < 1:
+        raise ValueError(f"--views and --batch-size must be at least 1, got {views} and {batch_size}")
+    if dtype not in STORAGE:
+        raise ValueError(f"--dtype must be one of {', '.join(STORAGE)}, got {dtype!r}")
+    _check_crop_scale(crop_scale, views)
+    if not Path(images).is_dir():
+        raise FileNotFoundError(f"image folder not found: {images}")
+
+
+def _settings(encoder, identity: dict, image_list: list[tuple[str, str]], views: int, dtype: str, seed: int, hflip: bool,
+              crop_scale: list[float], device) -> dict:
+    """What the cache holds and how it was made: the manifest without the skipped images (also what a resume checks)."""
     size = encoder.config.image_size
-    token_shape = list(encoder(torch.zeros(1, 3, size, size, device=torch_device)).shape[1:])
+    token_shape = list(encoder(torch.zeros(1, 3, size, size, device=device)).shape[1:])
     train_views = views if views > 1 else 0
     row_bytes = (1 + train_views) * token_shape[0] * token_shape[1] * np.dtype(STORAGE[dtype][0]).itemsize
     per_part = max(1, PART_BYTES // row_bytes)
-    settings = {
+    return {
         **FORMAT,
         "encoder": identity,
         "transform": {"train": _train_transform(hflip, crop_scale) if train_views else None,  # only what was done
@@ -184,20 +196,23 @@ def cache_features(
         "storage_dtype": STORAGE[dtype][0],
         "token_shape": token_shape,
         "seed": seed,
+        "bytes_per_image": row_bytes,
         "images": [{"image": image, "image_id": image_id} for image, image_id in image_list],
         "parts": [{"file": f"features-{s:05d}.npy", "start": start, "images": min(per_part, len(image_list) - start)}
                    for s, start in enumerate(range(0, len(image_list), per_part))],
     }
-    out_dir = Path(out)
-    if _prepare_folder(out_dir, settings, overwrite):
-        print(f"{out} already holds this feature cache ({len(image_list)} images); nothing to do")
-        return 0
-    _write_json(out_dir / SETTINGS, {**settings, "command": command})
-    reader = ImageReader(max_image_pixels, root, allow_outside_root)
+
+
+def _write_parts(out_dir: Path, settings: dict, encoder, reader: ImageReader, hflip: bool, crop_scale: list[float],
+                 batch_size: int, device) -> dict[str, str]:
+    """Every part not already whole (a resumed run keeps the finished ones); returns the unreadable images."""
+    from qformer.transforms import eval_transform, train_transform
+
+    size, parts = settings["transform"]["image_size"], settings["parts"]
     transforms = (eval_transform(size), train_transform(size, hflip, tuple(crop_scale)))  # the second unused with one view
     skipped: dict[str, str] = {}
-    started, done_before = time.perf_counter(), 0
-    for s, part in enumerate(settings["parts"]):
+    done_before = 0
+    for s, part in enumerate(parts):
         file = out_dir / part["file"]
         whole = open_part(file, part_shape(settings, part), settings["storage_dtype"])[1] is None
         if whole and (out_dir / f"{file.stem}.json").is_file():
@@ -205,19 +220,11 @@ def cache_features(
             done_before += 1
             continue
         if s == done_before and done_before:
-            print(f"resuming {out}: {done_before} of {len(settings['parts'])} part(s) were done", file=sys.stderr)
+            print(f"resuming {out_dir}: {done_before} of {len(parts)} part(s) were done", file=sys.stderr)
         paths = [entry["image"] for entry in settings["images"][part["start"] : part["start"] + part["images"]]]
-        skipped.update(_write_part(file, paths, encoder, reader, transforms, settings, (seed << 20) + s, batch_size, torch_device))
-        print(f"part {s + 1}/{len(settings['parts'])}: {part['images']} images", file=sys.stderr)
-    reader.skipped.finish()
-    total = sum((out_dir / part["file"]).stat().st_size for part in settings["parts"])
-    _write_json(out_dir / MANIFEST, {**settings, "skipped": skipped, "bytes_per_image": row_bytes, "total_bytes": total,
-                                     "command": command})
-    print(f"cached {len(image_list) - len(skipped)} images x {1 + train_views} view(s) of {token_shape[0]} x {token_shape[1]} "
-          f"tokens ({dtype}) in {out} in {time.perf_counter() - started:.1f} s: {row_bytes:,} bytes per image, {total:,} bytes in all"
-          + (f"; {len(skipped)} unreadable image(s) recorded as skipped" if skipped else "")
-          + ("; the eval view only: a fit from it takes data.hflip false and data.crop_scale [1.0, 1.0]" if not train_views else ""))
-    return 0
+        skipped.update(_write_part(file, paths, encoder, reader, transforms, settings, (settings["seed"] << 20) + s, batch_size, device))
+        print(f"part {s + 1}/{len(parts)}: {part['images']} images", file=sys.stderr)
+    return skipped
 
 
 def _check_crop_scale(crop_scale: list[float] | None, views: int) -> None:
