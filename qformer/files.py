@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -107,6 +108,20 @@ def write_safetensors(state: dict[str, Tensor], path: Path) -> Path:
 
 
 # --- checking weights ------------------------------------------------------------------------------------
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 over the module's state dict (sorted keys; each name, dtype, shape and bytes), as loaded.
+
+    Call it before the encoder first runs: precision "auto" casts the weights to fp16 on the first CUDA forward.
+    """
+    digest = hashlib.sha256()
+    state = module.state_dict()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")  # reshape: a scalar (temp) too
+    return digest.hexdigest()
+
+
 def non_finite(state: dict[str, Tensor]) -> list[str]:
     """Names of the floating-point tensors holding NaN or inf."""
     return [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]

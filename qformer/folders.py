@@ -2,7 +2,9 @@
 
 The frozen image encoder is not copied: the config records its timm name and weights file, and
 loading rebuilds it from there. Loading is strict: only the encoder's keys may be absent.
-A folder is written whole or not at all (`qformer.files.atomic_folder`); `qformer_export.json` is written last.
+A folder is written whole or not at all (`qformer.files.atomic_folder`); `qformer_export.json` is written last. A
+stage-1 export's marker also records the sha256 of its weights as loaded (`weights_record`), so that `qformer index`,
+`search` and `serve` need not hash the model on every run.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import torch
 
 from qformer.config import Blip2Config
-from qformer.files import MARKER, atomic_folder, non_finite, read_safetensors, shape_mismatches, write_safetensors
+from qformer.files import MARKER, atomic_folder, non_finite, read_safetensors, shape_mismatches, weights_sha256, write_safetensors
 from qformer.stage1 import Stage1Model
 from qformer.stage2 import Stage2Model
 
@@ -72,9 +74,45 @@ def _write_common(model, folder: Path, dest: Path, source: str) -> Blip2Config:
     return config
 
 
-def _write_marker(folder: Path, stage: int) -> None:
+def _write_marker(folder: Path, stage: int, weights: dict | None = None) -> None:
     """Last: a folder with the marker is a complete export."""
-    (folder / MARKER).write_text(json.dumps({**FORMAT, "stage": stage}, indent=2) + "\n")
+    (folder / MARKER).write_text(json.dumps({**FORMAT, "stage": stage, **(weights or {})}, indent=2) + "\n")
+
+
+# --- the weights' hash, computed once -----------------------------------------------------------------------
+# An index (`qformer index`) records the sha256 of the stage-1 weights it was built with, frozen encoder included,
+# and every search checks it. Hashing ViT-g takes seconds, so the export records the hash when it is written,
+# with the size and modification time of the files it covers: a file changed since then makes it hash again.
+def _file_stamp(path: Path) -> list[int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def weights_record(folder: Path) -> dict:
+    """{"weights_sha256", "weights_files"} of the stage-1 export files in `folder`, hashed as `load_stage1` loads them
+    (what the model in memory holds may differ: "auto" precision casts the encoder on its first forward)."""
+    config = read_config(folder)
+    covered = [folder / "config.json", folder / "model.safetensors", Path(config.vision_config.weights_path)]
+    files = {_name_in(path, folder): _file_stamp(path) for path in covered}
+    return {"weights_sha256": weights_sha256(_stage1_from_files(folder)), "weights_files": files}
+
+
+def _name_in(path: Path, folder: Path) -> str:
+    """Relative to the export when inside it (the folder may move), else absolute."""
+    return path.resolve().relative_to(folder.resolve()).as_posix() if _inside(str(path), folder) else str(path.resolve())
+
+
+def recorded_weights_sha256(folder: str | Path) -> str | None:
+    """The weights' sha256 the export recorded, or None: written before exports recorded it, or a file changed since."""
+    info = read_export_info(folder)
+    sha, files = info.get("weights_sha256"), info.get("weights_files")
+    if not isinstance(sha, str) or not isinstance(files, dict) or not files:
+        return None
+    unchanged = all(_file_stamp(Path(folder) / name) == stamp for name, stamp in files.items())
+    return sha if unchanged else None
 
 
 def write_stage1(model: Stage1Model, tokenizer, folder: Path, dest: Path, source: str = "the model") -> None:
@@ -82,7 +120,7 @@ def write_stage1(model: Stage1Model, tokenizer, folder: Path, dest: Path, source
     config = _write_common(model, folder, dest, source)
     config.save(folder / "config.json")
     tokenizer.save_pretrained(str(folder / "tokenizer"))
-    _write_marker(folder, 1)
+    _write_marker(folder, 1, weights_record(folder))
 
 
 def write_stage2(model: Stage2Model, lm_tokenizer, folder: Path, dest: Path, source: str = "the model") -> None:
@@ -153,9 +191,13 @@ def load_stage1(folder: str | Path, map_location: str = "cpu") -> tuple[Stage1Mo
     info = read_export_info(folder)
     if info.get("stage") != 1:
         raise ValueError(f"{folder} holds a stage-{info.get('stage')} model, not stage 1")
+    return _stage1_from_files(folder, map_location), load_tokenizer(folder / "tokenizer")
+
+
+def _stage1_from_files(folder: Path, map_location: str = "cpu") -> Stage1Model:
     model = Stage1Model(read_config(folder))
     load_strict(model, read_safetensors(folder / "model.safetensors", device=map_location), str(folder))
-    return model.eval(), load_tokenizer(folder / "tokenizer")
+    return model.eval()
 
 
 def load_stage2(folder: str | Path, map_location: str = "cpu") -> tuple[Stage2Model, object]:

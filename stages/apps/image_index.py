@@ -40,10 +40,15 @@ FORMAT = {"format": "qformer-image-index", "version": 1}
 
 # --- the model an index belongs to ------------------------------------------------------------------------------
 def model_identity(model, folder: str | Path) -> dict:
-    """What an index's features depend on: the model's weights (frozen encoder included) and its input size."""
-    from stages.data.feature_cache import weights_sha256
+    """What an index's features depend on: the model's weights (frozen encoder included) and its input size.
 
-    return {"folder": str(Path(folder).resolve()), "weights_sha256": weights_sha256(model),
+    The hash comes from the export's marker; an export written before exports recorded it is hashed here (once a command).
+    """
+    from qformer.files import weights_sha256
+    from qformer.folders import recorded_weights_sha256
+
+    sha = recorded_weights_sha256(folder) or weights_sha256(model)
+    return {"folder": str(Path(folder).resolve()), "weights_sha256": sha,
             "image_size": model.config.vision_config.image_size}
 
 

@@ -22,13 +22,13 @@ named once when caching and its samples are skipped and counted (as unreadable i
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from qformer.files import weights_sha256  # noqa: F401 (also imported from here)
 from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, SkippedImages, UnreadableImage
 from stages.data.sampling import sample_key, sample_rng
 
@@ -41,20 +41,6 @@ EVAL_VIEW = 0
 
 
 # --- the encoder's identity -------------------------------------------------------------------------------
-def weights_sha256(module: torch.nn.Module) -> str:
-    """sha256 over the module's state dict (sorted keys; each name, dtype, shape and bytes), as loaded.
-
-    Call it before the encoder first runs: precision "auto" casts the weights to fp16 on the first CUDA forward.
-    """
-    digest = hashlib.sha256()
-    state = module.state_dict()
-    for key in sorted(state):
-        tensor = state[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")  # reshape: a scalar (temp) too
-    return digest.hexdigest()
-
-
 def encoder_identity(encoder) -> dict:
     """What a cache's features depend on: a model whose encoder differs in any of these is refused."""
     config = encoder.config
