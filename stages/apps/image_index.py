@@ -4,13 +4,18 @@ and the model it belongs to.
 An index is a folder, written whole or not at all (`qformer.files.atomic_folder`):
 
 * `image_feats.npy`: (images, queries, width) fp16, the ITC features of every readable image (what ITC ranks);
+* `image_feats.json`, written with the features: their row count and the sha256 of the image paths in row order, so
+  that a manifest that no longer matches the features (reordered, or another index's) is refused, not read wrongly;
 * `qformer_index.json`, written last: the format, the model it was built with (its folder and the sha256 of its
-  weights, frozen encoder included), and per image its absolute path, size and modification time (row i of the
-  array is image i); the unreadable files with their reasons.
+  weights, frozen encoder included), the folders indexed, and per image its real path (symlinks resolved), size and
+  modification time (row i of the array is image i); the unreadable files with their reasons.
+
+A damaged index (unreadable manifest or features, rows and images that do not match) is named in one line with
+the command that rebuilds it (`qformer index ... --rebuild`).
 
 The ITM re-rank (`--rerank K`) reads the top K images again and encodes them: storing the image encoder's tokens
 would cost 723 KB per image with ViT-g, re-encoding K images costs K encoder passes. An image changed or removed
-since it was indexed is left out of a re-rank, with a note.
+since it was indexed is left out of a re-rank, with a note; the next images by ITC take its place.
 
 Indexing again adds new files, drops the ones no longer under the folders and recomputes those whose size or
 modification time changed; an unchanged unreadable file is not read again. An index built with another model is
@@ -19,6 +24,7 @@ refused (features of two models cannot be compared).
 
 from __future__ import annotations
 
+import hashlib
 import json as json_io
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -50,6 +56,11 @@ def model_identity(model, folder: str | Path) -> dict:
     sha = recorded_weights_sha256(folder) or weights_sha256(model)
     return {"folder": str(Path(folder).resolve()), "weights_sha256": sha,
             "image_size": model.config.vision_config.image_size}
+
+
+def names_sha256(images: list["FileStamp"]) -> str:
+    """The checksum of the image paths in row order: a manifest whose entries were reordered gives another."""
+    return hashlib.sha256("\n".join(image.path for image in images).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _short(sha: str) -> str:
@@ -98,16 +109,50 @@ class ImageIndex:
             raise FileNotFoundError(f"{option}: index folder not found: {self.folder}")
         if not (self.folder / MANIFEST).is_file():
             raise ValueError(f"{option}: {self.folder} is not a qformer index (no {MANIFEST}); make one with qformer index")
+        self.manifest = self._read_manifest()
         try:
-            self.manifest = json_io.loads((self.folder / MANIFEST).read_text())
+            self.images = [FileStamp(**entry) for entry in self.manifest["images"]]
+            self.skipped = {entry["path"]: (FileStamp(entry["path"], entry["size"], entry["mtime_ns"]), entry["reason"])
+                            for entry in self.manifest["skipped"]}
+            if not {"folder", "weights_sha256", "image_size"} <= set(self.manifest["model"]):
+                raise KeyError("model")
+        except (KeyError, TypeError) as error:
+            raise self.damaged(MANIFEST, f"not a complete index manifest ({type(error).__name__}: {error})") from None
+        self.image_feats = self._read_features() if self.images else None  # 16 KB per image with ViT-g
+
+    def damaged(self, name: str, what: str) -> ValueError:
+        """One line: the file, what is wrong with it, and the command that rebuilds the index."""
+        return ValueError(f"{self.option}: {self.folder / name}: {what}; rebuild the index: qformer index --model MODEL "
+                          f"FOLDER... --out {self.folder} --rebuild")
+
+    def _read_manifest(self) -> dict:
+        try:
+            manifest = json_io.loads((self.folder / MANIFEST).read_text())
         except (ValueError, UnicodeDecodeError) as error:
-            raise ValueError(f"{option}: {self.folder / MANIFEST} is not valid JSON ({error}); rebuild the index") from None
-        if not isinstance(self.manifest, dict) or {k: self.manifest.get(k) for k in FORMAT} != FORMAT:
-            raise ValueError(f"{option}: {self.folder / MANIFEST}: not a qformer index manifest of version {FORMAT['version']}")
-        self.images = [FileStamp(**entry) for entry in self.manifest["images"]]
-        self.skipped = {entry["path"]: (FileStamp(entry["path"], entry["size"], entry["mtime_ns"]), entry["reason"])
-                        for entry in self.manifest["skipped"]}
-        self.image_feats = torch.from_numpy(np.load(self.folder / FEATURES)) if self.images else None  # 16 KB per image with ViT-g
+            raise self.damaged(MANIFEST, f"not valid JSON ({error})") from None
+        if not isinstance(manifest, dict) or {k: manifest.get(k) for k in FORMAT} != FORMAT:
+            raise self.damaged(MANIFEST, f"not a qformer index manifest of version {FORMAT['version']}")
+        return manifest
+
+    def _read_features(self) -> torch.Tensor:
+        """The feature array, checked against the manifest: its rows, and the checksum of the names in row order."""
+        path = self.folder / FEATURES
+        if not path.is_file():
+            raise self.damaged(FEATURES, f"missing (the manifest lists {len(self.images)} images)")
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:  # numpy says "pickled data" of any foreign header: not a hint to follow
+            what = "truncated" if "not fully written" in str(error) or isinstance(error, EOFError) else "not a numpy .npy array"
+            raise self.damaged(FEATURES, f"{what} (written by an interrupted or foreign program?)") from None
+        if array.ndim != 3 or array.dtype != np.float16:
+            raise self.damaged(FEATURES, f"an array of {array.dtype} {array.shape}, not (images, queries, width) float16")
+        if len(array) != len(self.images):
+            raise self.damaged(FEATURES, f"{len(array)} rows, but {MANIFEST} lists {len(self.images)} images")
+        recorded = self.manifest.get("names_sha256")  # absent in indexes written before it was recorded
+        if recorded is not None and recorded != names_sha256(self.images):
+            raise self.damaged(MANIFEST, f"the images are not listed in the order of the rows of {FEATURES} "
+                                         "(names_sha256 differs: the manifest was edited)")
+        return torch.from_numpy(array)
 
     @property
     def model(self) -> dict:
@@ -139,6 +184,7 @@ class ImageIndex:
             raise ValueError(f"--k must be at least 1 and --rerank at least 0, got {k} and {rerank}")
         if not self.images:
             raise ValueError(f"{self.option}: the index {self.folder} holds no readable image")
+        check_query(text)
         input_ids, attention_mask = tokenize(model, tokenizer, text)
         with torch.no_grad():
             sim = itc_similarity(self.image_feats, model.text_feat(input_ids, attention_mask))[:, 0]  # (I,)
@@ -174,6 +220,24 @@ def _unchanged(stamp: FileStamp, reader: ImageReader) -> bool:
     return False
 
 
+def check_query(text: str) -> None:
+    """A query must be text with words: bytes that are not UTF-8 (a Latin-1 shell hands them over as surrogates) or
+    an empty query would be ranked as if they were words."""
+    from stages.data.annotations import clean_caption
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        try:
+            shown = repr(text.encode("utf-8", "surrogateescape"))  # the bytes as given: b'caf\xe9'
+        except UnicodeEncodeError:
+            shown = ascii(text)
+        raise ValueError(f"the query {shown} is not UTF-8 (character {error.start + 1}): give it in UTF-8, e.g. "
+                         "from a UTF-8 terminal (LANG=C.UTF-8) or converted with iconv -t UTF-8") from None
+    if not clean_caption(text):
+        raise ValueError(f"the query {text!r} has no words to look for: give a description, e.g. 'a red car'")
+
+
 def tokenize(model, tokenizer, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A query as the model's texts were trained: cleaned as captions are, padded to the model's text length."""
     from stages.data.annotations import clean_caption
@@ -185,15 +249,17 @@ def tokenize(model, tokenizer, text: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # --- writing ------------------------------------------------------------------------------------------------
-def check_index_out(out: Path) -> ImageIndex | None:
-    """The index to update at `out`, None for a new one; a folder with other files is refused before any work."""
+def check_index_out(out: Path, rebuild: bool = False) -> ImageIndex | None:
+    """The index to update at `out`, None for a new one (or one rebuilt: the old one, damaged maybe, is not read).
+
+    A folder with other files is refused before any work."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
     if not out.is_dir() or not any(out.iterdir()):
         return None
-    if not (out / MANIFEST).is_file():
+    if not (out / MANIFEST).is_file() and not (rebuild and (out / FEATURES).is_file()):
         raise ValueError(f"--out {out}: a folder with other files, not a qformer index (no {MANIFEST}); give a new or empty folder")
-    return ImageIndex(out, "--out")
+    return None if rebuild else ImageIndex(out, "--out")
 
 
 @dataclass
@@ -272,6 +338,7 @@ def write_index(folder: Path, identity: dict, rows: list[tuple[FileStamp, np.nda
             array[i] = feats
         array.flush()
         del array
-    manifest = {**FORMAT, "model": identity, "images": [asdict(stamp) for stamp, _ in rows],
+    stamps = [stamp for stamp, _ in rows]
+    manifest = {**FORMAT, "model": identity, "names_sha256": names_sha256(stamps), "images": [asdict(stamp) for stamp in stamps],
                 "skipped": [{**asdict(stamp), "reason": reason} for stamp, reason in skipped]}
     (folder / MANIFEST).write_text(json_io.dumps(manifest, indent=1) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json as json_io
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,6 +22,7 @@ def index(
     device: str = "cpu",
     no_progress: bool = False,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    rebuild: bool = False,
 ) -> int:
     """Index the images under folders for text search with a stage-1 model (`qformer search`, `qformer serve`).
 
@@ -35,6 +37,7 @@ def index(
         device: cpu, cuda or cuda:N.
         no_progress: no progress bar.
         max_image_pixels: skip images whose header declares more pixels, before decoding.
+        rebuild: read every image again and replace the index at --out as a whole (a damaged one too).
     """
     from qformer.files import atomic_folder
     from qformer.folders import load_stage1
@@ -46,8 +49,8 @@ def index(
         if not Path(folder).exists() and not Path(folder).is_symlink():
             raise FileNotFoundError(f"folder not found: {folder}")
     out_path = Path(out)
-    old = check_index_out(out_path)
-    files = [Path(os.path.abspath(p)) for p in image_files(folders)]
+    old = check_index_out(out_path, rebuild)
+    files = unique_real_paths(image_files(folders))
     if not files:
         raise ValueError("no image files under " + ", ".join(folders) + " (searched for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
     stage1, _ = load_stage1(model)
@@ -68,11 +71,36 @@ def index(
     return 0
 
 
+def unique_real_paths(files: list[Path]) -> list[Path]:
+    """Absolute paths with their folders resolved, each once: a folder given directly and through a symlink (or
+    twice) is indexed once. The file name itself is kept: a symlinked file is listed under the name it was given."""
+    return list(dict.fromkeys(Path(os.path.realpath(p.parent)) / p.name for p in files))
+
+
 # --- showing results ------------------------------------------------------------------------------------------
+def printable(path: str) -> str:
+    """A path on one line: a newline or another control character becomes an escape (\\n, \\x1b), as do bytes
+    that are not UTF-8 (\\xe9); printable text, accented letters included, is kept."""
+    def escaped(char: str) -> str:
+        if "\udc80" <= char <= "\udcff":  # a byte that was not UTF-8 (surrogateescape)
+            return f"\\x{ord(char) - 0xDC00:02x}"
+        return char.encode("unicode_escape").decode("ascii")
+
+    return "".join(char if char.isprintable() else escaped(char) for char in path)
+
+
 def print_hits(hits: list[Hit]) -> None:
     for hit in hits:
         itm = "" if hit.itm_probability is None else f"  (itc {hit.itc:.4f}, itm {hit.itm_probability:.3f})"
-        print(f"{hit.rank:>3}  {hit.score:.4f}  {hit.path}{itm}")
+        print(f"{hit.rank:>3}  {hit.score:.4f}  {printable(hit.path)}{itm}")
+
+
+def explain_shortfall(hits: list[Hit], k: int, rerank: int, index_size: int) -> None:
+    """Fewer results than asked: say why (only images that changed since indexing are left out)."""
+    expected = min(k, index_size)
+    if len(hits) < expected:
+        print(f"showing {len(hits)} of {expected}: {expected - len(hits)} of the top {rerank} changed or were removed since "
+              "the index was built and were left out of the re-rank; run qformer index again", file=sys.stderr)
 
 
 def hit_label(hit: Hit) -> str:
@@ -157,6 +185,7 @@ def search(
         print(json_io.dumps([asdict(hit) for hit in hits], indent=2))
     else:
         print_hits(hits)
+    explain_shortfall(hits, k, rerank, len(image_index.images))
     if grid:
         contact_sheet(hits, reader).save(grid)
     reader.skipped.finish()
