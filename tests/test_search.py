@@ -208,3 +208,132 @@ def test_rerank_json_and_contact_sheet(models, data, tmp_path, capsys):
     Path(reranked[0]["path"]).touch()  # changed since indexing: left out of the re-rank, with a note
     out, err = run(capsys, ["search", "--index", tmp_path / "index", "a small red circle", "--k", 3, "--rerank", 3])
     assert reranked[0]["path"] not in out and "changed or removed since it was indexed" in err
+
+
+# --- the weights' hash is read from the export, not computed on every run (issue 26) ----------------------------
+@pytest.fixture
+def hash_calls(monkeypatch):
+    """Counts every hashing of model weights, wherever it is imported from."""
+    import qformer.files
+    import stages.data.feature_cache
+
+    calls = []
+    original = qformer.files.weights_sha256
+
+    def counted(module):
+        calls.append(type(module).__name__)
+        return original(module)
+
+    monkeypatch.setattr(qformer.files, "weights_sha256", counted)
+    monkeypatch.setattr(stages.data.feature_cache, "weights_sha256", counted)
+    return calls
+
+
+def test_search_and_index_read_the_weights_hash_from_the_export(models, colour_model, hash_calls, tmp_path, capsys):
+    from qformer.folders import load_stage1, recorded_weights_sha256
+    from qformer.files import weights_sha256
+
+    draw(tmp_path / "photos" / "a.png", "red")
+    run(capsys, ["index", "--model", models["stage1"], tmp_path / "photos", "--out", tmp_path / "index", "--no-progress"])
+    assert top(capsys, tmp_path / "index", "red") == ["a.png"]
+    assert hash_calls == []  # neither index nor search hashed the model
+    recorded = recorded_weights_sha256(models["stage1"])
+    assert recorded == weights_sha256(load_stage1(models["stage1"])[0])  # the hash the index holds is the as-loaded one
+    assert json.loads((tmp_path / "index" / MANIFEST).read_text())["model"]["weights_sha256"] == recorded
+
+
+def test_an_export_and_an_index_written_before_the_hash_was_recorded_still_work(models, colour_model, hash_calls, tmp_path, capsys):
+    from qformer.folders import recorded_weights_sha256
+
+    old = tmp_path / "old_export"
+    shutil.copytree(models["stage1"], old)
+    marker = json.loads((old / "qformer_export.json").read_text())
+    (old / "qformer_export.json").write_text(json.dumps({k: v for k, v in marker.items() if not k.startswith("weights_")}))
+    draw(tmp_path / "photos" / "a.png", "red")
+    run(capsys, ["index", "--model", old, tmp_path / "photos", "--out", tmp_path / "index", "--no-progress"])
+    assert hash_calls == ["Stage1Model"]  # no recorded hash: hashed, once
+    manifest = json.loads((tmp_path / "index" / MANIFEST).read_text())
+    del manifest["names_sha256"]  # an index written before the checksum of the names was recorded
+    (tmp_path / "index" / MANIFEST).write_text(json.dumps(manifest))
+    out, _ = run(capsys, ["search", "--index", tmp_path / "index", "--model", models["stage1"], "red"])  # the same weights
+    assert "a.png" in out and hash_calls == ["Stage1Model"]
+
+    stat = (old / "model.safetensors").stat()
+    marker_copy = old.parent / "new_export"
+    shutil.copytree(models["stage1"], marker_copy)
+    os.utime(marker_copy / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert recorded_weights_sha256(marker_copy) is None  # a weights file changed since the export: hashed again
+
+
+# --- a damaged index is named, with the command that rebuilds it (issue 27, item 5) -----------------------------
+def _edit_manifest(change):
+    def edit(index: Path) -> None:
+        manifest = json.loads((index / MANIFEST).read_text())
+        change(manifest)
+        (index / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return edit
+
+
+def _truncate(index: Path) -> None:
+    data = (index / "image_feats.npy").read_bytes()
+    (index / "image_feats.npy").write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage, file, expected", [
+    (_edit_manifest(lambda m: m["images"].reverse()), MANIFEST, "not listed in the order of the rows"),
+    (_edit_manifest(lambda m: m["images"].pop()), "image_feats.npy", "3 rows, but qformer_index.json lists 2 images"),
+    (_edit_manifest(lambda m: m["images"].append(dict(m["images"][0], path="/x.png"))), "image_feats.npy", "3 rows, but"),
+    (_edit_manifest(lambda m: m.pop("skipped")), MANIFEST, "not a complete index manifest"),
+    (lambda index: (index / MANIFEST).write_text("{oops"), MANIFEST, "not valid JSON"),
+    (_truncate, "image_feats.npy", "truncated"),
+    (lambda index: (index / "image_feats.npy").write_bytes(b"not numpy" * 20), "image_feats.npy", "not a numpy .npy array"),
+    (lambda index: (index / "image_feats.npy").unlink(), "image_feats.npy", "missing"),
+], ids=["reordered", "fewer-names", "more-names", "no-skipped", "not-json", "truncated-npy", "foreign-npy", "no-npy"])
+def test_a_damaged_index_is_one_line_naming_the_file_and_the_rebuild(models, colour_model, tmp_path, capsys, damage, file, expected):
+    for name, colour in (("a", "red"), ("b", "green"), ("c", "blue")):
+        draw(tmp_path / "photos" / f"{name}.png", colour)
+    argv = ["index", "--model", models["stage1"], tmp_path / "photos", "--out", tmp_path / "index", "--no-progress"]
+    run(capsys, argv)
+    damage(tmp_path / "index")
+    _, err = run(capsys, ["search", "--index", tmp_path / "index", "red"], code=2)
+    assert len(err.strip().splitlines()) == 1 and f"{tmp_path / 'index' / file}: " in err and expected in err, err
+    assert f"qformer index --model MODEL FOLDER... --out {tmp_path / 'index'} --rebuild" in err
+    assert "pickle" not in err
+    _, err = run(capsys, argv, code=2)  # an update cannot reuse it either ...
+    assert "--rebuild" in err
+    out, _ = run(capsys, [*argv, "--rebuild"])  # ... and --rebuild replaces it
+    assert "3 images (3 read, 0 unchanged, 0 dropped)" in out and top(capsys, tmp_path / "index", "red")[0] == "a.png"
+
+
+# --- queries and results at the edges (issue 27, items 4 and 11) -------------------------------------------------
+@pytest.fixture
+def odd_index(models, colour_model, tmp_path, capsys):
+    """Three pictures, one with a newline in its name, indexed through the folder and through a symlink to it."""
+    photos = tmp_path / "photos"
+    for name, colour in (("new\nline", "red"), ("b", "green"), ("c", "blue")):
+        draw(photos / f"{name}.png", colour)
+    (tmp_path / "link").symlink_to(photos)
+    out, _ = run(capsys, ["index", "--model", models["stage1"], photos, tmp_path / "link", "--out", tmp_path / "index",
+                          "--no-progress"])
+    assert "3 images (3 read, 0 unchanged, 0 dropped)" in out  # not 6: the symlinked folder is the same folder
+    return tmp_path / "index"
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("", "the query '' has no words to look for"),
+    ("   ", "the query '   ' has no words to look for"),
+    ("caf\udce9", "the query b'caf\\xe9' is not UTF-8"),  # the Latin-1 bytes b"caf\xe9" as Python hands argv over
+])
+def test_an_empty_or_undecodable_query_is_refused(odd_index, capsys, query, expected):
+    _, err = run(capsys, ["search", "--index", odd_index, query], code=2)
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+
+
+def test_one_line_per_result_and_a_short_rerank_says_why(odd_index, capsys):
+    out, _ = run(capsys, ["search", "--index", odd_index, "red", "--k", 3])
+    assert len(out.splitlines()) == 3 and out.splitlines()[0].endswith("new\\nline.png")  # escaped, on its line
+    assert str(odd_index.parent / "photos") in out and "link" not in out
+    Path(odd_index.parent / "photos" / "b.png").touch()
+    out, err = run(capsys, ["search", "--index", odd_index, "red", "--k", 3, "--rerank", 3])
+    assert len(out.splitlines()) == 2
+    assert "showing 2 of 3: 1 of the top 3 changed or were removed since the index was built" in err

@@ -4,18 +4,17 @@ and the model it belongs to.
 An index is a folder, written whole or not at all (`qformer.files.atomic_folder`):
 
 * `image_feats.npy`: (images, queries, width) fp16, the ITC features of every readable image (what ITC ranks);
-* `image_feats.json`, written with the features: their row count and the sha256 of the image paths in row order, so
-  that a manifest that no longer matches the features (reordered, or another index's) is refused, not read wrongly;
 * `qformer_index.json`, written last: the format, the model it was built with (its folder and the sha256 of its
-  weights, frozen encoder included), the folders indexed, and per image its real path (symlinks resolved), size and
-  modification time (row i of the array is image i); the unreadable files with their reasons.
+  weights, frozen encoder included), and per image its path (its folder's symlinks resolved), size and
+  modification time (row i of the array is image i), with `names_sha256`, the checksum of those paths in row order
+  (a manifest whose entries were reordered is refused, not read wrongly); the unreadable files with their reasons.
 
 A damaged index (unreadable manifest or features, rows and images that do not match) is named in one line with
 the command that rebuilds it (`qformer index ... --rebuild`).
 
 The ITM re-rank (`--rerank K`) reads the top K images again and encodes them: storing the image encoder's tokens
 would cost 723 KB per image with ViT-g, re-encoding K images costs K encoder passes. An image changed or removed
-since it was indexed is left out of a re-rank, with a note; the next images by ITC take its place.
+since it was indexed is left out of a re-rank, with a note.
 
 Indexing again adds new files, drops the ones no longer under the folders and recomputes those whose size or
 modification time changed; an unchanged unreadable file is not read again. An index built with another model is
@@ -58,11 +57,6 @@ def model_identity(model, folder: str | Path) -> dict:
             "image_size": model.config.vision_config.image_size}
 
 
-def names_sha256(images: list["FileStamp"]) -> str:
-    """The checksum of the image paths in row order: a manifest whose entries were reordered gives another."""
-    return hashlib.sha256("\n".join(image.path for image in images).encode("utf-8", "surrogateescape")).hexdigest()
-
-
 def _short(sha: str) -> str:
     return sha[:12] + "..."
 
@@ -83,6 +77,11 @@ class FileStamp:
         except (OSError, ValueError):
             return None
         return cls(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def names_sha256(images: list[FileStamp]) -> str:
+    """The checksum of the image paths in row order: a manifest whose entries were reordered gives another."""
+    return hashlib.sha256("\n".join(image.path for image in images).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 # --- reading ------------------------------------------------------------------------------------------------

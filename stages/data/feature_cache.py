@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qformer.files import weights_sha256  # noqa: F401 (also imported from here)
+from qformer.files import weights_sha256
 from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, SkippedImages, UnreadableImage
 from stages.data.sampling import sample_key, sample_rng
 
