@@ -9,7 +9,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from stages.apps.image_index import Hit, ImageIndex, check_index_out, compute_features, model_identity, plan_update, write_index
+from stages.apps.image_index import Hit, ImageIndex, model_identity
+from stages.apps.index_update import check_index_out, compute_features, plan_update, write_index
 from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, ImageReader, UnreadableImage, image_files
 
 
