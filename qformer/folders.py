@@ -74,9 +74,10 @@ def _write_common(model, folder: Path, dest: Path, source: str) -> Blip2Config:
     return config
 
 
-def _write_marker(folder: Path, stage: int, weights: dict | None = None) -> None:
-    """Last: a folder with the marker is a complete export."""
-    (folder / MARKER).write_text(json.dumps({**FORMAT, "stage": stage, **(weights or {})}, indent=2) + "\n")
+def _write_marker(folder: Path, stage: int) -> None:
+    """Last: a folder with the marker is a complete export (a stage-1 one with the hash of its weights)."""
+    weights = weights_record(folder) if stage == 1 else {}
+    (folder / MARKER).write_text(json.dumps({**FORMAT, "stage": stage, **weights}, indent=2) + "\n")
 
 
 # --- the weights' hash, computed once -----------------------------------------------------------------------
@@ -120,7 +121,7 @@ def write_stage1(model: Stage1Model, tokenizer, folder: Path, dest: Path, source
     config = _write_common(model, folder, dest, source)
     config.save(folder / "config.json")
     tokenizer.save_pretrained(str(folder / "tokenizer"))
-    _write_marker(folder, 1, weights_record(folder))
+    _write_marker(folder, 1)
 
 
 def write_stage2(model: Stage2Model, lm_tokenizer, folder: Path, dest: Path, source: str = "the model") -> None:
