@@ -5,6 +5,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # setup.cfg runs two pytest-xdist workers: on two cores, two workers of two OpenMP threads each stall one another
+    # (a thread spins waiting for a sibling that is not scheduled), so each worker and what it starts uses one thread.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
