@@ -6,8 +6,8 @@ import os
 # took 94 s of CPU with 2 threads, 12 s with 1. Set before torch is imported so it also sizes torch's pool.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

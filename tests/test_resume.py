@@ -44,7 +44,7 @@ def start(data: Path, root: Path, record: Path, *extra: str, callbacks: tuple = 
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
     # Output to files, not pipes: a pipe nobody reads while the other fits run would block the child once full.
-    stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115 (`finish` closes them)
     process = subprocess.Popen(argv, env=env, stdout=stdout, stderr=stderr, text=True)
     process.output_files = (stdout, stderr)
     return process
