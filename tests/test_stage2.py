@@ -176,7 +176,7 @@ def test_t5_refuses_fp16():
 
 
 @pytest.mark.parametrize("config_name", ["tiny.yaml", "tiny_t5.yaml"])
-def test_cpu_fit_loss_decreases_and_caption_command_works(config_name, stage1_export, data, tmp_path, capsys):
+def test_cpu_fit_loss_decreases_and_caption_command_works(config_name, stage1_export, data, tmp_path, capsys, without_java):
     root = tmp_path / "runs"
     kind = "t5" if "t5" in config_name else "decoder"
     argv = [
