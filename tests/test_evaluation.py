@@ -158,6 +158,15 @@ def _eval_worker(rank, world, init_file, export, data, out):
         dist.destroy_process_group()
 
 
+def in_this_process(worker, *args):
+    """A worker run as the one-process reference in the test's own process (a spawn less): its thread count undone."""
+    threads = torch.get_num_threads()
+    try:
+        worker(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_two_process_retrieval_is_identical_to_one(tmp_path):
     data = tmp_path / "data"
     make_dataset(data, num_images=40, seed=5)
@@ -166,7 +175,7 @@ def test_two_process_retrieval_is_identical_to_one(tmp_path):
     config.qformer_config.vocab_size = len(tokenizer)
     export = save_stage1(Stage1Model(config), tokenizer, tmp_path / "export")
     os.environ["OMP_NUM_THREADS"] = "1"
-    _eval_worker(0, 1, "", str(export), str(data), str(tmp_path / "one.pt"))  # the one process: this one, spawned no
+    in_this_process(_eval_worker, 0, 1, "", str(export), str(data), str(tmp_path / "one.pt"))  # the one process: this one
     mp.spawn(_eval_worker, args=(2, str(tmp_path / "init"), str(export), str(data), str(tmp_path / "two.pt")), nprocs=2)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert torch.equal(one["i2t"], two["i2t"]) and torch.equal(one["t2i"], two["t2i"])
@@ -216,7 +225,7 @@ def test_two_process_vqa_is_identical_to_one(tmp_path, monkeypatch):
         port = probe.getsockname()[1]
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(name, "")  # recorded, so that what the one-process run below sets here is undone after
-    _vqa_worker(0, 1, port, str(tmp_path / "stage2"), str(data), str(tmp_path / "one.json"))
+    in_this_process(_vqa_worker, 0, 1, port, str(tmp_path / "stage2"), str(data), str(tmp_path / "one.json"))
     mp.spawn(_vqa_worker, args=(2, port, str(tmp_path / "stage2"), str(data), str(tmp_path / "two.json")), nprocs=2)
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     assert one["scores"]["questions"] == 11 and one["scores"]["skipped_images"] == 0
