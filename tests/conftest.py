@@ -22,3 +22,10 @@ def tiny_config():
     from qformer.config import preset
 
     return preset("tiny")
+
+
+@pytest.fixture
+def without_java(monkeypatch):
+    """Caption scores as on a machine without Java: pycocoevalcap's Java METEOR and PTB tokenizer start a JVM and
+    load METEOR's paraphrase table, ~5-10 s per `eval caption`. One test (the small OPT demo) keeps the Java path."""
+    monkeypatch.setattr("stages.eval.metrics.java_available", lambda: False)

@@ -15,7 +15,12 @@ RESULT_KEYS = {"retrieval", "caption", "vqa", "seconds", "encoder", "lm"}
 
 
 @pytest.mark.parametrize("lm", ["opt", "t5"])
-def test_small_demo_writes_every_artefact_and_they_load(tmp_path, capsys, lm):
+def test_small_demo_writes_every_artefact_and_they_load(tmp_path, capsys, lm, request):
+    from stages.eval.metrics import java_available
+
+    java = lm == "opt" and java_available()  # the one test that scores captions with Java (METEOR), where it runs
+    if lm != "opt":
+        request.getfixturevalue("without_java")
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--lm", lm, "--num-images", "60", "--val-images", "8", "--test-images", "8", "--lm-steps", "10", "--stage1-steps", "12", "--stage2-steps", "12"]
     assert main(argv) == 0
@@ -26,6 +31,7 @@ def test_small_demo_writes_every_artefact_and_they_load(tmp_path, capsys, lm):
     assert RESULT_KEYS <= set(results)
     assert {"txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"} <= set(results["retrieval"])
     assert {"bleu4", "cider", "attribute_accuracy"} <= set(results["caption"])
+    assert ("meteor" in results["caption"]) == java
     assert results["vqa"]["questions"] == 8 and 0 <= results["vqa"]["accuracy"] <= 100
     assert {"data", "lm_pretraining", "stage1", "stage2", "eval_retrieval", "eval_caption", "eval_vqa", "total"} <= set(results["seconds"])
     assert "randomly initialised" in results["encoder"]

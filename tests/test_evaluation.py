@@ -158,6 +158,15 @@ def _eval_worker(rank, world, init_file, export, data, out):
         dist.destroy_process_group()
 
 
+def in_this_process(worker, *args):
+    """A worker run as the one-process reference in the test's own process (a spawn less): its thread count undone."""
+    threads = torch.get_num_threads()
+    try:
+        worker(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_two_process_retrieval_is_identical_to_one(tmp_path):
     data = tmp_path / "data"
     make_dataset(data, num_images=40, seed=5)
@@ -166,7 +175,7 @@ def test_two_process_retrieval_is_identical_to_one(tmp_path):
     config.qformer_config.vocab_size = len(tokenizer)
     export = save_stage1(Stage1Model(config), tokenizer, tmp_path / "export")
     os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(_eval_worker, args=(1, "", str(export), str(data), str(tmp_path / "one.pt")), nprocs=1)
+    in_this_process(_eval_worker, 0, 1, "", str(export), str(data), str(tmp_path / "one.pt"))  # the one process: this one
     mp.spawn(_eval_worker, args=(2, str(tmp_path / "init"), str(export), str(data), str(tmp_path / "two.pt")), nprocs=2)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert torch.equal(one["i2t"], two["i2t"]) and torch.equal(one["t2i"], two["t2i"])
@@ -175,14 +184,15 @@ def test_two_process_retrieval_is_identical_to_one(tmp_path):
 
 def _vqa_worker(rank, world, port, export, data, out):
     import stages.eval.vqa as vqa
-    from stages.cli import main
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     generate, asked = vqa.generate_for_images, []
     vqa.generate_for_images = lambda model, tokenizer, images, *rest: asked.extend(images) or generate(model, tokenizer, images, *rest)
-    assert main(["eval", "vqa", "--model", export, "--data", str(Path(data) / "test_vqa.json"), "--images", data, "--batch-size", "3",
-                 "--json", f"{out}.scores.json", "--predictions", f"{out}.answers.json", "--no-progress"]) == 0
+    try:
+        _vqa_command(export, data, out)
+    finally:
+        vqa.generate_for_images = generate  # the one-process run is in the test's own process
     if world > 1:
         import torch.distributed as dist
 
@@ -193,7 +203,14 @@ def _vqa_worker(rank, world, port, export, data, out):
                                          "answers": json.loads(Path(f"{out}.answers.json").read_text())}))
 
 
-def test_two_process_vqa_is_identical_to_one(tmp_path):
+def _vqa_command(export, data, out):
+    from stages.cli import main
+
+    assert main(["eval", "vqa", "--model", export, "--data", str(Path(data) / "test_vqa.json"), "--images", data, "--batch-size", "3",
+                 "--json", f"{out}.scores.json", "--predictions", f"{out}.answers.json", "--no-progress"]) == 0
+
+
+def test_two_process_vqa_is_identical_to_one(tmp_path, monkeypatch):
     """eval vqa splits its images over torchrun's processes like the other two evaluations, and gathers the answers."""
     import socket
 
@@ -206,7 +223,9 @@ def test_two_process_vqa_is_identical_to_one(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(_vqa_worker, args=(1, port, str(tmp_path / "stage2"), str(data), str(tmp_path / "one.json")), nprocs=1)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded, so that what the one-process run below sets here is undone after
+    in_this_process(_vqa_worker, 0, 1, port, str(tmp_path / "stage2"), str(data), str(tmp_path / "one.json"))
     mp.spawn(_vqa_worker, args=(2, port, str(tmp_path / "stage2"), str(data), str(tmp_path / "two.json")), nprocs=2)
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     assert one["scores"]["questions"] == 11 and one["scores"]["skipped_images"] == 0

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,11 @@ def data(tmp_path_factory):
 
 
 def fit(data: Path, root: Path, record: Path, *extra: str, callbacks: tuple = ()) -> subprocess.CompletedProcess:
+    return finish(start(data, root, record, *extra, callbacks=callbacks))
+
+
+def start(data: Path, root: Path, record: Path, *extra: str, callbacks: tuple = ()) -> subprocess.Popen:
+    """The fit in a subprocess of one thread, left running: two of them share the 2 cores of a CI machine."""
     callbacks = [{"class_path": "resume_helpers.RecordSamples", "init_args": {"path": str(record)}}, *callbacks]
     argv = [
         sys.executable, "-m", "stages.cli", "stage1", "fit", "--config", str(CONFIG), "--model.tokenizer", str(data),
@@ -37,7 +43,25 @@ def fit(data: Path, root: Path, record: Path, *extra: str, callbacks: tuple = ()
         "--trainer.callbacks", json.dumps(callbacks), *extra,
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    # Output to files, not pipes: a pipe nobody reads while the other fits run would block the child once full.
+    stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115 (`finish` closes them)
+    process = subprocess.Popen(argv, env=env, stdout=stdout, stderr=stderr, text=True)
+    process.output_files = (stdout, stderr)
+    return process
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        process.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    output = []
+    for file in process.output_files:
+        file.seek(0)
+        output.append(file.read())
+        file.close()
+    return subprocess.CompletedProcess(process.args, process.returncode, *output)
 
 
 def steps_seen(record: Path) -> dict[int, str]:
@@ -55,8 +79,7 @@ def signal_at(step: int, name: str, in_backward: bool = False) -> dict:
 
 
 def test_stopped_then_killed_run_resumes_to_identical_weights(data, tmp_path):
-    whole = fit(data, tmp_path / "whole", tmp_path / "whole.txt")
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    whole = start(data, tmp_path / "whole", tmp_path / "whole.txt")  # the uninterrupted run, beside the others
 
     runs, record = tmp_path / "interrupted", tmp_path / "interrupted.txt"
     # SIGTERM while step 4 runs: it completes, is saved, and the run exits as if terminated.
@@ -72,6 +95,8 @@ def test_stopped_then_killed_run_resumes_to_identical_weights(data, tmp_path):
     resumed = fit(data, runs, record, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr
+    whole = finish(whole)
+    assert whole.returncode == 0, whole.stderr[-3000:]
 
     assert steps_seen(record) == steps_seen(tmp_path / "whole.txt")  # the data position survived both interruptions
     expected, got = final_weights(tmp_path / "whole"), final_weights(runs)

@@ -176,14 +176,15 @@ def test_t5_refuses_fp16():
 
 
 @pytest.mark.parametrize("config_name", ["tiny.yaml", "tiny_t5.yaml"])
-def test_cpu_fit_loss_decreases_and_caption_command_works(config_name, stage1_export, data, tmp_path, capsys):
+def test_cpu_fit_loss_decreases_and_caption_command_works(config_name, stage1_export, data, tmp_path, capsys, without_java):
     root = tmp_path / "runs"
     kind = "t5" if "t5" in config_name else "decoder"
     argv = [
         "stage2", "fit", "--config", str(ROOT / "configs" / "stage2" / config_name), "--model.stage1", str(stage1_export),
         "--model.lm_tokenizer", str(data / f"lm_tokenizer_{kind}"),
         "--data.train", str(data / "train.json"), "--data.val", str(data / "val.json"), "--data.image_root", str(data),
-        "--trainer.default_root_dir", str(root), "--trainer.max_steps", "60", "--trainer.log_every_n_steps", "5",
+        # 24 steps, 3 validations: the loss falls by ~0.1 (OPT) and ~0.8 (T5) between the first and last two logged
+        "--trainer.default_root_dir", str(root), "--trainer.max_steps", "24", "--trainer.log_every_n_steps", "2",
         "--trainer.enable_progress_bar", "false",
     ]
     assert main(argv) == 0
