@@ -1,10 +1,12 @@
 """Stage-2 transfer (a Q-Former trained against one LM starts stage 2 against another) and the projection warm-up."""
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from torch import nn
 
@@ -238,3 +240,49 @@ def test_resume_inside_and_after_the_warmup_equals_an_uninterrupted_run(data, op
     assert resumed["global_step"] == STEPS
     for key, value in whole_run.items():
         assert torch.equal(resumed["state_dict"][key], value), key
+
+
+# --- `qformer demo --lm smollm2` goes the transfer route ------------------------------------------------------------------
+@pytest.fixture
+def tiny_llama_as_smollm2(tmp_path, monkeypatch):
+    """A tiny random Llama folder in place of SmolLM2's GGUF file: the route is tested, not SmolLM2 (whose slow demo
+    test in test_llm.py measures the targets), in seconds instead of minutes of loading and stepping a 135M LM."""
+    import transformers
+    from test_prompt_masking import llama_bpe
+
+    from stages.demo import pipeline
+
+    folder = tmp_path / "tiny_llama"
+    tokenizer = llama_bpe()
+    config = transformers.LlamaConfig(**{**LLAMA, "vocab_size": len(tokenizer), "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2})
+    transformers.LlamaForCausalLM(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    monkeypatch.setattr(pipeline, "smollm2_gguf", lambda: folder)
+    monkeypatch.setattr(pipeline, "check_gguf", lambda path: path)
+    return folder
+
+
+def test_small_smollm2_demo_transfers_from_the_stand_ins_stage2_with_a_projection_warmup(tiny_llama_as_smollm2, tmp_path, capsys):
+    """A tiny run of the route: the stand-in OPT's stage 2, then stage 2 into the real LLM from that export with the
+    projection warm-up, both printed in the summary."""
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--lm", "smollm2", "--num-images", "40", "--val-images", "4", "--test-images", "4",
+            "--lm-steps", "4", "--stage1-steps", "4", "--transfer-source-steps", "4", "--stage2-steps", "4", "--batch-size", "8",
+            "--num-beams", "1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "stage2_source: stand-in OPT (transfer source), 4 steps" in printed
+    assert "stage2: SmolLM2 (transferred, projection warm-up), 4 steps, the first 1 the projection alone" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert [f["name"] for f in results["stage2_fits"]] == ["stage2_source", "stage2"]
+    assert all(f["val_loss"] is not None for f in results["stage2_fits"])
+    assert {"lm_pretraining", "stage2_source", "stage2"} <= set(results["seconds"])
+    transfer = yaml.safe_load((out / "configs" / "stage2.yaml").read_text())["model"]
+    assert transfer["init_from"] == str(out / "exports" / "stage2_source") and "stage1" not in transfer
+    assert transfer["lm_path"] == str(tiny_llama_as_smollm2)
+    assert transfer["projection_warmup_steps"] == 1 and transfer["projection_lr_scale"] == 5.0
+    source = load_file(str(out / "exports" / "stage2_source" / "model.safetensors"))
+    final = load_file(str(out / "exports" / "stage2" / "model.safetensors"))
+    assert source["language_projection.weight"].shape[0] == 128  # the stand-in OPT's width
+    assert final["language_projection.weight"].shape[0] == LLAMA["hidden_size"]  # the new LM's
+    assert not torch.equal(final["qformer.query_tokens"], source["qformer.query_tokens"])  # trained on after the warm-up
