@@ -32,14 +32,19 @@ def differences(source: Blip2Config, target: Blip2Config) -> list[str]:
     return [f"{name} is {a!r} there but {b!r} in this run" for name, a, b in pairs if a != b]
 
 
-def load_for_transfer(model, folder: str | Path) -> dict[str, Tensor]:
-    """Load a stage-2 export's Q-Former and ln_vision into `model` (a Stage2Model against another LM); strict but for
-    the projection, which stays as initialised. Returns the export's projection (`weight`, `bias`)."""
-    folder = Path(folder)
+def check_source(folder: str | Path) -> None:
+    """A transfer starts from a stage-2 export: say so in one line before any model is built."""
     stage = read_export_info(folder).get("stage")
     if stage != 2:
         raise ValueError(f"model.init_from: {folder} is a stage-{stage} export; transfer starts from a stage-2 export "
                          f"(a stage-1 export is given as model.stage1)")
+
+
+def load_for_transfer(model, folder: str | Path) -> dict[str, Tensor]:
+    """Load a stage-2 export's Q-Former and ln_vision into `model` (a Stage2Model against another LM); strict but for
+    the projection, which stays as initialised. Returns the export's projection (`weight`, `bias`)."""
+    folder = Path(folder)
+    check_source(folder)
     wrong = differences(read_config(folder), model.config)
     if wrong:
         raise ValueError(f"model.init_from: {folder} was trained with another Q-Former or image encoder: {wrong[0]}"

@@ -12,6 +12,7 @@ from qformer.folders import load_stage1_into_stage2, read_config, read_export_in
 from qformer.language_model import load_lm_tokenizer
 from qformer.lm_text import decoder_only_batch, encoder_decoder_batch, resolve_eos_text, split_caption
 from qformer.stage2 import Stage2Model
+from qformer.transfer import check_source, load_for_transfer, lstsq_projection
 from stages.distributed import gather_objects
 from stages.train.base import TrainingSkeleton, checkpoint_callbacks
 from stages.train.optim import HeadStart, drop_held_gradients
@@ -67,6 +68,7 @@ class Stage2Module(TrainingSkeleton):
 
     Args:
         stage1: a stage-1 export folder (`qformer export`); its Q-Former query path and ln_vision are loaded.
+            Give it or init_from.
         init_from: instead of stage1, a stage-2 export trained against another LM (transfer, as VPGTrans): its
             Q-Former and ln_vision are loaded and a new projection is made for this LM's width. Its Q-Former and image
             encoder are used as they are; the data's feature cache must come from that encoder.
@@ -139,6 +141,8 @@ class Stage2Module(TrainingSkeleton):
         start = stage1 or init_from
         if stage1 is not None and read_export_info(stage1).get("stage") != 1:
             raise ValueError(f"model.stage1: {stage1} is not a stage-1 export")
+        if init_from is not None:
+            check_source(init_from)  # before the LM, maybe a large file, is loaded
         config = read_config(start)
         config.language_model = LanguageModelConfig(
             path=lm_path, gguf_file=lm_gguf_file, config=lm_config, tokenizer=lm_tokenizer, precision=lm_precision, eos_text=eos_text,
@@ -155,8 +159,6 @@ class Stage2Module(TrainingSkeleton):
         self.lm_text = LanguageModelText(self.lm_tokenizer, self.model.is_encoder_decoder, prompt, eos, max_text_length, split_seed)
 
     def _transfer(self, folder: str, init_projection: str) -> None:
-        from qformer.transfer import load_for_transfer, lstsq_projection
-
         old = load_for_transfer(self.model, folder)
         if init_projection == "lstsq":
             new = lstsq_projection(old, folder, self.model.language_model, self.lm_tokenizer)
