@@ -152,12 +152,12 @@ def test_one_stage2_step_with_smollm2_trains_the_qformer_and_leaves_the_llm_bit_
 @needs_smollm2
 @pytest.mark.slow
 def test_smollm2_demo_meets_its_target(tmp_path):
-    """`qformer demo --lm smollm2`: stage 2 against the real frozen SmolLM2; attribute accuracy >= 60 % on the held-out
-    test images, in under 20 minutes on 2 CPU cores. Zero-shot VQA is measured and reported, with no target."""
+    """`qformer demo --lm smollm2`: stage 2 against the real frozen SmolLM2, transferred from the stand-in's stage 2 with
+    a projection warm-up; attribute accuracy >= 60 % on the held-out test images, in under 20 minutes on 2 CPU cores. Zero-shot VQA is measured and reported, with no target."""
     assert main(["demo", "--out", str(tmp_path / "demo"), "--lm", "smollm2"]) == 0
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert results["retrieval"]["images"] >= 200  # the held-out test split
     assert results["caption"]["attribute_accuracy"] >= 60 and results["caption"]["cider"] > 0
     assert 0 <= results["vqa"]["accuracy"] <= 100 and results["vqa"]["questions"] >= 200
-    assert "SmolLM2" in results["lm"] and "lm_pretraining" not in results["seconds"]
+    assert "SmolLM2" in results["lm"] and {"lm_pretraining", "stage2_source"} <= set(results["seconds"])  # the transfer route
     assert results["seconds"]["total"] < 20 * 60

@@ -37,11 +37,15 @@ def plot_losses(out: Path, lm_path: Path) -> Path:
     axes[1].set(title="stage 1", xlabel="step", ylabel="loss")
     if axes[1].lines:
         axes[1].legend()
-    rows = _read_metrics(out / "runs" / "stage2")
-    points = [(int(r["step"]), float(r["train/loss_lm"])) for r in rows if r.get("train/loss_lm")]
-    if points:
-        axes[2].plot(*zip(*points))
+    source = out / "runs" / "stage2_source"  # the transfer route (--lm smollm2): the stand-in's stage 2 came first
+    for run, label in ((source, "stand-in LM (transfer source)"), (out / "runs" / "stage2", "SmolLM2 (transferred)")):
+        rows = _read_metrics(run) if run.is_dir() else []
+        points = [(int(r["step"]), float(r["train/loss_lm"])) for r in rows if r.get("train/loss_lm")]
+        if points:
+            axes[2].plot(*zip(*points), label=label if source.is_dir() else None)
     axes[2].set(title="stage 2 (frozen LM)", xlabel="step", ylabel="LM loss")
+    if source.is_dir() and axes[2].lines:
+        axes[2].legend()
     fig.tight_layout()
     path = out / "losses.png"
     fig.savefig(path, dpi=80)

