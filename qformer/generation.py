@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-VQA_PROMPTS = {"decoder": "Question: {} Answer:", "encoder_decoder": "Question: {} Short answer:"}
+# The papers' zero-shot VQA prompts: OPT's, and the instruction-tuned LMs' (FlanT5 in BLIP-2, every LM in
+# InstructBLIP), which otherwise answer in a sentence ("The red object is on the right.") that the VQA score counts wrong.
+VQA_PROMPTS = {"plain": "Question: {} Answer:", "instruction_tuned": "Question: {} Short answer:"}
 
 
 CAPTION_PROMPT = "a photo of"
@@ -106,9 +108,15 @@ CAPTION_GENERATION = GenerationSettings(min_new_tokens=8)  # LAVIS's COCO captio
 VQA_GENERATION = GenerationSettings(max_new_tokens=10, length_penalty=-1.0)  # LAVIS's zero-shot VQA: short answers
 
 
-def vqa_prompt(model: "Stage2Model", template: str | None = None) -> str:
-    """The question template: the given one, or the paper's for the LM's family."""
-    return template or VQA_PROMPTS["encoder_decoder" if model.is_encoder_decoder else "decoder"]
+def vqa_prompt(model: "Stage2Model", tokenizer, template: str | None = None) -> str:
+    """The question template: the given one, or the paper's for the kind of LM (`instruction_tuned`)."""
+    return template or VQA_PROMPTS["instruction_tuned" if instruction_tuned(model, tokenizer) else "plain"]
+
+
+def instruction_tuned(model: "Stage2Model", tokenizer) -> bool:
+    """An LM trained to follow instructions: an encoder-decoder (BLIP-2's are FlanT5s), or one whose tokenizer has a
+    chat template (SmolLM2-Instruct, Llama-2-chat, Vicuna in recent releases)."""
+    return model.is_encoder_decoder or bool(getattr(tokenizer, "chat_template", None))
 
 
 def lm_positions(model: "Stage2Model") -> int | None:

@@ -56,7 +56,9 @@ def test_no_module_is_much_over_300_lines_unless_it_is_one_concern():
 
 INFERENCE = """
 import json, sys
+import stages.eval.metrics
 from stages.cli import main
+stages.eval.metrics.java_available = lambda: False  # as the without_java fixture: no JVM start for `eval caption`
 stage1, stage2, data, out = sys.argv[1:5]
 commands = {
     "caption": ["caption", data + "/images/000000.png", "--model", stage2, "--max-new-tokens", "3", "--min-new-tokens", "0",

@@ -7,6 +7,7 @@ they are skipped, saying what to install. The GGUF error tests need none of it.
 import importlib.util
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from test_prompt_masking import llama_bpe
 
 from qformer.config import LanguageModelConfig, preset
 from qformer.folders import read_config, save_stage2
-from qformer.generation import CAPTION_PROMPT
+from qformer.generation import CAPTION_PROMPT, vqa_prompt
 from qformer.language_model import FrozenLanguageModel, load_lm_tokenizer
 from qformer.lm_text import IGNORE, decoder_only_batch, resolve_eos_text
 from qformer.stage2 import Stage2Model
@@ -118,6 +119,8 @@ def test_smollm2_tokenizer_conventions(smollm2):
     labelled = [tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE])
                 for ids, labels in zip(batch.input_ids.tolist(), batch.labels.tolist())]
     assert labelled == ["a small red circle\n", "a large blue square\n"]
+    # an instruct LM: its GGUF carries a chat template, so zero-shot VQA asks for a short answer (as for FlanT5)
+    assert tokenizer.chat_template and vqa_prompt(SimpleNamespace(is_encoder_decoder=False), tokenizer) == "Question: {} Short answer:"
 
 
 @needs_smollm2

@@ -85,3 +85,20 @@ def test_default_end_of_caption_is_a_newline_only_where_it_is_one_token(make, ex
     tokenizer = make()
     eos = resolve_eos_text(tokenizer, None)
     assert eos == expected and len(tokenizer(eos, add_special_tokens=False)["input_ids"]) == 1
+
+
+@pytest.mark.parametrize("encoder_decoder, chat_template, expected", [
+    (False, None, "Question: {} Answer:"),  # OPT: the BLIP-2 paper's prompt
+    (True, None, "Question: {} Short answer:"),  # FlanT5
+    (False, "{% for m in messages %}{{ m['content'] }}{% endfor %}", "Question: {} Short answer:"),  # a chat LM (SmolLM2-Instruct)
+])
+def test_the_vqa_prompt_asks_an_instruction_tuned_lm_for_a_short_answer(encoder_decoder, chat_template, expected):
+    from types import SimpleNamespace
+
+    from qformer.generation import vqa_prompt
+
+    tokenizer = byte_level_bpe()
+    tokenizer.chat_template = chat_template
+    model = SimpleNamespace(is_encoder_decoder=encoder_decoder)
+    assert vqa_prompt(model, tokenizer) == expected
+    assert vqa_prompt(model, tokenizer, "Q: {} A:") == "Q: {} A:"  # a template given is used as it is

@@ -117,13 +117,14 @@ def ask(
         image: the image file.
         question: the question, in words.
         model: a stage-2 export folder.
-        prompt_template: the question's template; default "Question: {} Answer:" (OPT), "Question: {} Short answer:" (T5).
+        prompt_template: the question's template; default "Question: {} Short answer:" for an instruction-tuned LM (FlanT5, or one
+            whose tokenizer has a chat template), "Question: {} Answer:" for others (OPT), as the papers.
         generation: beam search settings (LAVIS's VQA defaults: short answers).
         device: cpu, cuda or cuda:N.
         max_image_pixels: refuse an image whose header declares more pixels, before decoding.
     """
     stage2, tokenizer = load_stage2_on(model, device)
-    prompt = vqa_prompt(stage2, prompt_template).format(question)
+    prompt = vqa_prompt(stage2, tokenizer, prompt_template).format(question)
     check_max_new_tokens(stage2, tokenizer, [prompt], generation.max_new_tokens, prompt_name="question")
     reader = ImageReader(max_image_pixels)
     [answer] = generate_for_images(stage2, tokenizer, [image], [[prompt]], reader, generation, batch_size=1)

@@ -114,7 +114,7 @@ def answer_question(models: Models, image: str | None, question: str) -> str:
 
     if not question.strip():
         raise ValueError("type a question")
-    return _generate(models, image, vqa_prompt(models.stage2[0]).format(question.strip()), VQA_GENERATION, "question")
+    return _generate(models, image, vqa_prompt(*models.stage2).format(question.strip()), VQA_GENERATION, "question")
 
 
 def search_images(models: Models, text: str, k: int = 12, rerank: int = 0) -> list[tuple]:

@@ -125,7 +125,7 @@ def _evaluate(settings: DemoSettings, data: Path, exports: Path, out: Path, phas
     _step("eval vqa (zero-shot)")
     questions = load_questions(str(data / "test_vqa.json"))
     reader = image_source(None, features, stage2.visual_encoder, [q.image for q in questions], str(data / "test_vqa.json"))
-    vqa, answers = evaluate_vqa(stage2, lm_tokenizer, questions, reader, vqa_prompt(stage2), 64,
+    vqa, answers = evaluate_vqa(stage2, lm_tokenizer, questions, reader, vqa_prompt(stage2, lm_tokenizer), 64,
                                 dataclasses.replace(VQA_GENERATION, num_beams=settings.num_beams))
     phase("eval_vqa")
     for name, value in (("retrieval", retrieval), ("caption", caption), ("vqa", vqa), ("vqa_predictions", answers),
@@ -148,7 +148,7 @@ def _examples(settings: DemoSettings, data: Path, stage2_folder: Path, entries: 
                                    dataclasses.replace(CAPTION_GENERATION, num_beams=settings.num_beams, min_new_tokens=3))
     examples = []
     for image, caption, entry, question in zip(images, captions, entries, questions):
-        [answer] = generate_for_images(model, tokenizer, [image], [[vqa_prompt(model).format(question["question"])]], ImageReader(),
+        [answer] = generate_for_images(model, tokenizer, [image], [[vqa_prompt(model, tokenizer).format(question["question"])]], ImageReader(),
                                        VQA_GENERATION, batch_size=1)
         examples.append({"image": image, "caption": caption[0], "reference": entry["caption"][0],
                          "question": question["question"], "answer": answer[0], "expected": question["answer"][0]})

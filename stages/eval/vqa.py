@@ -96,7 +96,8 @@ def eval_vqa(
         model: a stage-2 export folder.
         options: the options every evaluation takes; --data is a question file
             ([{"question_id", "image", "question", "answer": [human answers]}]).
-        prompt_template: default "Question: {} Answer:" (OPT), "Question: {} Short answer:" (T5).
+        prompt_template: default "Question: {} Short answer:" for an instruction-tuned LM (FlanT5, or one
+            whose tokenizer has a chat template), "Question: {} Answer:" for others (OPT), as the papers.
         generation: beam search settings (LAVIS's VQA defaults: short answers).
         predictions: write the answers to this JSON file.
     """
@@ -109,7 +110,7 @@ def eval_vqa(
     questions = load_questions(options.data, options.allow_outside_root)
     reader = image_source(options.images, options.features, stage2.visual_encoder, [q.image for q in questions], options.data,
                           options.max_image_pixels, options.allow_outside_root)
-    prompt = vqa_prompt(stage2, prompt_template)
+    prompt = vqa_prompt(stage2, tokenizer, prompt_template)
     scores, answers = evaluate_vqa(stage2.to(torch_device), tokenizer, questions, reader, prompt, options.batch_size, generation,
                                    share, not options.no_progress)
     if share.is_main:
