@@ -43,7 +43,7 @@ def pretraining_text(sample: dict, rng: random.Random, encoder_decoder: bool) ->
 
     if rng.random() < 0.25:
         question, answer = rng.choice(questions_for(sample["objects"]))
-        prompt = VQA_PROMPTS["encoder_decoder" if encoder_decoder else "decoder"].format(question)
+        prompt = VQA_PROMPTS["instruction_tuned" if encoder_decoder else "plain"].format(question)
         return (prompt, answer) if encoder_decoder else (f"{prompt} ", answer)
     if encoder_decoder:
         return CAPTION_PROMPT, sample["caption"]
