@@ -30,7 +30,7 @@ OUTSIDE_OPTIONS = {
     "--no-deps", "--nnodes", "--nproc-per-node", "--rdzv-backend", "--rdzv-endpoint", "--url_list", "--input_format",
     "--url_col", "--caption_col", "--output_format", "--output_folder", "--image_size", "--resize_mode", "--rows",
     "--device", "--csv", "--no-csv", "--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--time",
-    "--signal", "--requeue", "--job-name", "--upgrade", "--durations",
+    "--signal", "--requeue", "--job-name", "--upgrade", "--durations", "--no-loadscope-reorder", "--eval-every",
 }
 # Words that stand for a command in prose ("qformer --debug COMMAND ...").
 PLACEHOLDERS = {"COMMAND", "..."}
