@@ -1,100 +1,29 @@
-"""Image-caption training data: the dataset of (image, caption) pairs, its batches and the Lightning data module.
+"""Image-caption training data: the Lightning data module over annotation files, task mixtures of them
+(`stages.data.mixture`), feature caches or shards; its dataset and batches are `stages.data.dataset`'s.
 
-Annotation files are read by `stages.data.annotations`; an image that cannot be read is skipped, counted and
-reported (or fails at once with `strict`).
+Annotation files are read by `stages.data.annotations` (instruction and VQA files by `stages.data.instructions`); an
+image that cannot be read is skipped, counted and reported (or fails at once with `strict`).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from qformer.transforms import eval_transform, train_transform
-from stages.data.annotations import Entry, clean_caption, load_annotations
-from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, UnreadableImage, check_pixel_limit
-from stages.data.sampling import ResumableSampler, sample_key, sample_rng
+from stages.data.dataset import CaptionDataset, Collate, caption_samples  # noqa: F401 (imported from here)
+from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit
+from stages.data.instructions import load_templates, read_samples
+from stages.data.mixture import (MixtureSampler, ShardMixture, describe_mixture, mixture_probabilities, parse_mixture,
+                                 shard_mixture)
+from stages.data.sampling import ResumableSampler
 from stages.data.text import BertText
 from stages.data.webdataset import ShardLoader, ShardStream, counted_samples, epoch_batches, expand_shards, is_shard_spec
-
-
-def caption_samples(entries: list[Entry], max_words: int = 50) -> list[tuple[str, str, int]]:
-    """(image path, cleaned caption, image index) for every caption: the samples of one split."""
-    image_index: dict[str, int] = {}
-    samples = []
-    for entry in entries:
-        index = image_index.setdefault(entry.image_id, len(image_index))
-        samples += [(entry.image, clean_caption(caption, max_words), index) for caption in entry.captions]
-    return samples
-
-
-class CaptionDataset(Dataset):
-    """One sample per (image, caption) pair. An unreadable image yields a `skipped` record (or raises with `strict`).
-
-    Keyed by (epoch, index) in training, a sample's random crop and flip are drawn from (`seed`, epoch, index).
-    """
-
-    def __init__(self, entries: list[Entry], image_root: str | Path, transform, max_words: int = 50, strict: bool = False,
-                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, allow_outside_root: bool = False):
-        self.reader = ImageReader(max_image_pixels, Path(image_root), allow_outside_root)  # skips are reported per batch
-        self.transform = transform
-        self.strict = strict
-        self.samples = caption_samples(entries, max_words)
-        self.seed = 0
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, key):
-        epoch, i = sample_key(key)
-        image, caption, image_index = self.samples[i]
-        try:
-            picture = self.reader.open(image)
-            if epoch is None:
-                pixels = self.transform(picture)
-            else:
-                with sample_rng(self.seed, epoch, i):
-                    pixels = self.transform(picture)
-        except UnreadableImage as error:
-            if self.strict:
-                raise
-            return {"skipped": error.path, "reason": error.reason}
-        return {"pixel_values": pixels, "caption": caption, "image_id": image_index, "sample_id": i, "epoch": epoch or 0}
-
-
-class Collate:
-    """Stacks images and turns captions into the training module's text tensors; reports the skipped samples by path.
-
-    `encode_text(captions, keys)` is the training module's (`text_encoder()`): tokenizing happens here, in the data
-    workers, once, with the tokenizer the model uses. `keys` are each sample's (epoch, index), for text randomness
-    that a resumed run draws again identically.
-
-    Skipped samples are replaced by copies of the batch's good ones (same image id, so the losses treat
-    them as positives, never as negatives): every rank keeps the same batch size, which the global-batch
-    gathers need.
-    """
-
-    def __init__(self, encode_text):
-        self.encode_text = encode_text
-
-    def __call__(self, samples: list[dict]) -> dict:
-        good = [s for s in samples if "skipped" not in s]
-        batch = {"skipped": [f"{s['skipped']} ({s['reason']})" for s in samples if "skipped" in s]}
-        if not good:
-            return batch
-        good = [good[i % len(good)] for i in range(len(samples))]
-        captions = [s["caption"] for s in good]
-        batch.update(
-            pixel_values=torch.stack([s["pixel_values"] for s in good]),
-            image_ids=torch.tensor([s["image_id"] for s in good]),
-            sample_ids=torch.tensor([s["sample_id"] for s in good]),
-            captions=captions,
-        )
-        batch.update(self.encode_text(captions, [(s.get("epoch", 0), s["sample_id"]) for s in good]))
-        return batch
 
 
 @dataclass
@@ -103,6 +32,7 @@ class ShardSplit:
 
     urls: list[str]
     samples: int | None
+    parts: list[list[str]] | None = None  # a task mixture's shards, part by part
 
     def __len__(self) -> int:
         return self.samples or 0
@@ -113,7 +43,11 @@ class CaptionDataModule(pl.LightningDataModule):
 
     Args:
         train: annotation file for training, or webdataset shards in img2dataset's layout: a spec such as
-            `/data/cc3m/{00000..00331}.tar`, several joined by `::` (see stages/shards.py).
+            `/data/cc3m/{00000..00331}.tar`, several joined by `::` (see stages/shards.py); or a task mixture, a list
+            of them, each a name or {path, weight} (`stages.data.mixture`): without weights each is drawn with
+            p ~ sqrt(its size). Caption, VQA and instruction files (`stages.data.instructions`) may be mixed.
+        templates: YAML or JSON file of task templates (caption, vqa) that make caption and VQA files instruction
+            data, drawn per sample (e.g. configs/instruct/templates.yaml). Without it captions train as captions.
         val: annotation file or shard spec for validation (optional).
         image_root: folder the annotation paths are relative to (not needed with `features` or shards).
         image_size: must equal the model's `vision_config.image_size`.
@@ -143,7 +77,7 @@ class CaptionDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        train: str,
+        train: str | list[str | dict],
         image_root: str | None = None,
         val: str | None = None,
         image_size: int = 224,
@@ -164,6 +98,7 @@ class CaptionDataModule(pl.LightningDataModule):
         resampled: bool = False,
         shuffle_buffer: int = 1000,
         caption_key: str = "caption",
+        templates: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -172,6 +107,8 @@ class CaptionDataModule(pl.LightningDataModule):
         self.resume_at: tuple[int, int] | None = None  # (epoch, batches trained) of the checkpoint resumed from
         self.resume_step = 0  # the global step of the checkpoint resumed from
         self.train_sampler: ResumableSampler | None = None
+        self.mixture: tuple[list[int], list[float]] | None = None  # (samples, probability) of each part of a mixture
+        self.instruction_files: list[str] = []  # VQA and instruction files: only an instruction-taking text encoder reads them
         for name in ("batch_size", "max_length", "max_words", "image_size"):
             if getattr(self.hparams, name) is not None and getattr(self.hparams, name) < 1:
                 raise ValueError(f"data.{name} must be at least 1, got {getattr(self.hparams, name)}")
@@ -183,9 +120,11 @@ class CaptionDataModule(pl.LightningDataModule):
         hp = self.hparams
         if hp.features is None and hp.val_features is not None:
             raise ValueError("data.val_features: give data.features too (the training split's feature cache)")
-        if hp.features is not None and (is_shard_spec(hp.train) or is_shard_spec(hp.val)):
+        self.parts = parse_mixture(hp.train)
+        self.train_spec = self.parts[0].path if len(self.parts) == 1 else None  # a single file or spec: read as always
+        if hp.features is not None and (any(is_shard_spec(p.path) for p in self.parts) or is_shard_spec(hp.val)):
             raise ValueError("data.features: a feature cache is read with annotation files, not with shards (data.train / data.val)")
-        reads_folder = hp.features is None and not (is_shard_spec(hp.train) and (hp.val is None or is_shard_spec(hp.val)))
+        reads_folder = hp.features is None and not (is_shard_spec(self.parts[0].path) and (hp.val is None or is_shard_spec(hp.val)))
         if reads_folder and hp.image_root is None:
             raise ValueError("data.image_root: give the image folder the annotation paths are relative to (or data.features)")
         if reads_folder and not Path(hp.image_root).is_dir():  # before a whole epoch of "file not found"
@@ -196,9 +135,11 @@ class CaptionDataModule(pl.LightningDataModule):
             from qformer.bert import load_tokenizer
 
             self.encode_text = BertText(load_tokenizer(hp.tokenizer_dir), hp.max_length or 32)
+        self.templates = None if hp.templates is None else load_templates(hp.templates)
+        self.instruction_files, self.mixture = [], None
         if hp.features is None:
             self.caches = []
-            self.train_set = self._dataset(hp.train, train_transform(hp.image_size, hp.hflip, tuple(hp.crop_scale)))
+            self.train_set = self._train_dataset(train_transform(hp.image_size, hp.hflip, tuple(hp.crop_scale)))
             self.val_set = None if hp.val is None else self._dataset(hp.val, eval_transform(hp.image_size))
         else:
             self._cached_datasets()
@@ -206,6 +147,8 @@ class CaptionDataModule(pl.LightningDataModule):
         if stage in (None, "fit") and len(self.train_set) < hp.batch_size * world:
             raise ValueError(f"data.train: {hp.train} has {len(self.train_set)} image-caption pairs, fewer than one batch "
                              f"(data.batch_size {hp.batch_size} x {world} process(es)); lower data.batch_size")
+        if stage in (None, "fit") and self.mixture is not None:
+            self._report_mixture()
 
     def _cached_datasets(self) -> None:
         from stages.data.feature_cache import FeatureCache
@@ -215,16 +158,49 @@ class CaptionDataModule(pl.LightningDataModule):
         train_cache.check_transform(hp.hflip, hp.crop_scale, hp.image_size)
         val_cache = train_cache if hp.val_features is None else FeatureCache(hp.val_features, "data.val_features")
         self.caches = [train_cache] + ([val_cache] if val_cache is not train_cache else [])
-        self.train_set = self._cached_dataset(hp.train, train_cache, train=True)
-        self.val_set = None if hp.val is None else self._cached_dataset(hp.val, val_cache, train=False)
+        self.train_set = self._cached_dataset([p.path for p in self.parts], train_cache, train=True)
+        self.val_set = None if hp.val is None else self._cached_dataset([hp.val], val_cache, train=False)
 
-    def _cached_dataset(self, annotations: str, cache, train: bool):
+    def _cached_dataset(self, files: list[str], cache, train: bool):
         from stages.data.feature_cache import CachedCaptionDataset
 
+        samples = self._samples(files, remember=train)
+        cache.require(list(dict.fromkeys(image for image, _, _ in samples)), ", ".join(files))
+        return CachedCaptionDataset(samples, cache, train, self.hparams.strict)
+
+    def _samples(self, files: list[str], remember: bool) -> list:
+        """The samples of the files, concatenated; for the training split, the mixture's sizes and probabilities."""
         hp = self.hparams
-        entries = load_annotations(annotations, hp.allow_outside_root)
-        cache.require([e.image for e in entries], annotations)
-        return CachedCaptionDataset(caption_samples(entries, hp.max_words), cache, train, hp.strict)
+        image_index: dict[str, int] = {}
+        tasks, per_file = zip(*(read_samples(file, self.templates, image_index, hp.max_words, hp.allow_outside_root) for file in files))
+        self.instruction_files += [file for file, task in zip(files, tasks) if task != "caption"]
+        if remember and len(files) > 1:
+            sizes = [len(samples) for samples in per_file]
+            self.mixture = sizes, mixture_probabilities(self.parts, sizes)
+        return [sample for samples in per_file for sample in samples]
+
+    def _train_dataset(self, transform) -> CaptionDataset | ShardSplit:
+        if self.train_spec is not None and is_shard_spec(self.train_spec):
+            return self._dataset(self.train_spec, transform)
+        hp = self.hparams
+        if is_shard_spec(self.parts[0].path):
+            urls, sizes, samples = shard_mixture(self.parts, hp.train_samples)
+            self.mixture = sizes, mixture_probabilities(self.parts, sizes)
+            return ShardSplit([url for part in urls for url in part], samples, urls)
+        samples = self._samples([p.path for p in self.parts], remember=True)
+        return CaptionDataset(None, hp.image_root, transform, hp.max_words, hp.strict, hp.max_image_pixels,
+                              hp.allow_outside_root, samples=samples)
+
+    def _report_mixture(self) -> None:
+        """The effective ratios: on stderr from the first process, and as `data/mixture/<i>_<file>` in the run's logs."""
+        sizes, probabilities = self.mixture
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        if rank == 0:
+            print(describe_mixture(self.parts, sizes, probabilities), file=sys.stderr)
+        logger = getattr(self.trainer, "logger", None)
+        if logger is not None:
+            logger.log_metrics({f"data/mixture/{i}_{Path(p.path).stem}": q for i, (p, q) in enumerate(zip(self.parts, probabilities))},
+                               step=0)
 
     def check_encoder(self, encoder) -> None:
         """The model's frozen encoder must be the one the feature caches were made with (or take this data's image size)."""
@@ -239,14 +215,15 @@ class CaptionDataModule(pl.LightningDataModule):
     def _dataset(self, annotations: str, transform) -> CaptionDataset | ShardSplit:
         hp = self.hparams
         if is_shard_spec(annotations):
-            option = "data.train" if annotations == hp.train else "data.val"
+            option = "data.train" if annotations == self.train_spec else "data.val"
             urls = expand_shards(annotations, option)
             samples = hp.train_samples or counted_samples(urls)
             if option == "data.train" and samples is None:
                 raise ValueError(f"data.train_samples: give the samples per epoch (a shard of {annotations} has no _stats.json)")
             return ShardSplit(urls, samples)
-        entries = load_annotations(annotations, hp.allow_outside_root)
-        return CaptionDataset(entries, hp.image_root, transform, hp.max_words, hp.strict, hp.max_image_pixels, hp.allow_outside_root)
+        samples = self._samples([annotations], remember=False)
+        return CaptionDataset(None, hp.image_root, transform, hp.max_words, hp.strict, hp.max_image_pixels, hp.allow_outside_root,
+                              samples=samples)
 
     def use_text_encoder(self, encode_text, max_length: int, setting: str) -> None:
         """The training module's text encoder; `max_length` is its model's `setting`, which data.max_length must equal."""
@@ -258,6 +235,9 @@ class CaptionDataModule(pl.LightningDataModule):
     def _collate(self) -> Collate:
         if self.encode_text is None:
             raise ValueError("data.tokenizer_dir: give a BERT tokenizer folder (the training module sets its own when used with one)")
+        if self.instruction_files and not getattr(self.encode_text, "takes_instructions", False):
+            raise ValueError(f"data.train: {self.instruction_files[0]} holds instructions (a VQA or instruction file); this "
+                             f"stage trains on captions only (stage 1): give it caption files")
         return Collate(self.encode_text)
 
     def _loader(self, dataset, sampler=None) -> DataLoader:
@@ -282,9 +262,15 @@ class CaptionDataModule(pl.LightningDataModule):
         workers = hp.num_workers if train else 0  # validation: each process reads every name, decodes its share
         transform = train_transform(hp.image_size, hp.hflip, tuple(hp.crop_scale)) if train else eval_transform(hp.image_size)
         batches = epoch_batches(split.samples, hp.batch_size, world, workers, "data.train") if train else None
-        stream = ShardStream(split.urls, transform, self._collate(), hp.batch_size, rank, world, workers,
-                             self.data_seed, train, batches, hp.resampled, hp.shuffle_buffer, hp.caption_key, hp.max_words,
-                             hp.max_image_pixels)
+
+        def stream_of(urls: list[str]) -> ShardStream:
+            return ShardStream(urls, transform, self._collate(), hp.batch_size, rank, world, workers, self.data_seed, train,
+                               batches, hp.resampled, hp.shuffle_buffer, hp.caption_key, hp.max_words, hp.max_image_pixels)
+
+        if train and split.parts is not None:  # a mixture: each batch from one part's stream
+            stream = ShardMixture([stream_of(urls) for urls in split.parts], self.mixture[1], batches)
+        else:
+            stream = stream_of(split.urls)
         stream.restart = self.resume_step if train else 0
         return ShardLoader(stream, lambda: self.trainer.current_epoch if self.trainer is not None else 0, workers)
 
@@ -294,7 +280,10 @@ class CaptionDataModule(pl.LightningDataModule):
             return self._shard_loader(self.train_set, train=True)
         rank, world = self._rank_and_world()
         self.train_set.seed = self.data_seed
-        self.train_sampler = ResumableSampler(self.train_set, self.hparams.batch_size, world, rank, self.data_seed)
+        if self.mixture is None:
+            self.train_sampler = ResumableSampler(self.train_set, self.hparams.batch_size, world, rank, self.data_seed)
+        else:
+            self.train_sampler = MixtureSampler(self.train_set, self.hparams.batch_size, world, rank, self.data_seed, *self.mixture)
         self.train_sampler.resume_at = self.resume_at
         return self._loader(self.train_set, self.train_sampler)
 

@@ -40,5 +40,9 @@ class ResumableSampler(DistributedSampler):
         if self.resume_at is not None and self.resume_at[0] == self.epoch:
             skip = self.resume_at[1] * self.batch_size
             self.resume_at = None
-        for index in list(super().__iter__())[skip:]:
+        for index in self.epoch_indices()[skip:]:
             yield self.epoch, index
+
+    def epoch_indices(self) -> list[int]:
+        """This process's sample indices of the epoch, in order (`stages.data.mixture.MixtureSampler` draws its own)."""
+        return list(super().__iter__())

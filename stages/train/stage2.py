@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 
 import torch
 
@@ -13,6 +14,7 @@ from qformer.language_model import load_lm_tokenizer
 from qformer.lm_text import decoder_only_batch, encoder_decoder_batch, resolve_eos_text, split_caption
 from qformer.stage2 import Stage2Model
 from qformer.transfer import check_source, load_for_transfer, lstsq_projection
+from stages.data.text import qformer_instruction_tokens
 from stages.distributed import gather_objects
 from stages.train.base import TrainingSkeleton, checkpoint_callbacks
 from stages.train.optim import HeadStart, drop_held_gradients
@@ -21,29 +23,61 @@ log = logging.getLogger(__name__)
 
 
 class LanguageModelText:
-    """Captions -> the frozen LM's input and labels, in the data workers (`stages.data.captions.Collate`).
+    """Captions (and instructions) -> the frozen LM's input and labels, in the data workers (`stages.data.captions.Collate`).
 
     Decoder-only: [prompt ; caption + eos], loss on the caption. Encoder-decoder: the prompt into the encoder and the
     caption as the target, or, with no prompt (the paper's pre-training), each caption split at a random word into
     prefix and suffix, drawn from (split_seed, epoch, sample index) so that a resumed run splits as the first did.
+    Instruction data (`stages.data.instructions`): a sample's instruction is its prompt (decoder-only: followed by a
+    space unless it ends in one, so that its last word and the output's first stay apart), the caption its output;
+    a sample without one takes `prompt`. With `qformer_tokenizer` (an instruction-aware Q-Former, `qformer_text_input`)
+    the batch also carries each sample's instruction (or prompt) in the Q-Former's tokens
+    (`stages.data.text.qformer_instruction_tokens`).
     """
 
-    def __init__(self, tokenizer, encoder_decoder: bool, prompt: str, eos_text: str | None, max_length: int, split_seed: int):
+    takes_instructions = True  # the data module gives this encoder VQA and instruction files
+
+    def __init__(self, tokenizer, encoder_decoder: bool, prompt: str, eos_text: str | None, max_length: int, split_seed: int,
+                 qformer_tokenizer=None):
         self.tokenizer, self.encoder_decoder, self.prompt = tokenizer, encoder_decoder, prompt
         self.eos_text, self.max_length, self.split_seed = eos_text, max_length, split_seed
+        self.qformer_tokenizer = qformer_tokenizer
 
-    def __call__(self, captions: list[str], keys: list[tuple[int, int]]) -> dict:
-        return {"lm_text": self.batch(captions, keys).as_kwargs()}
+    def __call__(self, captions: list[str], keys: list[tuple[int, int]], instructions: list[str | None] | None = None) -> dict:
+        text = {"lm_text": self.batch(captions, keys, instructions).as_kwargs()}
+        if self.qformer_tokenizer is not None:
+            prompts = [self.prompt if i is None else i for i in instructions or [None] * len(captions)]
+            text.update(qformer_instruction_tokens(self.qformer_tokenizer, prompts))
+        return text
 
-    def batch(self, captions: list[str], keys: list[tuple[int, int]]):
+    def batch(self, captions: list[str], keys: list[tuple[int, int]], instructions: list[str | None] | None = None):
+        instructions = instructions or [None] * len(captions)
         if not self.encoder_decoder:
-            return decoder_only_batch(self.tokenizer, captions, self.prompt, self.eos_text, self.max_length)
-        if self.prompt:
-            prefixes, targets = [self.prompt] * len(captions), captions
-        else:
-            prefixes, targets = zip(*(split_caption(c, random.Random(f"{self.split_seed}:{epoch}:{index}"))
-                                      for c, (epoch, index) in zip(captions, keys)))
+            prompts = [self.prompt if i is None else i if i[-1:].isspace() else i + " " for i in instructions]
+            return decoder_only_batch(self.tokenizer, captions, prompts, self.eos_text, self.max_length)
+        prompts = [self.prompt if i is None else i for i in instructions]
+        prefixes, targets = zip(*(self._encoder_decoder_pair(c, p, key) for c, p, key in zip(captions, prompts, keys)))
         return encoder_decoder_batch(self.tokenizer, list(prefixes), list(targets), self.max_length)
+
+    def _encoder_decoder_pair(self, caption: str, prompt: str, key: tuple[int, int]) -> tuple[str, str]:
+        if prompt:
+            return prompt, caption
+        epoch, index = key
+        return split_caption(caption, random.Random(f"{self.split_seed}:{epoch}:{index}"))
+
+
+def instruction_tokenizer(config, start: str):
+    """The Q-Former's BERT tokenizer (the start folder's `tokenizer/`) when the model is instruction-aware
+    (`qformer_text_input`): the data workers then give the batch the instructions in its tokens; else None."""
+    if not getattr(config, "qformer_text_input", False):
+        return None
+    from qformer.bert import load_tokenizer
+
+    folder = Path(start) / "tokenizer"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model.stage1 / model.init_from: {start} has no tokenizer/ folder, the Q-Former's BERT "
+                                f"tokenizer an instruction-aware model (qformer_text_input) reads its instructions with")
+    return load_tokenizer(folder)
 
 
 def check_start(stage1, init_from, init_projection: str, warmup_steps: int, lr_scale: float) -> None:
@@ -156,7 +190,8 @@ class Stage2Module(TrainingSkeleton):
         else:
             self._transfer(init_from, init_projection)
         eos = None if self.model.is_encoder_decoder else resolve_eos_text(self.lm_tokenizer, config.language_model.eos_text)
-        self.lm_text = LanguageModelText(self.lm_tokenizer, self.model.is_encoder_decoder, prompt, eos, max_text_length, split_seed)
+        self.lm_text = LanguageModelText(self.lm_tokenizer, self.model.is_encoder_decoder, prompt, eos, max_text_length, split_seed,
+                                         instruction_tokenizer(config, start))
 
     def _transfer(self, folder: str, init_projection: str) -> None:
         old = load_for_transfer(self.model, folder)
@@ -180,7 +215,8 @@ class Stage2Module(TrainingSkeleton):
         return self.lm_text, self.hparams.max_text_length, "model.max_text_length"
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        return self.model(batch["pixel_values"], **batch["lm_text"])
+        instruction = {k: batch[k] for k in ("qformer_input_ids", "qformer_attention_mask") if k in batch}
+        return self.model(batch["pixel_values"], **batch["lm_text"], **instruction)
 
     def training_loss(self, batch: dict) -> torch.Tensor:
         loss = self._loss(batch)
