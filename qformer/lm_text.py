@@ -29,39 +29,54 @@ class TextBatch:
         return kwargs
 
 
-def decoder_only_batch(tokenizer, texts: list[str], prompt: str = "", eos_text: str = DEFAULT_EOS_TEXT, max_length: int = 32) -> TextBatch:
+def decoder_only_batch(tokenizer, texts: list[str], prompt: str | list[str] = "", eos_text: str = DEFAULT_EOS_TEXT,
+                       max_length: int = 32) -> TextBatch:
     """`prompt + text + eos_text` right-padded; labels only on the text and eos (not BOS, prompt or padding).
+
+    `prompt` is one for every text, or one per text (an instruction: InstructBLIP's `[instruction ; output + eos]`).
 
     The prompt is masked as its tokens occur in the full text, not as `len(tokenizer(prompt))`: a byte-level BPE
     (OPT, GPT-2, SmolLM2) tokenises the trailing space of "a photo of " on its own, but in "a photo of a dog"
     that space belongs to the next word, whose token must stay in the loss.
     """
+    prompts = [prompt] * len(texts) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(texts):
+        raise ValueError(f"decoder_only_batch: {len(prompts)} prompts for {len(texts)} texts")
     tokenizer.padding_side = "right"
     fast = getattr(tokenizer, "is_fast", False)  # then one tokenisation gives the ids and the character offsets
-    tokens = tokenizer([prompt + t + eos_text for t in texts], padding="longest", truncation=True, max_length=max_length,
+    prompts = [joined(p, t) for p, t in zip(prompts, texts)]
+    tokens = tokenizer([p + t + eos_text for p, t in zip(prompts, texts)], padding="longest", truncation=True, max_length=max_length,
                        return_tensors="pt", return_offsets_mapping=fast, return_special_tokens_mask=fast)
     labels = tokens["input_ids"].masked_fill(tokens["attention_mask"] == 0, IGNORE)
-    for row, length in enumerate(prompt_token_counts(tokenizer, tokens, prompt)):
+    for row, length in enumerate(prompt_token_counts(tokenizer, tokens, prompts)):
         labels[row, :length] = IGNORE
     return TextBatch(tokens["input_ids"], tokens["attention_mask"], labels)
 
 
-def prompt_token_counts(tokenizer, tokens, prompt: str) -> list[int]:
-    """Per row of `tokens`, how many leading tokens (special ones included) lie entirely inside `prompt`.
+def joined(prompt: str, text: str) -> str:
+    """The prompt as it stands before `text`: a space between them where neither has one ("Short answer:" + "red",
+    "a photo of" + "a dog"); as it is otherwise (an empty prompt, "a photo of " + "a dog", "a photo of" + " a dog")."""
+    if prompt and not prompt[-1].isspace() and text and not text[0].isspace():
+        return prompt + " "
+    return prompt
+
+
+def prompt_token_counts(tokenizer, tokens, prompts: list[str]) -> list[int]:
+    """Per row of `tokens`, how many leading tokens (special ones included) lie entirely inside that row's prompt.
 
     From character offsets when the tokenizer is fast; otherwise by the common start of the ids of the prompt
     alone and of the whole text (a token the prompt shares with the text is then not counted).
     """
     counts = []
     if "offset_mapping" in tokens:
-        for offsets, special in zip(tokens["offset_mapping"].tolist(), tokens["special_tokens_mask"].tolist()):
+        for offsets, special, prompt in zip(tokens["offset_mapping"].tolist(), tokens["special_tokens_mask"].tolist(), prompts):
             count = 0
             while count < len(offsets) and (special[count] or offsets[count][1] <= len(prompt)):
                 count += 1
             counts.append(count)
         return counts
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    for ids in tokens["input_ids"].tolist():
+    for ids, prompt in zip(tokens["input_ids"].tolist(), prompts):
+        prompt_ids = tokenizer(prompt)["input_ids"]
         count = 0
         while count < min(len(ids), len(prompt_ids)) and ids[count] == prompt_ids[count]:
             count += 1
