@@ -24,7 +24,7 @@ OPT = dict(model_type="opt", vocab_size=128, hidden_size=32, ffn_dim=64, num_hid
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
-    make_dataset(folder, num_images=8, seed=1)
+    make_dataset(folder, num_images=20, seed=1)  # 2 test images
     return folder
 
 
@@ -160,3 +160,87 @@ def test_generation_gives_the_prompt_to_the_qformer_too(data):
     model.generate = lambda *args, **kwargs: seen.append(kwargs) or original(*args, **kwargs)
     assert generate_text(model, lm_tokenizer, pixels, prompts, settings) == texts
     assert torch.equal(seen[0]["qformer_input_ids"], instruction_tokens(model.instruction_tokenizer, prompts)["qformer_input_ids"])
+
+
+@pytest.fixture(scope="module")
+def instruct_export(data, tmp_path_factory):
+    torch.manual_seed(0)
+    return save_stage2(instruct_model(data), load_tokenizer_lm(data), tmp_path_factory.mktemp("instruct") / "export")
+
+
+@pytest.fixture
+def qformer_reads(monkeypatch):
+    """The prompts that reach the Q-Former (as `generate_text` tokenises them) and whether the model got the tokens."""
+    import qformer.generation
+
+    seen = {"prompts": [], "calls_with_tokens": 0, "calls": 0}
+    tokenise = qformer.generation.instruction_tokens
+
+    def recording_tokens(tokenizer, prompts, *args):
+        seen["prompts"] += list(prompts)
+        return tokenise(tokenizer, prompts, *args)
+
+    generate = Stage2Model.generate
+
+    def recording_generate(self, *args, **kwargs):
+        seen["calls"] += 1
+        seen["calls_with_tokens"] += kwargs.get("qformer_input_ids") is not None
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(qformer.generation, "instruction_tokens", recording_tokens)
+    monkeypatch.setattr(Stage2Model, "generate", recording_generate)
+    return seen
+
+
+def test_eval_vqa_gives_each_question_prompt_to_the_qformer(instruct_export, data, qformer_reads):
+    import json
+
+    from stages.eval.common import EvalOptions
+    from stages.eval.vqa import eval_vqa
+
+    short = GenerationSettings(num_beams=1, max_new_tokens=2)
+    options = EvalOptions(data=str(data / "test_vqa.json"), images=str(data), batch_size=4, no_progress=True)
+    assert eval_vqa(model=str(instruct_export), options=options, generation=short) == 0
+    questions = [q["question"] for q in json.loads((data / "test_vqa.json").read_text())]
+    assert sorted(qformer_reads["prompts"]) == sorted(f"Question: {q} Answer:" for q in questions)
+    assert qformer_reads["calls"] == qformer_reads["calls_with_tokens"] > 0
+
+
+def test_eval_caption_gives_the_caption_prompt_to_the_qformer(instruct_export, data, qformer_reads, without_java):
+    from stages.eval.caption import eval_caption
+    from stages.eval.common import EvalOptions
+
+    short = GenerationSettings(num_beams=1, max_new_tokens=2)
+    options = EvalOptions(data=str(data / "test.json"), images=str(data), batch_size=4, no_progress=True)
+    assert eval_caption(model=str(instruct_export), options=options, prompt="a short image caption:", generation=short) == 0
+    assert set(qformer_reads["prompts"]) == {"a short image caption:"} and len(qformer_reads["prompts"]) > 0
+    assert qformer_reads["calls"] == qformer_reads["calls_with_tokens"] > 0
+
+
+def test_ask_gives_the_instruction_as_it_is(instruct_export, data, qformer_reads, capsys):
+    from stages.apps.generate import ask
+
+    image = next(data.glob("images/*.png"))
+    assert ask(str(image), "what is the color of the circle ?", model=str(instruct_export),
+               generation=GenerationSettings(num_beams=1, max_new_tokens=2)) == 0
+    assert qformer_reads["prompts"] == ["what is the color of the circle ?"] and qformer_reads["calls_with_tokens"] == 1
+    assert ask(str(image), "what is it ?", model=str(instruct_export), prompt_template="Question: {} Short answer:",
+               generation=GenerationSettings(num_beams=1, max_new_tokens=2)) == 0
+    assert qformer_reads["prompts"][-1] == "Question: what is it ? Short answer:"
+
+
+def test_from_a_plain_stage2_export_the_text_weights_come_from_stage1(stage1_export, data, tmp_path):
+    lm = dict(lm_config=OPT, lm_tokenizer=str(data / "lm_tokenizer_decoder"), lm_precision="fp32", eos_text="</s>")
+    plain = Stage2Module(str(stage1_export), **lm).model
+    with torch.no_grad():
+        plain.qformer.query_tokens.add_(1.0)  # as if stage 2 had trained it
+    folder = save_stage2(plain, load_tokenizer_lm(data), tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"plain BLIP-2 stage-2 export.*give model.stage1 too"):
+        Stage2Module(init_from=str(folder), qformer_text_input=True, **lm)
+    model = Stage2Module(str(stage1_export), init_from=str(folder), qformer_text_input=True, **lm).model
+    stage1 = load_file(str(stage1_export / "model.safetensors"))
+    for key in ("qformer.embeddings.word_embeddings.weight", "qformer.layers.0.text_ffn.fc2.weight"):
+        assert torch.equal(model.state_dict()[key], stage1[key]), key
+    assert torch.equal(model.qformer.query_tokens, plain.qformer.query_tokens)  # the rest from the stage-2 export
+    with pytest.raises(ValueError, match="give exactly one"):
+        Stage2Module(str(stage1_export), init_from=str(folder), **lm)  # both, for a plain model: as before
