@@ -87,6 +87,9 @@ class Blip2Config:
     image_text_hidden_size: int = 256  # ITC projection width
     max_text_length: int = 32  # tokens per caption in stage 1
     language_model: LanguageModelConfig | None = None  # stage 2 only
+    # Stage 2: the instruction's BERT tokens follow the queries in the Q-Former's self-attention (InstructBLIP; the
+    # BLIP-2 VQA fine-tune). The Q-Former then keeps its word/position embeddings and text feed-forward weights.
+    qformer_text_input: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

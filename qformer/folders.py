@@ -22,8 +22,16 @@ from qformer.stage2 import Stage2Model
 FORMAT = {"format": "qformer-export", "version": 1}
 FROZEN_PREFIX = "visual_encoder."
 LM_PREFIX = "language_model."
-# Stage-1 weights that stage 2 does not use (the Q-Former's text side and the stage-1 heads).
-STAGE1_ONLY = ("qformer.embeddings.word_embeddings.", "qformer.embeddings.position_embeddings.", "vision_proj.", "text_proj.", "itm_head.", "lm_head.", "temp")
+# Stage-1 weights that stage 2 does not use: the stage-1 heads, and the Q-Former's text side unless the stage-2 model is
+# instruction-aware (`qformer_text_input`: the instruction's tokens need the word/position embeddings and text FFNs).
+STAGE1_HEADS = ("vision_proj.", "text_proj.", "itm_head.", "lm_head.", "temp")
+TEXT_EMBEDDINGS = ("qformer.embeddings.word_embeddings.", "qformer.embeddings.position_embeddings.")
+STAGE1_ONLY = TEXT_EMBEDDINGS + STAGE1_HEADS
+
+
+def is_text_weight(key: str) -> bool:
+    """The Q-Former's text side: word/position embeddings and every layer's text feed-forward."""
+    return key.startswith(TEXT_EMBEDDINGS) or ".text_ffn." in key
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -137,6 +145,10 @@ def write_stage2(model: Stage2Model, lm_tokenizer, folder: Path, dest: Path, sou
         lm.path, lm.config = "language_model", None
     lm_tokenizer.save_pretrained(str(folder / "lm_tokenizer"))
     lm.tokenizer = "lm_tokenizer"
+    if config.qformer_text_input:  # the Q-Former's tokenizer travels along, as in a stage-1 export
+        if model.instruction_tokenizer is None:
+            raise ValueError(f"{source}: an instruction-aware model needs its Q-Former's tokenizer (model.instruction_tokenizer) to be exported")
+        model.instruction_tokenizer.save_pretrained(str(folder / "tokenizer"))
     config.save(folder / "config.json")
     _write_marker(folder, 2)
 
@@ -212,6 +224,10 @@ def load_stage2(folder: str | Path, map_location: str = "cpu") -> tuple[Stage2Mo
     config = read_config(folder)
     model = Stage2Model(config)
     load_strict(model, read_safetensors(folder / "model.safetensors", device=map_location), str(folder), (FROZEN_PREFIX, LM_PREFIX))
+    if config.qformer_text_input:
+        from qformer.bert import load_tokenizer
+
+        model.instruction_tokenizer = load_tokenizer(folder / "tokenizer")
     return model.eval(), load_lm_tokenizer(config.language_model)
 
 
@@ -223,15 +239,32 @@ def load_model(folder: str | Path):
 
 
 def load_stage1_into_stage2(model: Stage2Model, folder: str | Path) -> list[str]:
-    """Stage 2 starts from the stage-1 Q-Former: strict, except the stage-1-only parts, which are returned."""
+    """Stage 2 starts from the stage-1 Q-Former: strict, except the stage-1-only parts, which are returned.
+
+    An instruction-aware model keeps the Q-Former's text side too (InstructBLIP keeps what BLIP-2's stage 2 drops).
+    """
     folder = Path(folder)
     if read_export_info(folder).get("stage") != 1:
         raise ValueError(f"model.stage1: {folder} is not a stage-1 export")
     state = read_safetensors(folder / "model.safetensors")
-    unused = sorted(k for k in state if k.startswith(STAGE1_ONLY) or ".text_ffn." in k)
+    drop_text = not model.config.qformer_text_input
+    unused = sorted(k for k in state if k.startswith(STAGE1_HEADS) or (drop_text and is_text_weight(k)))
     kept = {k: v for k, v in state.items() if k not in unused}
     load_strict(model, kept, str(folder), (FROZEN_PREFIX, LM_PREFIX, "language_projection."))
     return unused
+
+
+def load_text_weights(model: Stage2Model, folder: str | Path) -> None:
+    """An instruction-aware model started from a plain stage-2 export takes the Q-Former's text side (word/position
+    embeddings, text FFNs), which BLIP-2's stage 2 drops, from the stage-1 export that stage 2 started from."""
+    folder = Path(folder)
+    if read_export_info(folder).get("stage") != 1:
+        raise ValueError(f"model.stage1: {folder} is not a stage-1 export")
+    text = {k: v for k, v in read_safetensors(folder / "model.safetensors").items() if is_text_weight(k)}
+    wanted = {k for k in model.state_dict() if is_text_weight(k)}
+    if set(text) != wanted:
+        raise ValueError(f"model.stage1: {folder} lacks the Q-Former's text weights {sorted(wanted - set(text))[:3]}")
+    load_strict(model, text, str(folder), tuple(k for k in model.state_dict() if not is_text_weight(k)))
 
 
 def load_strict(model: torch.nn.Module, state: dict, source: str, may_miss: tuple[str, ...] = (FROZEN_PREFIX,)) -> None:

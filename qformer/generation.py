@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from qformer.instruction import instruction_tokens
 from qformer.lm_text import resolve_eos_text
 
 if TYPE_CHECKING:
@@ -40,6 +41,16 @@ def prompt_batch(tokenizer, prompts: list[str], encoder_decoder: bool, max_lengt
         tokenizer.truncation_side = "right"
     tokenizer.padding_side = "right"
     return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+
+def instruction_batch(model: "Stage2Model", prompts: list[str]) -> dict:
+    """The prompts as the Q-Former's instruction (`qformer_input_ids`, ...) for an instruction-aware model; else {}."""
+    if not model.config.qformer_text_input:
+        return {}
+    if model.instruction_tokenizer is None:
+        raise ValueError("an instruction-aware model needs its Q-Former's tokenizer (model.instruction_tokenizer; "
+                         "load_stage2 sets it from the export's tokenizer/ folder)")
+    return instruction_tokens(model.instruction_tokenizer, prompts)
 
 
 def decode_generated(tokenizer, ids: Tensor, eos_text: str | None) -> list[str]:
@@ -173,9 +184,12 @@ def generate_text(
     prompts: list[str],
     settings: GenerationSettings = GenerationSettings(),
 ) -> list[str]:
-    """Captions or answers for a batch of images, one prompt each."""
+    """Captions or answers for a batch of images, one prompt each; an instruction-aware model's Q-Former reads the
+    prompt too (its instruction, as LAVIS's and transformers' InstructBLIP give the same text to both)."""
     room = prompt_room(model, settings.max_new_tokens)
-    batch = {k: v.to(pixel_values.device) for k, v in prompt_batch(tokenizer, prompts, model.is_encoder_decoder, room).items()}
+    batch = prompt_batch(tokenizer, prompts, model.is_encoder_decoder, room)
+    batch.update(instruction_batch(model, prompts))
+    batch = {k: v.to(pixel_values.device) for k, v in batch.items()}
     kwargs = dict(
         num_beams=settings.num_beams,
         max_new_tokens=settings.max_new_tokens,

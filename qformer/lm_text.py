@@ -32,21 +32,33 @@ class TextBatch:
 def decoder_only_batch(tokenizer, texts: list[str], prompt: str | list[str] = "", eos_text: str = DEFAULT_EOS_TEXT,
                        max_length: int = 32) -> TextBatch:
     """`prompt + text + eos_text` right-padded; labels only on the text and eos (not BOS, prompt or padding).
-    `prompt` is one for every text, or one per text (instruction data).
+
+    `prompt` is one for every text, or one per text (an instruction: InstructBLIP's `[instruction ; output + eos]`).
 
     The prompt is masked as its tokens occur in the full text, not as `len(tokenizer(prompt))`: a byte-level BPE
     (OPT, GPT-2, SmolLM2) tokenises the trailing space of "a photo of " on its own, but in "a photo of a dog"
     that space belongs to the next word, whose token must stay in the loss.
     """
+    prompts = [prompt] * len(texts) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(texts):
+        raise ValueError(f"decoder_only_batch: {len(prompts)} prompts for {len(texts)} texts")
     tokenizer.padding_side = "right"
     fast = getattr(tokenizer, "is_fast", False)  # then one tokenisation gives the ids and the character offsets
-    prompts = [prompt] * len(texts) if isinstance(prompt, str) else prompt
-    tokens = tokenizer([p + t + eos_text for p, t in zip(prompts, texts)], padding="longest", truncation=True,
-                       max_length=max_length, return_tensors="pt", return_offsets_mapping=fast, return_special_tokens_mask=fast)
+    prompts = [joined(p, t) for p, t in zip(prompts, texts)]
+    tokens = tokenizer([p + t + eos_text for p, t in zip(prompts, texts)], padding="longest", truncation=True, max_length=max_length,
+                       return_tensors="pt", return_offsets_mapping=fast, return_special_tokens_mask=fast)
     labels = tokens["input_ids"].masked_fill(tokens["attention_mask"] == 0, IGNORE)
     for row, length in enumerate(prompt_token_counts(tokenizer, tokens, prompts)):
         labels[row, :length] = IGNORE
     return TextBatch(tokens["input_ids"], tokens["attention_mask"], labels)
+
+
+def joined(prompt: str, text: str) -> str:
+    """The prompt as it stands before `text`: a space between them where neither has one ("Short answer:" + "red",
+    "a photo of" + "a dog"); as it is otherwise (an empty prompt, "a photo of " + "a dog", "a photo of" + " a dog")."""
+    if prompt and not prompt[-1].isspace() and text and not text[0].isspace():
+        return prompt + " "
+    return prompt
 
 
 def prompt_token_counts(tokenizer, tokens, prompt: str | list[str]) -> list[int]:

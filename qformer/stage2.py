@@ -4,6 +4,11 @@ The 32 query outputs, projected to the LM's width, are soft visual prompts place
 * decoder-only (OPT, Llama, any causal LM): `[soft prompts ; embed(BOS + prompt + text + eos_text)]`, loss on the text only;
 * encoder-decoder (FlanT5, any seq2seq LM): encoder `[soft prompts ; embed(prefix)]`, decoder target = suffix.
 
+An instruction-aware model (`config.qformer_text_input`, InstructBLIP) also gives the Q-Former the instruction
+(`qformer_input_ids`, see `qformer.instruction`), which the LM reads as its prompt: decoder-only
+`[soft prompts ; instruction ; output + eos]`, loss on the output; encoder-decoder: encoder `[soft prompts ;
+instruction]`, decoder the output.
+
 Shapes: B batch, Q queries, L tokens, H the LM's embedding width.
 """
 
@@ -16,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qformer.config import Blip2Config
+from qformer.instruction import instruction_attention
 from qformer.language_model import FrozenLanguageModel
 from qformer.lm_text import IGNORE
 from qformer.qformer import QFormer
@@ -33,7 +39,10 @@ class Stage2Model(nn.Module):
         qc = config.qformer_config
         self.visual_encoder = FrozenImageEncoder(config.vision_config)
         self.ln_vision = nn.LayerNorm(self.visual_encoder.width, eps=config.vision_config.ln_vision_eps)
-        self.qformer = QFormer(qc, config.num_query_tokens, with_text=False)
+        self.qformer = QFormer(qc, config.num_query_tokens, with_text=config.qformer_text_input)
+        # The Q-Former's BERT tokenizer, for an instruction-aware model: set by whoever loads one (`load_stage2`, the
+        # training module), so that `generate_text` can give the Q-Former the prompt as its instruction.
+        self.instruction_tokenizer = None
         self.language_model = language_model or FrozenLanguageModel(config.language_model)
         self.language_projection = nn.Linear(qc.hidden_size, self.language_model.width)
         self.qformer._init_weights(self.language_projection)
@@ -42,15 +51,32 @@ class Stage2Model(nn.Module):
     def is_encoder_decoder(self) -> bool:
         return self.language_model.is_encoder_decoder
 
-    def soft_prompts(self, pixel_values: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, Q, H_lm) in the LM's dtype."""
+    def soft_prompts(self, pixel_values: Tensor, qformer_input_ids: Tensor | None = None,
+                     qformer_attention_mask: Tensor | None = None) -> Tensor:
+        """(B, 3, H, W), and for an instruction-aware model the instruction (B, L) -> (B, Q, H_lm) in the LM's dtype."""
         image_embeds = self.ln_vision(self.visual_encoder(pixel_values))
-        query_output = self.qformer(image_embeds=image_embeds).last_hidden_state  # (B, Q, D)
+        query_output = self.query_output(image_embeds, qformer_input_ids, qformer_attention_mask)  # (B, Q, D)
         dtype = self.language_model.compute_dtype(pixel_values.device)
         return self.language_projection(query_output).to(dtype)
 
-    def _with_prompts(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        prompts = self.soft_prompts(pixel_values)  # (B, Q, H)
+    def query_output(self, image_embeds: Tensor, qformer_input_ids: Tensor | None, qformer_attention_mask: Tensor | None) -> Tensor:
+        """The Q-Former's Q query outputs (B, Q, D); an instruction's tokens follow the queries and are dropped after."""
+        if (qformer_input_ids is not None) != self.config.qformer_text_input:
+            raise ValueError("an instruction-aware model (qformer_text_input) needs qformer_input_ids, and only it takes them"
+                             f" (this model: qformer_text_input={self.config.qformer_text_input})")
+        if qformer_input_ids is None:
+            return self.qformer(image_embeds=image_embeds).last_hidden_state
+        if qformer_attention_mask is None:
+            qformer_attention_mask = torch.ones_like(qformer_input_ids)
+        Q = self.config.num_query_tokens
+        # text_mask: the padded instruction positions skip their per-token work; no one reads their outputs.
+        output = self.qformer(input_ids=qformer_input_ids, attention_mask=instruction_attention(Q, qformer_attention_mask),
+                              image_embeds=image_embeds, text_mask=qformer_attention_mask)
+        return output.last_hidden_state[:, :Q]
+
+    def _with_prompts(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                      qformer_input_ids: Tensor | None = None, qformer_attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        prompts = self.soft_prompts(pixel_values, qformer_input_ids, qformer_attention_mask)  # (B, Q, H)
         self.language_model.use_attention_for(prompts.device)
         embeds = torch.cat([prompts, self.language_model.embed(input_ids)], dim=1)  # (B, Q + L, H)
         ones = torch.ones(prompts.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
@@ -63,9 +89,11 @@ class Stage2Model(nn.Module):
         attention_mask: Tensor,
         labels: Tensor,  # decoder-only: aligned with input_ids, IGNORE outside the text (always on BOS); else: targets
         decoder_attention_mask: Tensor | None = None,
+        qformer_input_ids: Tensor | None = None,  # instruction-aware model: the instruction in BERT tokens (B, L_q)
+        qformer_attention_mask: Tensor | None = None,
     ) -> Tensor:
         """The LM's own cross-entropy with soft visual prompts in front."""
-        embeds, mask = self._with_prompts(pixel_values, input_ids, attention_mask)
+        embeds, mask = self._with_prompts(pixel_values, input_ids, attention_mask, qformer_input_ids, qformer_attention_mask)
         lm = self.language_model.model
         if self.is_encoder_decoder:
             return lm(inputs_embeds=embeds, attention_mask=mask, labels=labels, decoder_attention_mask=decoder_attention_mask).loss
@@ -87,12 +115,13 @@ class Stage2Model(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
 
     @torch.no_grad()
-    def generate(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, **generate_kwargs) -> Tensor:
+    def generate(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, qformer_input_ids: Tensor | None = None,
+                 qformer_attention_mask: Tensor | None = None, **generate_kwargs) -> Tensor:
         """Token ids generated after [soft prompts ; prompt] by the LM's own `generate` (new tokens only).
 
-        For decoder-only LMs a batch of prompts must be left-padded.
+        For decoder-only LMs a batch of prompts must be left-padded (the Q-Former's instruction is padded on the right).
         """
-        embeds, mask = self._with_prompts(pixel_values, input_ids, attention_mask)
+        embeds, mask = self._with_prompts(pixel_values, input_ids, attention_mask, qformer_input_ids, qformer_attention_mask)
         return self.language_model.model.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
 
     def trainable_parameters(self) -> int:

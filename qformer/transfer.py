@@ -16,7 +16,7 @@ from torch import Tensor
 
 from qformer.config import Blip2Config
 from qformer.files import read_safetensors
-from qformer.folders import FROZEN_PREFIX, LM_PREFIX, load_strict, read_config, read_export_info
+from qformer.folders import FROZEN_PREFIX, LM_PREFIX, TEXT_EMBEDDINGS, is_text_weight, load_strict, read_config, read_export_info
 
 PROJECTION = "language_projection."
 # The image encoder's fields that change the features the Q-Former was trained on (not where its file lies).
@@ -42,7 +42,12 @@ def check_source(folder: str | Path) -> None:
 
 def load_for_transfer(model, folder: str | Path) -> dict[str, Tensor]:
     """Load a stage-2 export's Q-Former and ln_vision into `model` (a Stage2Model against another LM); strict but for
-    the projection, which stays as initialised. Returns the export's projection (`weight`, `bias`)."""
+    the projection, which stays as initialised. Returns the export's projection (`weight`, `bias`).
+
+    Between a plain and an instruction-aware model (`qformer_text_input`) only the Q-Former's text side differs: a
+    plain model leaves the source's text weights out; an instruction-aware one from a plain source keeps its own
+    (`load_text_weights` fills them from the stage-1 export).
+    """
     folder = Path(folder)
     check_source(folder)
     wrong = differences(read_config(folder), model.config)
@@ -51,7 +56,12 @@ def load_for_transfer(model, folder: str | Path) -> dict[str, Tensor]:
                          f"{f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''}")
     state = read_safetensors(folder / "model.safetensors")
     projection = {k[len(PROJECTION):]: state.pop(k) for k in [k for k in state if k.startswith(PROJECTION)]}
-    load_strict(model, state, str(folder), (FROZEN_PREFIX, LM_PREFIX, PROJECTION))
+    if not model.config.qformer_text_input:
+        state = {k: v for k, v in state.items() if not is_text_weight(k)}
+    may_miss = (FROZEN_PREFIX, LM_PREFIX, PROJECTION)
+    if model.config.qformer_text_input and not read_config(folder).qformer_text_input:
+        may_miss += TEXT_EMBEDDINGS + tuple(f"qformer.layers.{i}.text_ffn." for i in range(len(model.qformer.layers)))
+    load_strict(model, state, str(folder), may_miss)
     return projection
 
 

@@ -8,7 +8,7 @@ from test_prompt_masking import byte_level_bpe, llama_bpe, supervised_text
 
 from qformer.lm_text import IGNORE
 from stages.data.synthetic import write_vocab
-from stages.data.text import qformer_instruction_tokens
+from qformer.instruction import instruction_tokens
 from stages.train.stage2 import LanguageModelText
 
 INSTRUCTIONS = ["Question: what is it? Answer:", None, "A photo of"]
@@ -54,7 +54,7 @@ def test_the_qformer_tokens_come_only_with_an_instruction_aware_model(bert):
     aware = LanguageModelText(tokenizer, False, prompt="a photo of ", eos_text="</s>", max_length=32, split_seed=0,
                               qformer_tokenizer=bert)
     batch = aware(OUTPUTS, [(0, i) for i in range(3)], INSTRUCTIONS)
-    expected = qformer_instruction_tokens(bert, ["Question: what is it? Answer:", "a photo of ", "A photo of"])
+    expected = instruction_tokens(bert, ["Question: what is it? Answer:", "a photo of ", "A photo of"])
     assert batch["qformer_input_ids"].tolist() == expected["qformer_input_ids"].tolist()
     assert batch["qformer_attention_mask"].tolist() == expected["qformer_attention_mask"].tolist()
     ids = batch["qformer_input_ids"][0][batch["qformer_attention_mask"][0].bool()].tolist()
@@ -62,6 +62,6 @@ def test_the_qformer_tokens_come_only_with_an_instruction_aware_model(bert):
 
 
 def test_a_long_instruction_keeps_its_end_in_the_qformer_tokens(bert):
-    tokens = qformer_instruction_tokens(bert, ["a photo of a dog " * 100 + "what is it"], max_length=128)
+    tokens = instruction_tokens(bert, ["a photo of a dog " * 100 + "what is it"], max_length=128)
     assert tokens["qformer_input_ids"].shape == (1, 128)
     assert bert.convert_ids_to_tokens(tokens["qformer_input_ids"][0].tolist())[-6:] == ["a", "dog", "what", "is", "it", "[SEP]"]

@@ -1,7 +1,9 @@
 """transformers' BLIP-2 classes <-> our export folders.
 
-* `import_hf`: a transformers `Blip2ForImageTextRetrieval` / `Blip2ForConditionalGeneration` folder -> our export.
-* `export_hf`: our export -> a folder those two transformers classes load with `from_pretrained`, with a processor.
+* `import_hf`: a transformers `Blip2ForImageTextRetrieval` / `Blip2ForConditionalGeneration` /
+  `InstructBlipForConditionalGeneration` folder -> our export.
+* `export_hf`: our export -> a folder those transformers classes load with `from_pretrained`, with a processor
+  (an instruction-aware stage-2 export becomes InstructBLIP, with an `InstructBlipProcessor`).
 
 Every conversion is strict (see `qformer.interop.names`) and reports what it leaves out or initialises. Every output
 folder is written whole or not at all (`qformer.files.atomic_folder`); a non-empty one is replaced only with
@@ -20,6 +22,7 @@ from torch import Tensor
 from qformer.config import Blip2Config, LanguageModelConfig, QFormerConfig, VisionConfig
 from qformer.files import atomic_folder, check_out, read_safetensors, read_tokenizer
 from qformer.folders import load_model, load_strict, save_encoder_weights, write_stage1, write_stage2
+from qformer.interop.instruct import ARCHITECTURE as INSTRUCT, instruct_key_to_hf, to_hf_instruct
 from qformer.interop.names import stage1_from_hf, stage2_key_to_hf, to_hf_generation, to_hf_retrieval, vision_from_hf
 from qformer.stage1 import Stage1Model
 from qformer.stage2 import Stage2Model
@@ -102,8 +105,9 @@ def import_hf(folder: str | Path, out: str | Path, overwrite: bool = False) -> l
     except ValueError as error:
         raise ValueError(f"{config_file} is not valid JSON ({error})") from error
     architecture = (hf_config.get("architectures") or [""])[0]
-    if architecture not in ("Blip2ForImageTextRetrieval", "Blip2ForConditionalGeneration"):
-        raise ValueError(f"{folder}: a {architecture or 'non-BLIP-2'} model; expected Blip2ForImageTextRetrieval or Blip2ForConditionalGeneration")
+    if architecture not in ("Blip2ForImageTextRetrieval", "Blip2ForConditionalGeneration", INSTRUCT):
+        raise ValueError(f"{folder}: a {architecture or 'non-BLIP-2'} model; expected Blip2ForImageTextRetrieval, "
+                         f"Blip2ForConditionalGeneration or {INSTRUCT}")
     hf = read_hf_weights(folder)
     qf = hf_config["qformer_config"]
     config = Blip2Config(
@@ -147,8 +151,12 @@ def import_hf(folder: str | Path, out: str | Path, overwrite: bool = False) -> l
         language_model.save_pretrained(str(lm_folder))
         tokenizer = read_tokenizer(folder, lambda path: transformers.AutoTokenizer.from_pretrained(path, local_files_only=True))
         config.language_model = LanguageModelConfig(path=str(lm_folder))
+        config.qformer_text_input = architecture == INSTRUCT
         model = Stage2Model(_with_settings(config, settings, str(config_file)))
-        inverse = {stage2_key_to_hf(k): k for k in model.state_dict() if not k.startswith(("visual_encoder.", "language_model."))}
+        to_hf = instruct_key_to_hf if config.qformer_text_input else stage2_key_to_hf
+        if config.qformer_text_input:
+            model.instruction_tokenizer = _qformer_tokenizer(folder)
+        inverse = {to_hf(k): k for k in model.state_dict() if not k.startswith(("visual_encoder.", "language_model."))}
         state = {}
         for key, value in hf.items():
             if key.startswith(("language_model.", "vision_model.")) and key not in inverse:
@@ -160,6 +168,13 @@ def import_hf(folder: str | Path, out: str | Path, overwrite: bool = False) -> l
         write_stage2(model, tokenizer, out_folder, Path(out), str(folder))
     notes.append(f"language model saved as a local folder ({lm_folder.name}/), image token index {hf_config.get('image_token_index')}")
     return notes
+
+
+def _qformer_tokenizer(folder: Path):
+    """InstructBLIP's Q-Former tokenizer: the `qformer_tokenizer/` an `InstructBlipProcessor` saves."""
+    from qformer.bert import load_tokenizer
+
+    return load_tokenizer(folder / "qformer_tokenizer")
 
 
 def export_hf(folder: str | Path, out: str | Path, overwrite: bool = False) -> list[str]:
@@ -191,13 +206,21 @@ def export_hf(folder: str | Path, out: str | Path, overwrite: bool = False) -> l
             return notes
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
         image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        hf = to_hf_generation(model, image_token_index)
+        instruct = model.config.qformer_text_input
+        hf = to_hf_instruct(model, image_token_index) if instruct else to_hf_generation(model, image_token_index)
         if image_token_index >= hf.language_model.get_input_embeddings().num_embeddings:
             hf.language_model.resize_token_embeddings(image_token_index + 1)  # a placeholder row, replaced by the queries
             hf.config.text_config.vocab_size = image_token_index + 1
-        hf.config.architectures = ["Blip2ForConditionalGeneration"]
+        hf.config.architectures = [INSTRUCT if instruct else "Blip2ForConditionalGeneration"]
         setattr(hf.config, SETTINGS_KEY, _settings(model.config))
         hf.save_pretrained(str(out_folder))
-        transformers.Blip2Processor(image_processor, tokenizer, num_query_tokens=model.config.num_query_tokens).save_pretrained(str(out_folder))
+        Q = model.config.num_query_tokens
+        if instruct:
+            qformer_tokenizer = model.instruction_tokenizer
+            qformer_tokenizer.truncation_side = "left"  # as `qformer.instruction.instruction_tokens` (and LAVIS) cut
+            processor = transformers.InstructBlipProcessor(image_processor, tokenizer, qformer_tokenizer, num_query_tokens=Q)
+        else:
+            processor = transformers.Blip2Processor(image_processor, tokenizer, num_query_tokens=Q)
+        processor.save_pretrained(str(out_folder))
     notes.append(f"image token {IMAGE_TOKEN!r} added to the tokenizer as id {image_token_index}")
     return notes

@@ -1,7 +1,8 @@
 """Salesforce LAVIS checkpoints -> our export folders.
 
-* `import_lavis`: a LAVIS `blip2` / `blip2_feature_extractor` (stage 1), `blip2_opt` or `blip2_t5` (stage 2)
-  checkpoint -> our export folder. LAVIS's EVA ViT-g uses timm's parameter names, so its weights (inside the
+* `import_lavis`: a LAVIS `blip2` / `blip2_feature_extractor` (stage 1), `blip2_opt` or `blip2_t5` (stage 2), or
+  `blip2_t5_instruct` / `blip2_vicuna_instruct` (InstructBLIP: an instruction-aware stage 2, recognised by the
+  Q-Former's text feed-forward weights, which BLIP-2's stage 2 drops) checkpoint -> our export folder. LAVIS's EVA ViT-g uses timm's parameter names, so its weights (inside the
   checkpoint or LAVIS's `eva_vit_g.pth`) load into timm's `eva_giant_patch14_clip_224` as they are; timm's own
   checkpoint filter resamples `pos_embed` when the image size differs.
 
@@ -24,6 +25,10 @@ from qformer.interop.names import from_lavis
 from qformer.stage1 import Stage1Model
 from qformer.stage2 import Stage2Model
 from qformer.vision import load_state_dict_file
+
+
+LAVIS_PROJECTIONS = ("opt_proj", "t5_proj", "llm_proj")  # blip2_opt, blip2_t5 / blip2_t5_instruct, blip2_vicuna_instruct
+INSTRUCT_MARK = "Qformer.bert.encoder.layer.0.intermediate.dense.weight"  # a text FFN: only InstructBLIP's stage 2 keeps it
 
 
 # --- reading checkpoints ---------------------------------------------------------------------------------
@@ -74,8 +79,9 @@ def import_lavis(
 
     check_out(out, overwrite)  # before reading gigabytes
     state = read_torch_checkpoint(checkpoint)
-    projection = "opt_proj" if "opt_proj.weight" in state else "t5_proj" if "t5_proj.weight" in state else None
+    projection = next((name for name in LAVIS_PROJECTIONS if f"{name}.weight" in state), None)
     found_stage = 2 if projection else 1
+    instruct = found_stage == 2 and INSTRUCT_MARK in state
     if stage is not None and stage != found_stage:
         raise ValueError(f"{checkpoint}: --stage {stage} asked, but the checkpoint is a stage-{found_stage} model")
     qc, num_queries, projection_size = _qformer_config_from_lavis(state)
@@ -91,7 +97,9 @@ def import_lavis(
     if found_stage == 1 and bert is None:
         raise ValueError("stage-1 import needs --bert DIR, a local bert-base-uncased folder for the tokenizer")
     if found_stage == 2 and lm is None:
-        raise ValueError("stage-2 import needs --lm DIR, the local folder of the frozen LLM (OPT / FlanT5)")
+        raise ValueError("stage-2 import needs --lm DIR, the local folder of the frozen LLM (OPT / FlanT5 / Vicuna)")
+    if instruct and bert is None:
+        raise ValueError("an InstructBLIP checkpoint needs --bert DIR too, a local bert-base-uncased folder for the Q-Former's tokenizer")
 
     notes = []
     with atomic_folder(out, overwrite) as folder:
@@ -105,8 +113,12 @@ def import_lavis(
             tokenizer = load_tokenizer(bert)
         else:
             config.language_model = LanguageModelConfig(path=str(Path(lm).resolve()))
+            config.qformer_text_input = instruct
             model = Stage2Model(config)
             tokenizer = load_lm_tokenizer(config.language_model)
+            if instruct:
+                model.instruction_tokenizer = load_tokenizer(bert)
+                notes.append("InstructBLIP: an instruction-aware Q-Former (qformer_text_input), its tokenizer from --bert")
         ours, dropped = from_lavis(state, list(model.state_dict()), projection)
         load_strict(model, ours, str(checkpoint), ("visual_encoder.", "language_model."))
         notes += [f"dropped (documented): {k}" for k in dropped]

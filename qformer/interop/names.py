@@ -204,18 +204,11 @@ def check_complete(state: dict[str, Tensor], our_keys: list[str], may_miss: Call
     return missing
 
 
-def hf_config(config, visual_encoder, text_config=None, image_token_index=None):
-    """A transformers `Blip2Config` describing our model (vision tower read off the timm model).
-
-    Stage 2 passes the LM's `text_config`; transformers then puts the soft prompts at `image_token_index` tokens.
-    """
-    import dataclasses
-
-    import transformers
-
+def hf_vision_fields(config, visual_encoder) -> dict:
+    """The vision-tower fields of transformers' `Blip2VisionConfig` / `InstructBlipVisionConfig`, read off the timm model."""
     vit = visual_encoder.model
     block = vit.blocks[0]
-    vision = transformers.Blip2VisionConfig(
+    return dict(
         hidden_size=visual_encoder.width,
         intermediate_size=block.mlp.fc1.out_features,
         num_hidden_layers=len(vit.blocks),
@@ -225,6 +218,18 @@ def hf_config(config, visual_encoder, text_config=None, image_token_index=None):
         layer_norm_eps=block.norm1.eps,
         qkv_bias=True,
     )
+
+
+def hf_config(config, visual_encoder, text_config=None, image_token_index=None):
+    """A transformers `Blip2Config` describing our model (vision tower read off the timm model).
+
+    Stage 2 passes the LM's `text_config`; transformers then puts the soft prompts at `image_token_index` tokens.
+    """
+    import dataclasses
+
+    import transformers
+
+    vision = transformers.Blip2VisionConfig(**hf_vision_fields(config, visual_encoder))
     qformer = transformers.Blip2QFormerConfig(
         **dataclasses.asdict(config.qformer_config), use_qformer_text_input=text_config is None
     )
@@ -262,10 +267,10 @@ def to_hf_generation(model, image_token_index: int):
 
 # --- LAVIS (Blip2Qformer / Blip2OPT / Blip2T5) --------------------------------------------------------
 # LAVIS keys with no counterpart of ours, dropped on import: the ITG decoder weight is tied to the word
-# embeddings and its bias is `cls.predictions.bias` again; position_ids is a buffer; the frozen LMs are
-# loaded from their own folder.
+# embeddings and its bias is `cls.predictions.bias` again; position_ids is a buffer; the frozen LMs (`llm_model` in
+# `blip2_vicuna_instruct`) are loaded from their own folder.
 LAVIS_IGNORED = re.compile(
-    r"Qformer\.cls\.predictions\.decoder\.(weight|bias)|Qformer\.bert\.embeddings\.position_ids|(opt|t5)_model\..*"
+    r"Qformer\.cls\.predictions\.decoder\.(weight|bias)|Qformer\.bert\.embeddings\.position_ids|(opt|t5|llm)_model\..*"
 )
 
 
@@ -311,7 +316,8 @@ def bert_key(key: str) -> str | None:
 def from_lavis(lavis_state: dict[str, Tensor], our_keys: list[str], projection: str | None = None) -> tuple[dict[str, Tensor], list[str]]:
     """LAVIS state dict -> (our state dict, LAVIS keys dropped as documented). Unknown keys fail by name.
 
-    `projection` is LAVIS's name of the stage-2 projection (`opt_proj` or `t5_proj`), our `language_projection`.
+    `projection` is LAVIS's name of the stage-2 projection (`opt_proj`, `t5_proj`, or `llm_proj` in
+    `blip2_vicuna_instruct`), our `language_projection`.
     """
     to_ours = {lavis_key(k): k for k in our_keys if not k.startswith(("language_projection.", "language_model."))}
     if projection is not None:

@@ -111,19 +111,23 @@ def ask(
     device: str = "cpu",
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> int:
-    """Answer a question about an image, zero-shot, with the paper's prompt for the LM's family.
+    """Answer a question about an image, zero-shot, with the paper's prompt for the LM's family; or follow any
+    instruction, with an instruction-aware model (InstructBLIP), whose Q-Former reads it too.
 
     Args:
         image: the image file.
-        question: the question, in words.
+        question: the question, in words (an instruction-aware model: any instruction, given to it as it is).
         model: a stage-2 export folder.
-        prompt_template: the question's template; default "Question: {} Short answer:" for an instruction-tuned LM (FlanT5, or one
-            whose tokenizer has a chat template), "Question: {} Answer:" for others (OPT), as the papers.
+        prompt_template: the question's template; default "{}" for an instruction-aware model (the question is the
+            whole instruction), else "Question: {} Short answer:" for an instruction-tuned LM (FlanT5, or one whose
+            tokenizer has a chat template) and "Question: {} Answer:" for others (OPT), as the papers.
         generation: beam search settings (LAVIS's VQA defaults: short answers).
         device: cpu, cuda or cuda:N.
         max_image_pixels: refuse an image whose header declares more pixels, before decoding.
     """
     stage2, tokenizer = load_stage2_on(model, device)
+    if prompt_template is None and stage2.config.qformer_text_input:
+        prompt_template = "{}"  # the instruction is the whole prompt, as InstructBLIP is used
     prompt = vqa_prompt(stage2, tokenizer, prompt_template).format(question)
     check_max_new_tokens(stage2, tokenizer, [prompt], generation.max_new_tokens, prompt_name="question")
     reader = ImageReader(max_image_pixels)

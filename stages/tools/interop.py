@@ -72,4 +72,4 @@ def export_hf(folder: str, *, out: str, overwrite: bool = False) -> int:
     """
     from qformer.interop.hf import export_hf as convert
 
-    return _report(convert(folder, out, overwrite), f"wrote a transformers BLIP-2 folder to {out}")
+    return _report(convert(folder, out, overwrite), f"wrote a transformers folder to {out}")

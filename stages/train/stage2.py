@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
+from qformer.bert import load_tokenizer
 from qformer.config import LanguageModelConfig
-from qformer.folders import load_stage1_into_stage2, read_config, read_export_info
+from qformer.folders import load_stage1_into_stage2, load_text_weights, read_config, read_export_info
+from qformer.instruction import QFORMER_KEYS, instruction_tokens
 from qformer.language_model import load_lm_tokenizer
 from qformer.lm_text import decoder_only_batch, encoder_decoder_batch, resolve_eos_text, split_caption
 from qformer.stage2 import Stage2Model
 from qformer.transfer import check_source, load_for_transfer, lstsq_projection
-from stages.data.text import qformer_instruction_tokens
 from stages.distributed import gather_objects
 from stages.train.base import TrainingSkeleton, checkpoint_callbacks
 from stages.train.optim import HeadStart, drop_held_gradients
@@ -32,7 +33,7 @@ class LanguageModelText:
     space unless it ends in one, so that its last word and the output's first stay apart), the caption its output;
     a sample without one takes `prompt`. With `qformer_tokenizer` (an instruction-aware Q-Former, `qformer_text_input`)
     the batch also carries each sample's instruction (or prompt) in the Q-Former's tokens
-    (`stages.data.text.qformer_instruction_tokens`).
+    (`qformer.instruction.instruction_tokens`).
     """
 
     takes_instructions = True  # the data module gives this encoder VQA and instruction files
@@ -47,7 +48,7 @@ class LanguageModelText:
         text = {"lm_text": self.batch(captions, keys, instructions).as_kwargs()}
         if self.qformer_tokenizer is not None:
             prompts = [self.prompt if i is None else i for i in instructions or [None] * len(captions)]
-            text.update(qformer_instruction_tokens(self.qformer_tokenizer, prompts))
+            text.update(instruction_tokens(self.qformer_tokenizer, prompts))
         return text
 
     def batch(self, captions: list[str], keys: list[tuple[int, int]], instructions: list[str | None] | None = None):
@@ -66,25 +67,15 @@ class LanguageModelText:
         return split_caption(caption, random.Random(f"{self.split_seed}:{epoch}:{index}"))
 
 
-def instruction_tokenizer(config, start: str):
-    """The Q-Former's BERT tokenizer (the start folder's `tokenizer/`) when the model is instruction-aware
-    (`qformer_text_input`): the data workers then give the batch the instructions in its tokens; else None."""
-    if not getattr(config, "qformer_text_input", False):
-        return None
-    from qformer.bert import load_tokenizer
-
-    folder = Path(start) / "tokenizer"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model.stage1 / model.init_from: {start} has no tokenizer/ folder, the Q-Former's BERT "
-                                f"tokenizer an instruction-aware model (qformer_text_input) reads its instructions with")
-    return load_tokenizer(folder)
-
-
-def check_start(stage1, init_from, init_projection: str, warmup_steps: int, lr_scale: float) -> None:
+def check_start(stage1, init_from, init_projection: str, warmup_steps: int, lr_scale: float, qformer_text_input: bool = False) -> None:
     """The start and warm-up options, each mistake in one line."""
-    if (stage1 is None) == (init_from is None):
+    if (stage1 is None) == (init_from is None) and not (stage1 and init_from and qformer_text_input):
         raise ValueError(f"model.stage1 or model.init_from: give exactly one (a stage-1 export, or a stage-2 export to "
                          f"transfer from), got {'both' if stage1 else 'neither'}")
+    if init_from is not None and qformer_text_input and stage1 is None and not read_config(init_from).qformer_text_input:
+        raise ValueError(f"model.init_from: {init_from} is a plain BLIP-2 stage-2 export, without the Q-Former's text weights "
+                         "(word/position embeddings, text feed-forward) that model.qformer_text_input needs: give model.stage1 "
+                         "too, the stage-1 export it was trained from, to take them from")
     if init_projection not in ("new", "lstsq"):
         raise ValueError(f"model.init_projection must be new or lstsq, got {init_projection!r}")
     if init_projection == "lstsq" and init_from is None:
@@ -113,6 +104,9 @@ class Stage2Module(TrainingSkeleton):
             held: no update, no change to its AdamW state), at projection_lr_scale x lr and without weight decay;
             then both train with the usual warmup + cosine, its warmup_steps counted from there. 0: no warm-up.
         projection_lr_scale: the projection's lr multiplier during the warm-up (VPGTrans: 5).
+        qformer_text_input: an instruction-aware Q-Former (InstructBLIP): the prompt or each sample's instruction, in
+            BERT tokens, follows the queries in the Q-Former's self-attention. The Q-Former keeps its text weights from
+            stage 1. From a plain stage-2 export (init_from), give stage1 too: the text weights come from there.
         lm_path: local transformers folder of the frozen LM (OPT, FlanT5, Llama, any causal or seq2seq LM), or a
             GGUF file (e.g. SmolLM2's; needs the gguf and accelerate packages), whose tokenizer is then used too.
         lm_gguf_file: the GGUF file's name inside the folder lm_path (instead of lm_path naming the file).
@@ -166,32 +160,39 @@ class Stage2Module(TrainingSkeleton):
         init_projection: str = "new",
         projection_warmup_steps: int = 0,
         projection_lr_scale: float = 1.0,
+        qformer_text_input: bool = False,
     ):
         super().__init__(max_consecutive_skips, compile, gradient_checkpointing, save_every_n_steps)
         self.save_hyperparameters()
         self.val_captions: dict = {}
         self.val_references: dict = {}
-        check_start(stage1, init_from, init_projection, projection_warmup_steps, projection_lr_scale)
-        start = stage1 or init_from
-        if stage1 is not None and read_export_info(stage1).get("stage") != 1:
-            raise ValueError(f"model.stage1: {stage1} is not a stage-1 export")
         if init_from is not None:
             check_source(init_from)  # before the LM, maybe a large file, is loaded
+        check_start(stage1, init_from, init_projection, projection_warmup_steps, projection_lr_scale, qformer_text_input)
+        start = init_from or stage1
+        if stage1 is not None and read_export_info(stage1).get("stage") != 1:
+            raise ValueError(f"model.stage1: {stage1} is not a stage-1 export")
         config = read_config(start)
+        config.qformer_text_input = qformer_text_input
         config.language_model = LanguageModelConfig(
             path=lm_path, gguf_file=lm_gguf_file, config=lm_config, tokenizer=lm_tokenizer, precision=lm_precision, eos_text=eos_text,
             max_text_length=max_text_length,
         )
         self.model = Stage2Model(config)
         self.lm_tokenizer = load_lm_tokenizer(config.language_model)
-        if stage1 is not None:
+        if init_from is None:
             unused = load_stage1_into_stage2(self.model, stage1)
             log.info("loaded the stage-1 Q-Former from %s (%d stage-1-only tensors not used)", stage1, len(unused))
         else:
             self._transfer(init_from, init_projection)
+            if stage1 is not None:  # an instruction-aware model from a plain stage-2 export (check_start)
+                load_text_weights(self.model, stage1)
+                log.info("the Q-Former's text weights from the stage-1 export %s", stage1)
+        if qformer_text_input:
+            self.model.instruction_tokenizer = load_tokenizer(Path(stage1 or init_from) / "tokenizer")
         eos = None if self.model.is_encoder_decoder else resolve_eos_text(self.lm_tokenizer, config.language_model.eos_text)
         self.lm_text = LanguageModelText(self.lm_tokenizer, self.model.is_encoder_decoder, prompt, eos, max_text_length, split_seed,
-                                         instruction_tokenizer(config, start))
+                                         self.model.instruction_tokenizer)
 
     def _transfer(self, folder: str, init_projection: str) -> None:
         old = load_for_transfer(self.model, folder)
@@ -215,7 +216,8 @@ class Stage2Module(TrainingSkeleton):
         return self.lm_text, self.hparams.max_text_length, "model.max_text_length"
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        instruction = {k: batch[k] for k in ("qformer_input_ids", "qformer_attention_mask") if k in batch}
+        # Only an instruction-aware model reads the instruction's BERT tokens (a plain one ignores them, if a batch has them).
+        instruction = {k: batch[k] for k in QFORMER_KEYS} if self.model.config.qformer_text_input else {}
         return self.model(batch["pixel_values"], **batch["lm_text"], **instruction)
 
     def training_loss(self, batch: dict) -> torch.Tensor:
