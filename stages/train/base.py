@@ -189,8 +189,13 @@ class TrainingSkeleton(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not (drop and k.startswith(drop))}
         checkpoint["rng_states"] = gather_objects(capture_rng())  # every process calls this hook: a collective is safe
         checkpoint["step_counters"] = {name: getattr(self, name) for name in self.STEP_COUNTERS}
+        # The data's image size, when the encoder was resized to it: a module rebuilt from the hyper-parameters (resume,
+        # `qformer export`) is made at its start's size and resized below before the weights are loaded.
+        checkpoint["image_size"] = self.model.visual_encoder.config.image_size
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "image_size" in checkpoint:
+            self.model.visual_encoder.resize(checkpoint["image_size"], "the checkpoint's image size")
         frozen = ("model." + FROZEN_PREFIX, "model." + LM_PREFIX)
         state = checkpoint["state_dict"]
         for key, value in self.state_dict().items():
