@@ -134,6 +134,18 @@ def test_only_the_adapter_and_the_bridge_train(stage1_export, data):
     assert all(not torch.equal(adapter[k], before[k]) for k in adapter)
 
 
+def test_the_adapter_keeps_fp32_weights_whatever_the_lm_is_stored_in():
+    """Its weights train: an fp16/bf16 copy would lose the small updates (precision auto casts the LM on its first run)."""
+    from qformer.language_model import FrozenLanguageModel
+
+    lm = FrozenLanguageModel(LanguageModelConfig(config=LMS["opt"], precision="bf16", lora=LoraSettings(r=2)))
+    adapter = {n: p for n, p in lm.named_parameters() if is_adapter_key(n)}
+    before = {n: p.detach().clone() for n, p in adapter.items()}
+    lm.cast(torch.float16)  # what precision auto does on a GPU
+    assert adapter and all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in adapter.items())
+    assert {p.dtype for n, p in lm.named_parameters() if not is_adapter_key(n)} == {torch.float16}
+
+
 def test_bad_lora_settings_are_one_line(stage1_export, data):
     common = dict(lm_config=LMS["opt"], lm_tokenizer=str(data / "lm_tokenizer_decoder"), lm_precision="fp32")
     for lora, message in [({"rank": 4}, r"model.lm_lora: unknown field\(s\) model.lm_lora.rank"),
