@@ -99,7 +99,8 @@ def count_activations(run: Callable[[], Tensor], blocks: list[nn.Module], weight
     def leave(module, args, output):
         current[0] = None
 
-    handles = [h for i, block in enumerate(blocks) for h in (block.register_forward_pre_hook(enter(i)), block.register_forward_hook(leave))]
+    handles = [h for i, block in enumerate(blocks)
+               for h in (block.register_forward_pre_hook(enter(i)), block.register_forward_hook(leave))]
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
                 mock.patch.object(F, "scaled_dot_product_attention", fused_attention):
