@@ -34,6 +34,7 @@ def stage2_parameter_counts(config: Blip2Config) -> dict[str, int]:
 
     data = _without_weights(config).to_dict()
     lm = data["language_model"]
+    lm["adapter"] = None  # a saved adapter's shapes are those of a new one with the same settings (`lora`)
     if lm["path"] is not None:  # its config.json, never its weights
         lm["config"], lm["path"] = transformers.AutoConfig.from_pretrained(lm["path"], local_files_only=True).to_dict(), None
     with torch.device("meta"):

@@ -57,6 +57,20 @@ class VisionConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapters on the frozen language model (`qformer.lora`); the fields are PEFT's `LoraConfig` fields.
+
+    The LM's own weights stay frozen; each targeted linear layer W gets a trainable update (lora_alpha / r) * B A of
+    rank r, B starting at zero, so training starts from the frozen LM's outputs.
+    """
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    target_modules: list[str] | None = None  # None: PEFT's choice for the model type (q_proj, v_proj for OPT and Llama; q, v for T5)
+
+
+@dataclass
 class LanguageModelConfig:
     """The frozen stage-2 language model: a local transformers folder, a GGUF file, or a config to build (random) weights from.
 
@@ -75,6 +89,8 @@ class LanguageModelConfig:
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
     eos_text: str | None = None  # appended to decoder-only targets; None = "\n" (as LAVIS for OPT) where it is one token, else eos
     max_text_length: int = 32
+    lora: LoraSettings | None = None  # a new LoRA adapter to train on the LM (stage-2 `model.lm_lora`)
+    adapter: str | None = None  # a trained LoRA adapter in PEFT's folder layout, applied on load (exports: "lm_adapter")
 
 
 @dataclass
@@ -182,6 +198,11 @@ def read_mapping(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def build_config(cls: type, data: Any, source: str, prefix: str = ""):
+    """Dataclass `cls` from a mapping, strictly (unknown keys and wrong types fail naming `prefix` + the field)."""
+    return _build(cls, data, source, prefix)
 
 
 def _build(cls: type, data: Any, source: str, prefix: str):

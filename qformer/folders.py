@@ -1,4 +1,5 @@
-"""Self-describing model folders: trainable weights (safetensors), the config and the tokenizer.
+"""Self-describing model folders: trainable weights (safetensors), the config and the tokenizer (stage 2 with LoRA:
+the LM's adapter too, in PEFT's layout in `lm_adapter/`).
 
 The frozen image encoder is not copied: the config records its timm name and weights file, and
 loading rebuilds it from there. Loading is strict: only the encoder's keys may be absent.
@@ -16,6 +17,7 @@ import torch
 
 from qformer.config import Blip2Config
 from qformer.files import MARKER, atomic_folder, non_finite, read_safetensors, shape_mismatches, weights_sha256, write_safetensors
+from qformer.lora import ADAPTER_FOLDER
 from qformer.stage1 import Stage1Model
 from qformer.stage2 import Stage2Model
 
@@ -141,8 +143,11 @@ def write_stage2(model: Stage2Model, lm_tokenizer, folder: Path, dest: Path, sou
     elif lm.path is not None and not _inside(lm.path, dest):
         lm.path = str(Path(lm.path).resolve())
     else:
-        model.language_model.model.save_pretrained(str(folder / "language_model"))
+        model.language_model.save_language_model(folder / "language_model")
         lm.path, lm.config = "language_model", None
+    if model.language_model.has_adapter:  # LoRA: the adapter in PEFT's layout, applied when the export loads
+        model.language_model.save_adapter(folder / ADAPTER_FOLDER)
+        lm.adapter = ADAPTER_FOLDER
     lm_tokenizer.save_pretrained(str(folder / "lm_tokenizer"))
     lm.tokenizer = "lm_tokenizer"
     if config.qformer_text_input:  # the Q-Former's tokenizer travels along, as in a stage-1 export
@@ -189,6 +194,7 @@ def read_config(folder: str | Path) -> Blip2Config:
     if config.language_model is not None:
         config.language_model.path = _relative_to(folder, config.language_model.path)
         config.language_model.tokenizer = _relative_to(folder, config.language_model.tokenizer)
+        config.language_model.adapter = _relative_to(folder, config.language_model.adapter)
     return config
 
 

@@ -34,7 +34,11 @@ class Frozen(nn.Module):
         self.requires_grad_(False)
         self.eval()
         if self.precision != "auto":
-            self.model.to(DTYPES[self.precision])
+            self.cast(DTYPES[self.precision])
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """Store the frozen weights in `dtype` (a subclass keeps trainable parts, such as a LoRA adapter, as they are)."""
+        self.model.to(dtype)
 
     def train(self, mode: bool = True) -> "Frozen":
         """Frozen means frozen: dropout and drop-path stay off whatever the parent module does."""
@@ -47,5 +51,5 @@ class Frozen(nn.Module):
         else:
             dtype = DTYPES[self.precision]
         if next(self.model.parameters()).dtype != dtype:
-            self.model.to(dtype)
+            self.cast(dtype)
         return dtype

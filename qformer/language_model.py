@@ -1,4 +1,5 @@
-"""The frozen language model of stage 2: any local transformers causal or seq2seq LM, or a GGUF file."""
+"""The frozen language model of stage 2: any local transformers causal or seq2seq LM, or a GGUF file; with LoRA, an
+adapter on it trains (`qformer.lora`) while its own weights stay frozen."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import Tensor
 from qformer.config import LanguageModelConfig
 from qformer.files import read_gguf, read_tokenizer
 from qformer.frozen import Frozen
+from qformer.lora import add_adapter, base_state, is_adapter_key, load_adapter
 
 # Causal LMs whose logits are exactly their output embedding applied to their base model's last hidden state (no
 # soft-capping or scaling after the head, as Gemma 2 and Cohere have): stage 2 runs their head on labelled positions only.
@@ -43,6 +45,56 @@ class FrozenLanguageModel(Frozen):
         self.is_encoder_decoder = encoder_decoder
         self.own_attention = self.model.config._attn_implementation  # SDPA where the model has it
         self.freeze()
+        self._add_lora(config)
+
+    # --- LoRA ---------------------------------------------------------------------------------------------------
+    def _add_lora(self, config: LanguageModelConfig) -> None:
+        """A saved adapter (an export's) is applied frozen; `lora` settings alone add a new one to train.
+
+        The `PeftModel` is kept out of the module tree (`self.model` already holds its layers: registering it too
+        would name every weight twice); it is what saves and merges the adapter.
+        """
+        if config.adapter is not None:
+            peft_model = load_adapter(self.model, config.adapter)
+        elif config.lora is not None:
+            peft_model = add_adapter(self.model, config.lora)
+        else:
+            peft_model = None
+        self.__dict__["peft_model"] = peft_model
+        if peft_model is not None:
+            self.model = peft_model.get_base_model()  # the same transformers model, its LoRA layers injected
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.peft_model is not None
+
+    def save_adapter(self, folder: Path) -> None:
+        """The adapter alone, in PEFT's layout (`PeftModel.from_pretrained` and `qformer.lora.load_adapter` read it)."""
+        self.peft_model.save_pretrained(str(folder))
+
+    def save_language_model(self, folder: Path) -> None:
+        """The LM's own weights, without the adapter, as a transformers folder."""
+        self.model.save_pretrained(str(folder), state_dict=base_state(self.model) if self.has_adapter else None)
+
+    def merge_adapter(self) -> None:
+        """Fold the adapter into the LM's weights (W + scale * B A): a plain transformers model, equal outputs."""
+        self.model = self.peft_model.merge_and_unload()
+        self.__dict__["peft_model"] = None
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """The frozen weights to `dtype`; the adapter keeps its fp32 weights (its master copy: it trains)."""
+        adapter = {p: p.data for name, p in self.model.named_parameters() if is_adapter_key(name)}
+        self.model.to(dtype)
+        for param, data in adapter.items():
+            param.data = data
+
+    def train(self, mode: bool = True) -> "FrozenLanguageModel":
+        """The LM stays in eval mode; only the adapter's dropout follows `mode`."""
+        super().train(False)
+        for name, module in self.model.named_modules():
+            if name.endswith("lora_dropout"):
+                module.train(mode)
+        return self
 
     def use_attention_for(self, device: torch.device) -> None:
         """Eager attention where a backward will follow on a CPU; the model's own (SDPA) otherwise.

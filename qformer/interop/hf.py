@@ -3,7 +3,8 @@
 * `import_hf`: a transformers `Blip2ForImageTextRetrieval` / `Blip2ForConditionalGeneration` /
   `InstructBlipForConditionalGeneration` folder -> our export.
 * `export_hf`: our export -> a folder those transformers classes load with `from_pretrained`, with a processor
-  (an instruction-aware stage-2 export becomes InstructBLIP, with an `InstructBlipProcessor`).
+  (an instruction-aware stage-2 export becomes InstructBLIP, with an `InstructBlipProcessor`); a LoRA adapter on the
+  LM is merged into its weights.
 
 Every conversion is strict (see `qformer.interop.names`) and reports what it leaves out or initialises. Every output
 folder is written whole or not at all (`qformer.files.atomic_folder`); a non-empty one is replaced only with
@@ -183,11 +184,14 @@ def export_hf(folder: str | Path, out: str | Path, overwrite: bool = False) -> l
 
     check_out(out, overwrite)
     model, tokenizer, stage = load_model(folder)
+    notes = []
+    if stage == 2 and model.language_model.has_adapter:  # transformers then loads the folder without PEFT
+        model.language_model.merge_adapter()
+        notes.append("the LoRA adapter is merged into the language model's weights")
     size = model.config.vision_config.image_size
     image_processor = transformers.BlipImageProcessor(
         size={"height": size, "width": size}, image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD), resample=3, do_convert_rgb=True
     )
-    notes = []
     vit_eps, ours = model.visual_encoder.model.blocks[0].norm1.eps, model.config.vision_config.ln_vision_eps
     if ours != vit_eps:
         # Blip2VisionModel builds every norm, post_layernorm too, with the one layer_norm_eps of its config.

@@ -50,7 +50,8 @@ class CaptionDataModule(pl.LightningDataModule):
             data, drawn per sample (e.g. configs/instruct/templates.yaml). Without it captions train as captions.
         val: annotation file or shard spec for validation (optional).
         image_root: folder the annotation paths are relative to (not needed with `features` or shards).
-        image_size: must equal the model's `vision_config.image_size`.
+        image_size: the images' size in pixels; an image encoder made for another size is resized to it (its position
+            embeddings resampled, as BLIP-2's fine-tuning does 224 -> 364 px).
         tokenizer_dir: BERT tokenizer folder (vocab.txt / tokenizer.json), for the data module on its own; in training
             the training module tokenizes with its model's tokenizer (stage 2: the LM's).
         max_length: text tokens per caption; by default the model's (stage 1: `max_text_length` of its config, stage 2:
@@ -203,11 +204,10 @@ class CaptionDataModule(pl.LightningDataModule):
                                step=0)
 
     def check_encoder(self, encoder) -> None:
-        """The model's frozen encoder must be the one the feature caches were made with (or take this data's image size)."""
+        """The model's frozen encoder must be the one the feature caches were made with, or take this data's image size:
+        one made for another size is resized (its position embeddings resampled), or refused in one line."""
         if self.hparams.features is None:
-            if self.hparams.image_size != encoder.config.image_size:
-                raise ValueError(f"data.image_size is {self.hparams.image_size} but the model's vision_config.image_size is "
-                                 f"{encoder.config.image_size}")
+            encoder.resize(self.hparams.image_size, "data.image_size")
             return
         for cache in self.caches:
             cache.check_encoder(encoder)

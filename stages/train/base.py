@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 
 from qformer.folders import FROZEN_PREFIX, LM_PREFIX
+from qformer.lora import is_adapter_key
 from stages.distributed import gather_objects, world
 from stages.train.optim import configure_adamw
 from stages.train.resume import capture_rng, restore_rng
@@ -173,7 +174,7 @@ class TrainingSkeleton(pl.LightningModule):
     def _rebuildable_prefixes(self) -> tuple[str, ...]:
         """Frozen towers that are rebuilt from their own files, so not copied into every checkpoint.
 
-        A randomly initialised tower (no file) is kept: it could not be rebuilt.
+        A randomly initialised tower (no file) is kept: it could not be rebuilt. So is a LoRA adapter on the LM.
         """
         config = self.model.config
         prefixes = []
@@ -186,11 +187,17 @@ class TrainingSkeleton(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Trainable weights only (see `_rebuildable_prefixes`), every process's RNG states and the step counters."""
         drop = self._rebuildable_prefixes()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not (drop and k.startswith(drop))}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not (drop and k.startswith(drop)) or is_adapter_key(k)}  # a LoRA adapter trains
         checkpoint["rng_states"] = gather_objects(capture_rng())  # every process calls this hook: a collective is safe
         checkpoint["step_counters"] = {name: getattr(self, name) for name in self.STEP_COUNTERS}
+        # The data's image size, when the encoder was resized to it: a module rebuilt from the hyper-parameters (resume,
+        # `qformer export`) is made at its start's size and resized below before the weights are loaded.
+        checkpoint["image_size"] = self.model.visual_encoder.config.image_size
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "image_size" in checkpoint:
+            self.model.visual_encoder.resize(checkpoint["image_size"], "the checkpoint's image size")
         frozen = ("model." + FROZEN_PREFIX, "model." + LM_PREFIX)
         state = checkpoint["state_dict"]
         for key, value in self.state_dict().items():

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from qformer.bert import load_tokenizer
-from qformer.config import LanguageModelConfig
+from qformer.config import LanguageModelConfig, LoraSettings, build_config
 from qformer.folders import load_stage1_into_stage2, load_text_weights, read_config, read_export_info
 from qformer.instruction import QFORMER_KEYS, instruction_tokens
 from qformer.language_model import load_lm_tokenizer
@@ -88,6 +88,11 @@ def check_start(stage1, init_from, init_projection: str, warmup_steps: int, lr_s
         raise ValueError("model.projection_lr_scale applies during the projection warm-up only: set model.projection_warmup_steps")
 
 
+def lora_settings(lm_lora: dict | None) -> LoraSettings | None:
+    """`model.lm_lora` checked as a config section: an unknown key or a wrong type is named."""
+    return None if lm_lora is None else build_config(LoraSettings, lm_lora, "model.lm_lora", "model.lm_lora.")
+
+
 class Stage2Module(TrainingSkeleton):
     """Stage-2 generative learning: the stage-1 Q-Former feeds a frozen language model through one projection.
 
@@ -114,6 +119,10 @@ class Stage2Module(TrainingSkeleton):
         lm_tokenizer: the LM's tokenizer folder, when it is not inside `lm_path`.
         lm_precision: auto (on GPU bf16 for T5-style, fp16 for decoder-only; on CPU bf16 under
             --trainer.precision bf16-mixed, else fp32), fp32, fp16 or bf16.
+        lm_lora: train a LoRA adapter on the frozen LM too, with PEFT's LoraConfig fields: r (rank, default 8),
+            lora_alpha (16), lora_dropout (0.05), target_modules (default: PEFT's for the model type, e.g. q_proj and
+            v_proj for OPT and Llama). The LM's own weights stay frozen; exports keep the adapter in PEFT's layout
+            (`lm_adapter/`), and `qformer export-hf` merges it into the LM. Needs the peft package.
         prompt: decoder-only: text before every caption, excluded from the loss; encoder-decoder: the encoder
             text, with the whole caption as target. Empty (the paper's pre-training): decoder-only trains on the
             caption, encoder-decoder splits each caption at a random word into prefix and suffix.
@@ -141,6 +150,7 @@ class Stage2Module(TrainingSkeleton):
         lm_config: dict | None = None,
         lm_tokenizer: str | None = None,
         lm_precision: str = "auto",
+        lm_lora: dict | None = None,
         prompt: str = "",
         eos_text: str | None = None,
         max_text_length: int = 32,
@@ -176,7 +186,7 @@ class Stage2Module(TrainingSkeleton):
         config.qformer_text_input = qformer_text_input
         config.language_model = LanguageModelConfig(
             path=lm_path, gguf_file=lm_gguf_file, config=lm_config, tokenizer=lm_tokenizer, precision=lm_precision, eos_text=eos_text,
-            max_text_length=max_text_length,
+            max_text_length=max_text_length, lora=lora_settings(lm_lora),
         )
         self.model = Stage2Model(config)
         self.lm_tokenizer = load_lm_tokenizer(config.language_model)
