@@ -227,7 +227,11 @@ class CaptionDataModule(pl.LightningDataModule):
         return CachedCaptionDataset(caption_samples(entries, hp.max_words), cache, train, hp.strict)
 
     def check_encoder(self, encoder) -> None:
-        """The model's frozen encoder must be the one the feature caches were made with (or take this data's image size)."""
+        """The model's frozen encoder must be the one the feature caches were made with (or take this data's image size);
+        a trained encoder reads images: cached features would be those of its first weights."""
+        if self.hparams.features is not None and encoder.trainable:
+            raise ValueError(f"data.features: the image encoder trains (model.train_vision: true), so the cached features of "
+                             f"{self.hparams.features} would be stale; drop data.features and give data.image_root")
         if self.hparams.features is None:
             if self.hparams.image_size != encoder.config.image_size:
                 raise ValueError(f"data.image_size is {self.hparams.image_size} but the model's vision_config.image_size is "
