@@ -63,7 +63,8 @@ def _inside(path: str, folder: Path) -> bool:
 
 
 def _write_common(model, folder: Path, dest: Path, source: str) -> Blip2Config:
-    """Trainable weights, and the frozen encoder too when it has no file of its own; returns the config to write.
+    """Trainable weights, and the image encoder too when it was trained or has no file of its own; returns the config
+    to write.
 
     `folder` is the temporary folder being written, `dest` the folder it will become.
     """
@@ -71,11 +72,12 @@ def _write_common(model, folder: Path, dest: Path, source: str) -> Blip2Config:
     require_finite(state, source)
     config = Blip2Config.from_dict(model.config.to_dict())
     weights = config.vision_config.weights_path
-    if weights is not None and Path(weights).name != ENCODER_FILE and not _inside(weights, dest):
+    trained = model.visual_encoder.trainable  # its weights are no longer those of its file
+    if weights is not None and not trained and Path(weights).name != ENCODER_FILE and not _inside(weights, dest):
         config.vision_config.weights_path = str(Path(weights).resolve())  # the export may be read from elsewhere
     else:
-        # A randomly initialised encoder has no file of its own (or only one inside an export, maybe the one
-        # this folder replaces): it travels along.
+        # A trained or randomly initialised encoder has no file of its own (or only one inside an export, maybe the
+        # one this folder replaces): it travels along, in fp32 when trained.
         encoder = model.visual_encoder.model.state_dict()
         require_finite(encoder, source)
         save_encoder_weights(encoder, folder)

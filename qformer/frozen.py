@@ -21,7 +21,12 @@ class Frozen(nn.Module):
     `precision="auto"` casts to `cuda_dtype` the first time the tower runs on CUDA; on a CPU it runs in bf16
     under a bf16 autocast (`--trainer.precision bf16-mixed`: CPUs with native bf16 multiply ~4x faster) and in
     fp32 otherwise. A frozen tower is never trained nor saved in a checkpoint, so it needs no fp32 master copy.
+
+    A subclass may let a tower train (`trainable = True`, the image encoder when fine-tuned): then it follows its
+    parent's train/eval mode and is never frozen nor cast.
     """
+
+    trainable = False
 
     def __init__(self, precision: str, field: str, cuda_dtype: torch.dtype = torch.float16):
         super().__init__()
@@ -42,7 +47,7 @@ class Frozen(nn.Module):
 
     def train(self, mode: bool = True) -> "Frozen":
         """Frozen means frozen: dropout and drop-path stay off whatever the parent module does."""
-        return super().train(False)
+        return super().train(mode and self.trainable)
 
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         """The dtype to run in on `device`, casting the weights once if "auto" asks for another."""

@@ -30,11 +30,13 @@ class LMHead(nn.Module):
 
 
 class Stage1Model(nn.Module):
-    def __init__(self, config: Blip2Config):
+    """`train_vision`: the image encoder trains too (fine-tuning); by default it is frozen."""
+
+    def __init__(self, config: Blip2Config, train_vision: bool = False):
         super().__init__()
         self.config = config
         qc = config.qformer_config
-        self.visual_encoder = FrozenImageEncoder(config.vision_config)
+        self.visual_encoder = FrozenImageEncoder(config.vision_config, trainable=train_vision)
         if self.visual_encoder.width != qc.encoder_hidden_size:
             raise ValueError(
                 f"qformer_config.encoder_hidden_size is {qc.encoder_hidden_size} but the image encoder "

@@ -31,13 +31,15 @@ log = logging.getLogger(__name__)
 
 
 class Stage2Model(nn.Module):
-    def __init__(self, config: Blip2Config, language_model: FrozenLanguageModel | None = None):
+    """`train_vision`: the image encoder trains with the Q-Former (fine-tuning); the LM stays frozen."""
+
+    def __init__(self, config: Blip2Config, language_model: FrozenLanguageModel | None = None, train_vision: bool = False):
         super().__init__()
         if config.language_model is None:
             raise ValueError("stage 2 needs config.language_model")
         self.config = config
         qc = config.qformer_config
-        self.visual_encoder = FrozenImageEncoder(config.vision_config)
+        self.visual_encoder = FrozenImageEncoder(config.vision_config, trainable=train_vision)
         self.ln_vision = nn.LayerNorm(self.visual_encoder.width, eps=config.vision_config.ln_vision_eps)
         self.qformer = QFormer(qc, config.num_query_tokens, with_text=config.qformer_text_input)
         # The Q-Former's BERT tokenizer, for an instruction-aware model: set by whoever loads one (`load_stage2`, the

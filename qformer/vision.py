@@ -1,4 +1,4 @@
-"""The frozen image encoder: any timm ViT, its last block(s) and final norm dropped, never trained.
+"""The image encoder: any timm ViT, its last block(s) and final norm dropped; frozen, unless fine-tuned (`trainable`).
 
 An encoder made for one image size runs at another (BLIP-2's fine-tuning: 224 -> 364 px) once its absolute
 position embeddings are resampled to the new patch grid (`resize`), as timm and LAVIS do it.
@@ -67,11 +67,17 @@ def resize_problem(model: torch.nn.Module, image_size: int) -> str | None:
 
 
 class FrozenImageEncoder(Frozen):
-    """A timm ViT in permanent eval mode with no gradients, returning patch tokens (B, N, width) in fp32."""
+    """A timm ViT returning patch tokens (B, N, width) in fp32: in permanent eval mode with no gradients, or, built
+    with `trainable=True` (fine-tuning, as BLIP-2's captioning and retrieval recipes), trained with the Q-Former.
 
-    def __init__(self, config: VisionConfig):
+    A trainable encoder keeps fp32 weights whatever `precision` says (that is the frozen tower's storage dtype): the
+    optimiser updates fp32 master weights, and an autocast (`bf16-mixed`, `16-mixed`) computes in low precision.
+    """
+
+    def __init__(self, config: VisionConfig, trainable: bool = False):
         super().__init__(config.precision, "vision_config.precision", cuda_dtype=torch.float16)
         self.config = config
+        self.trainable = trainable
         self.model = timm.create_model(
             config.model_name, pretrained=False, num_classes=0, img_size=config.image_size, **config.model_kwargs
         )
@@ -82,7 +88,14 @@ class FrozenImageEncoder(Frozen):
             raise ValueError(f"vision_config.drop_last_blocks must be in [0, {depth}), got {config.drop_last_blocks}")
         # timm's own pruning: keep blocks up to the last one we use, drop the final norm and head.
         self.model.prune_intermediate_layers(indices=[depth - 1 - config.drop_last_blocks], prune_norm=True)
-        self.freeze()
+        if trainable:
+            self.model.float()
+        else:
+            self.freeze()
+
+    def use_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (timm's own checkpointing of `blocks`)."""
+        self.model.set_grad_checkpointing(enabled)
 
     @property
     def width(self) -> int:
@@ -135,7 +148,6 @@ class FrozenImageEncoder(Frozen):
                 f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
             )
 
-    @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         """Pixels (B, 3, H, W) -> patch tokens (B, N, width) in fp32.
 
@@ -143,8 +155,13 @@ class FrozenImageEncoder(Frozen):
         every model and loss takes either, so training and evaluation from a cache need no other path.
         """
         if images.ndim == 3:
+            if self.trainable and self.training:
+                raise ValueError("cached image features cannot train the image encoder: read the images instead")
             if images.shape[-1] != self.width:
                 raise ValueError(f"cached image features are {images.shape[-1]} wide, the image encoder {self.width}")
             return images.float()
-        dtype = self.compute_dtype(images.device)
-        return self.model.forward_features(images.to(dtype)).float()
+        if self.trainable:
+            return self.model.forward_features(images).float()  # fp32 weights; an enclosing autocast picks the compute dtype
+        with torch.no_grad():
+            dtype = self.compute_dtype(images.device)
+            return self.model.forward_features(images.to(dtype)).float()

@@ -25,6 +25,7 @@ import typing
 
 COMMANDS: dict = {
     "demo": "stages.demo:demo",
+    "demo-finetune": "stages.demo.finetune:demo_finetune",
     "info": "stages.tools.info:info",
     "make-data": "stages.data.synthetic:make_data",
     "make-shards": "stages.tools.make_shards:make_shards",

@@ -63,3 +63,20 @@ class RecordValidation(pl.Callback):
         if not trainer.sanity_checking and batch_idx == 0:
             with open(self.path, "a") as f:
                 f.write(f"{trainer.global_step}\n")
+
+
+class Killed(RuntimeError):
+    """What `FailAt` raises."""
+
+
+class FailAt(pl.Callback):
+    """Raises `Killed` in the backward pass of the step that follows optimizer step `step`: an in-process stand-in for
+    SIGKILL (that step's work is lost, the checkpoints written before it stay), without the seconds a child process
+    takes to start."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_before_backward(self, trainer, module, loss):
+        if trainer.global_step == self.step:
+            raise Killed(f"killed in step {self.step + 1}'s backward")

@@ -189,6 +189,14 @@ def test_stage1_and_stage2_fit_from_the_cache_without_reading_an_image(data, tmp
     assert "hflip" in capsys.readouterr().err
 
 
+def test_a_fit_that_trains_the_encoder_refuses_the_cache_in_one_line(data, tmp_path, capsys):
+    features = cache(data, tmp_path / "cache", "--views", "2", "--no-hflip", files=("train.json", "val.json"))
+    assert fit("stage1", data, features, tmp_path / "run", "--model.tokenizer", str(data), "--model.train_vision", "true") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("qformer stage1: error: data.features: the image encoder trains (model.train_vision: true)")
+    assert "Traceback" not in "\n".join(err) and not (tmp_path / "run" / "last.ckpt").exists()
+
+
 def test_eval_retrieval_from_the_cache_equals_eval_from_images(data, tmp_path):
     torch.manual_seed(0)
     save_stage1(Stage1Model(preset("tiny")), load_tokenizer(data), tmp_path / "export")

@@ -187,7 +187,7 @@ def test_warmup_options_are_checked_in_one_line(data, opt_export):
         ({"projection_warmup_steps": -1}, "model.projection_warmup_steps must be >= 0"),
         ({"projection_warmup_steps": 2, "projection_lr_scale": 0.0}, "model.projection_lr_scale must be > 0"),
         ({"projection_lr_scale": 5.0}, "model.projection_lr_scale applies during the projection warm-up only"),
-        ({"init_projection": "pinv"}, "model.init_projection must be new or lstsq, got 'pinv'"),
+        ({"init_projection": "pinv"}, "model.init_projection must be new, lstsq or keep, got 'pinv'"),
     ]:
         with pytest.raises(ValueError, match=message):
             module(data, opt_export, **options)

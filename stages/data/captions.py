@@ -204,8 +204,12 @@ class CaptionDataModule(pl.LightningDataModule):
                                step=0)
 
     def check_encoder(self, encoder) -> None:
-        """The model's frozen encoder must be the one the feature caches were made with, or take this data's image size:
-        one made for another size is resized (its position embeddings resampled), or refused in one line."""
+        """The model's encoder must be the one the feature caches were made with, or take this data's image size: one made
+        for another size is resized (its position embeddings resampled), or refused in one line. A trained encoder
+        reads images: cached features would be those of its first weights."""
+        if self.hparams.features is not None and encoder.trainable:
+            raise ValueError(f"data.features: the image encoder trains (model.train_vision: true), so the cached features of "
+                             f"{self.hparams.features} would be stale; drop data.features and give data.image_root")
         if self.hparams.features is None:
             encoder.resize(self.hparams.image_size, "data.image_size")
             return

@@ -38,6 +38,13 @@ def checkpoint_callbacks(metric: str | None, best_filename: str, every_n_steps: 
     return callbacks
 
 
+def check_vision_options(train_vision: bool, vision_lr_decay: float) -> None:
+    if not 0 < vision_lr_decay <= 1:
+        raise ValueError(f"model.vision_lr_decay must be in (0, 1] (1: no layer-wise decay; BLIP-2 uses 0.95), got {vision_lr_decay}")
+    if vision_lr_decay != 1 and not train_vision:
+        raise ValueError("model.vision_lr_decay applies to a trained image encoder: set model.train_vision: true (or drop the decay)")
+
+
 class TrainingStopped(RuntimeError):
     """Training cannot go on usefully (diverged, or nothing to learn from); the message says why."""
 
@@ -48,8 +55,11 @@ class TrainingSkeleton(pl.LightningModule):
     STEP_COUNTERS = ("skipped_steps", "consecutive_skips", "applied_steps", "last_skip_reason")
 
     def __init__(self, max_consecutive_skips: int = 25, compile: bool = False, gradient_checkpointing: bool = False,
-                 save_every_n_steps: int = 0):
+                 save_every_n_steps: int = 0, train_vision: bool = False, vision_lr_decay: float = 1.0):
         super().__init__()
+        check_vision_options(train_vision, vision_lr_decay)
+        self.train_vision = train_vision
+        self.vision_lr_decay = vision_lr_decay
         if max_consecutive_skips < 0:
             raise ValueError(f"model.max_consecutive_skips must be >= 0 (0: never stop), got {max_consecutive_skips}")
         if save_every_n_steps < 0:
@@ -142,12 +152,15 @@ class TrainingSkeleton(pl.LightningModule):
 
     # --- options for big runs, optimiser and checkpoints ----------------------------------------------------------
     def configure_model(self) -> None:
-        """`model.gradient_checkpointing` and `model.compile`, applied to the Q-Former once `self.model` exists.
+        """`model.gradient_checkpointing` and `model.compile`, applied to the Q-Former once `self.model` exists;
+        checkpointing covers a trained image encoder's blocks too (a frozen one stores no activations for a backward).
 
         `Module.compile` compiles in place: parameter names, and so checkpoints and exports, do not change.
         """
         qformer = self.model.qformer
         qformer.gradient_checkpointing = self.gradient_checkpointing
+        if self.model.visual_encoder.trainable:
+            self.model.visual_encoder.use_gradient_checkpointing(self.gradient_checkpointing)
         if self.compile_qformer and getattr(qformer, "_compiled_call_impl", None) is None:
             qformer.compile()
 
@@ -158,7 +171,7 @@ class TrainingSkeleton(pl.LightningModule):
         clipped_mixed = "mixed" in str(self.trainer.precision) and bool(self.trainer.gradient_clip_val)
         return configure_adamw(
             self.model, hp.lr, hp.min_lr, hp.weight_decay, hp.warmup_steps, self._planned_steps, fused=not clipped_mixed,
-            head_start=self.optimizer_head_start(),
+            head_start=self.optimizer_head_start(), vision_lr_decay=self.vision_lr_decay,
         )
 
     def optimizer_head_start(self):
@@ -174,11 +187,12 @@ class TrainingSkeleton(pl.LightningModule):
     def _rebuildable_prefixes(self) -> tuple[str, ...]:
         """Frozen towers that are rebuilt from their own files, so not copied into every checkpoint.
 
-        A randomly initialised tower (no file) is kept: it could not be rebuilt. So is a LoRA adapter on the LM.
+        A randomly initialised tower (no file) is kept: it could not be rebuilt; so are a trained one and a LoRA
+        adapter on the LM.
         """
         config = self.model.config
         prefixes = []
-        if config.vision_config.weights_path is not None:
+        if config.vision_config.weights_path is not None and not self.model.visual_encoder.trainable:
             prefixes.append("model." + FROZEN_PREFIX)
         if config.language_model is not None and config.language_model.path is not None:
             prefixes.append("model." + LM_PREFIX)

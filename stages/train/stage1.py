@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
 from qformer.bert import init_from_bert, load_tokenizer
 from qformer.config import resolve_config
+from qformer.files import read_safetensors
+from qformer.folders import load_strict, read_config, read_export_info
 from qformer.losses import stage1_losses
 from qformer.stage1 import Stage1Model
 from stages.data.text import BertText
@@ -27,11 +30,21 @@ def first_occurrences(ids: torch.Tensor) -> torch.Tensor:
     return torch.tensor(keep, dtype=torch.long, device=ids.device)
 
 
+def start_from_export(folder: str, config, bert, vision_weights, tokenizer) -> tuple:
+    """(model config, tokenizer folder) of a stage-1 export a fine-tune continues from; its image encoder comes with it."""
+    given = [name for name, value in (("config", config), ("bert", bert), ("vision_weights", vision_weights)) if value is not None]
+    if given:
+        raise ValueError(f"model.init_from: the export {folder} brings its own model; drop model.{', model.'.join(given)}")
+    if read_export_info(folder).get("stage") != 1:
+        raise ValueError(f"model.init_from: {folder} is not a stage-1 export")
+    return read_config(folder), tokenizer or str(Path(folder) / "tokenizer")
+
+
 class Stage1Module(TrainingSkeleton):
     """Stage-1 representation learning: ITC + ITM + ITG against a frozen image encoder.
 
     Args:
-        config: model preset (vitg, vitl, tiny) or a JSON/YAML model config file.
+        config: model preset (vitg, vitl, tiny; default tiny) or a JSON/YAML model config file.
         vision_weights: local weights file for the image encoder (overrides the config's `weights_path`).
         bert: local BERT folder (bert-base-uncased in the paper): initialises the Q-Former, gives the tokenizer.
         tokenizer: BERT tokenizer folder, when the Q-Former starts from scratch instead of from `bert`.
@@ -49,11 +62,18 @@ class Stage1Module(TrainingSkeleton):
             storing them (less memory, about a third more Q-Former compute: for 24 GB GPUs).
         save_every_n_steps: also write `last.ckpt` every this many optimizer steps (0: at epoch ends and
             validations only), so a preempted or killed run loses at most that many steps.
+        train_vision: train the image encoder too (fine-tuning, as BLIP-2's captioning and retrieval recipes): its
+            weights stay fp32 (an autocast computes in bf16/fp16), gradient_checkpointing covers its blocks, and
+            checkpoints and exports carry it. A feature cache cannot be used then.
+        init_from: a stage-1 export folder to fine-tune (e.g. for retrieval, with train_vision): its config, weights,
+            image encoder and tokenizer start the run (instead of config, bert and vision_weights).
+        vision_lr_decay: layer-wise lr decay on the trained encoder: block i of L gets lr * decay ** (L - i), the
+            patch/position/class embeddings lr * decay ** (L + 1); 1: one lr for all (BLIP-2 retrieval: 0.95).
     """
 
     def __init__(
         self,
-        config: str = "tiny",
+        config: str | None = None,
         vision_weights: str | None = None,
         bert: str | None = None,
         tokenizer: str | None = None,
@@ -67,28 +87,37 @@ class Stage1Module(TrainingSkeleton):
         compile: bool = False,
         gradient_checkpointing: bool = False,
         save_every_n_steps: int = 0,
+        train_vision: bool = False,
+        vision_lr_decay: float = 1.0,
+        init_from: str | None = None,
     ):
-        super().__init__(max_consecutive_skips, compile, gradient_checkpointing, save_every_n_steps)
+        super().__init__(max_consecutive_skips, compile, gradient_checkpointing, save_every_n_steps, train_vision, vision_lr_decay)
         self.save_hyperparameters()
         if val_retrieval not in ("itc", "itm", "off"):
             raise ValueError(f"model.val_retrieval must be itc, itm or off, got {val_retrieval!r}")
         self.val_outputs: list[dict] = []
+        if init_from is not None:
+            model_config, tokenizer = start_from_export(init_from, config, bert, vision_weights, tokenizer)
         if tokenizer is None and bert is None:
             raise ValueError("model.tokenizer or model.bert: a local BERT tokenizer folder is needed")
         self.tokenizer = load_tokenizer(tokenizer or bert)
-        try:
-            model_config = resolve_config(config)
-        except ValueError as error:
-            raise ValueError(f"model.config: {error}") from None
+        if init_from is None:
+            try:
+                model_config = resolve_config(config or "tiny")
+            except ValueError as error:
+                raise ValueError(f"model.config: {error}") from None
         if vision_weights is not None:
             model_config.vision_config.weights_path = vision_weights
         if model_config.qformer_config.vocab_size != len(self.tokenizer):
             log.info("qformer_config.vocab_size set to the tokenizer's %d", len(self.tokenizer))
             model_config.qformer_config.vocab_size = len(self.tokenizer)
-        self.model = Stage1Model(model_config)
+        self.model = Stage1Model(model_config, train_vision=train_vision)
         if bert is not None:
             not_filled = init_from_bert(self.model, bert)
             log.info("initialised from BERT %s; %d tensors start fresh", bert, len(not_filled))
+        if init_from is not None:
+            load_strict(self.model, read_safetensors(Path(init_from) / "model.safetensors"), f"model.init_from {init_from}")
+            log.info("continuing from the stage-1 export %s", init_from)
 
     def _losses(self, batch: dict):
         rank, _ = world()

@@ -76,10 +76,10 @@ def check_start(stage1, init_from, init_projection: str, warmup_steps: int, lr_s
         raise ValueError(f"model.init_from: {init_from} is a plain BLIP-2 stage-2 export, without the Q-Former's text weights "
                          "(word/position embeddings, text feed-forward) that model.qformer_text_input needs: give model.stage1 "
                          "too, the stage-1 export it was trained from, to take them from")
-    if init_projection not in ("new", "lstsq"):
-        raise ValueError(f"model.init_projection must be new or lstsq, got {init_projection!r}")
-    if init_projection == "lstsq" and init_from is None:
-        raise ValueError("model.init_projection lstsq needs model.init_from (the projection it maps from)")
+    if init_projection not in ("new", "lstsq", "keep"):
+        raise ValueError(f"model.init_projection must be new, lstsq or keep, got {init_projection!r}")
+    if init_projection != "new" and init_from is None:
+        raise ValueError(f"model.init_projection {init_projection} needs model.init_from (the projection it starts from)")
     if warmup_steps < 0:
         raise ValueError(f"model.projection_warmup_steps must be >= 0 (0: no warm-up), got {warmup_steps}")
     if not lr_scale > 0:
@@ -104,7 +104,8 @@ class Stage2Module(TrainingSkeleton):
             encoder are used as they are; the data's feature cache must come from that encoder.
         init_projection: with init_from, how the new projection starts: new (random, as from stage 1) or lstsq (the
             old projection followed by a ridge least-squares map from the old LM's input embeddings to this LM's,
-            fitted on the words both tokenizers hold as one token).
+            fitted on the words both tokenizers hold as one token) or keep (the old projection as it is: a fine-tune
+            of a stage-2 export against the same LM, e.g. COCO captioning with train_vision).
         projection_warmup_steps: the first this many optimizer steps train the projection alone (the Q-Former is
             held: no update, no change to its AdamW state), at projection_lr_scale x lr and without weight decay;
             then both train with the usual warmup + cosine, its warmup_steps counted from there. 0: no warm-up.
@@ -140,6 +141,11 @@ class Stage2Module(TrainingSkeleton):
             storing them (less memory, about a third more Q-Former compute: for 24 GB GPUs).
         save_every_n_steps: also write `last.ckpt` every this many optimizer steps (0: at epoch ends and
             validations only), so a preempted or killed run loses at most that many steps.
+        train_vision: train the image encoder too (fine-tuning, as BLIP-2's captioning and retrieval recipes): its
+            weights stay fp32 (an autocast computes in bf16/fp16), gradient_checkpointing covers its blocks, and
+            checkpoints and exports carry it. A feature cache cannot be used then.
+        vision_lr_decay: layer-wise lr decay on the trained encoder: block i of L gets lr * decay ** (L - i), the
+            patch/position/class embeddings lr * decay ** (L + 1); 1: one lr for all (BLIP-2 retrieval: 0.95).
     """
 
     def __init__(
@@ -171,8 +177,10 @@ class Stage2Module(TrainingSkeleton):
         projection_warmup_steps: int = 0,
         projection_lr_scale: float = 1.0,
         qformer_text_input: bool = False,
+        train_vision: bool = False,
+        vision_lr_decay: float = 1.0,
     ):
-        super().__init__(max_consecutive_skips, compile, gradient_checkpointing, save_every_n_steps)
+        super().__init__(max_consecutive_skips, compile, gradient_checkpointing, save_every_n_steps, train_vision, vision_lr_decay)
         self.save_hyperparameters()
         self.val_captions: dict = {}
         self.val_references: dict = {}
@@ -188,7 +196,7 @@ class Stage2Module(TrainingSkeleton):
             path=lm_path, gguf_file=lm_gguf_file, config=lm_config, tokenizer=lm_tokenizer, precision=lm_precision, eos_text=eos_text,
             max_text_length=max_text_length, lora=lora_settings(lm_lora),
         )
-        self.model = Stage2Model(config)
+        self.model = Stage2Model(config, train_vision=train_vision)
         self.lm_tokenizer = load_lm_tokenizer(config.language_model)
         if init_from is None:
             unused = load_stage1_into_stage2(self.model, stage1)
@@ -209,6 +217,12 @@ class Stage2Module(TrainingSkeleton):
         if init_projection == "lstsq":
             new = lstsq_projection(old, folder, self.model.language_model, self.lm_tokenizer)
             self.model.language_projection.load_state_dict(new)
+        elif init_projection == "keep":
+            width = self.model.language_projection.out_features
+            if old["weight"].shape[0] != width:
+                raise ValueError(f"model.init_projection keep: {folder} projects to width {old['weight'].shape[0]}, this "
+                                 f"run's LM is {width} wide; use new or lstsq for another LM")
+            self.model.language_projection.load_state_dict(old)
         log.info("transfer: the Q-Former and ln_vision of %s; a %s projection to width %d", folder, init_projection,
                  self.model.language_model.width)
 
