@@ -86,8 +86,8 @@ def test_small_instruct_demo_reports_each_task_for_both_qformers(tmp_path, capsy
     from stages.demo.instruct import TASKS
 
     out = tmp_path / "demo"
-    argv = ["demo", "--instruct", "--out", str(out), "--num-images", "60", "--val-images", "8", "--test-images", "8",
-            "--lm-steps", "10", "--stage1-steps", "12", "--stage2-steps", "12"]
+    argv = ["demo", "--instruct", "--out", str(out), "--num-images", "40", "--val-images", "4", "--test-images", "6",
+            "--lm-steps", "5", "--stage1-steps", "6", "--stage2-steps", "6", "--batch-size", "16", "--num-beams", "1"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "held-out templates" in printed and all(task in printed for task in TASKS)
