@@ -1,8 +1,10 @@
 """The instruction-aware Q-Former (InstructBLIP, `qformer_text_input`): model, LM text, loading, training, generation."""
 
+import json
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from safetensors.torch import load_file
 
@@ -17,6 +19,8 @@ from qformer.stage2 import Stage2Model
 from stages.data.synthetic import make_dataset
 from stages.train.stage2 import Stage2Module
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TEMPLATES = CONFIGS / "instruct" / "templates.yaml"
 OPT = dict(model_type="opt", vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
            word_embed_proj_dim=32, max_position_embeddings=128, bos_token_id=2, eos_token_id=2, pad_token_id=1)
 
@@ -244,3 +248,61 @@ def test_from_a_plain_stage2_export_the_text_weights_come_from_stage1(stage1_exp
     assert torch.equal(model.qformer.query_tokens, plain.qformer.query_tokens)  # the rest from the stage-2 export
     with pytest.raises(ValueError, match="give exactly one"):
         Stage2Module(str(stage1_export), init_from=str(folder), **lm)  # both, for a plain model: as before
+
+
+class RecordInstructions(pl.Callback):
+    """Writes each training batch's instructions and the Q-Former's tokens of them, one JSON line per batch."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        ids = batch["qformer_input_ids"].masked_fill(batch["qformer_attention_mask"] == 0, -1).tolist()
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"instructions": batch["instructions"], "qformer_ids": ids}) + "\n")
+
+
+def test_instruction_tuning_on_a_mixture_fits_exports_answers_and_evaluates(stage1_export, data, tmp_path, monkeypatch, capsys,
+                                                                            without_java):
+    """A user's run end to end: stage 2 with an instruction-aware Q-Former on a caption + VQA mixture with templates, then
+    export, `qformer ask` and `qformer eval vqa`. Validation captions with the caption task's instruction, as trained."""
+    import qformer.generation
+    from stages.cli import main
+    from stages.data.instructions import load_templates
+    from stages.tools.export import export
+
+    val_prompts = []
+    generate = qformer.generation.generate_text
+    monkeypatch.setattr(qformer.generation, "generate_text",
+                        lambda model, tok, pixels, prompts, *a: val_prompts.extend(prompts) or generate(model, tok, pixels, prompts, *a))
+    record = tmp_path / "instructions.jsonl"
+    callbacks = [{"class_path": "test_instruct.RecordInstructions", "init_args": {"path": str(record)}}]
+    mixture = json.dumps([str(data / "train.json"), str(data / "val_vqa.json")])
+    assert main(["stage2", "fit", "--config", str(CONFIGS / "stage2" / "tiny.yaml"), "--model.stage1", str(stage1_export),
+                 "--model.qformer_text_input", "true", "--model.lm_config", json.dumps(OPT),
+                 "--model.lm_tokenizer", str(data / "lm_tokenizer_decoder"), "--model.val_max_new_tokens", "2",
+                 "--model.val_num_beams", "1", "--data.train", mixture, "--data.templates", str(TEMPLATES),
+                 "--data.val", str(data / "val.json"), "--data.image_root", str(data), "--data.batch_size", "8",
+                 "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.default_root_dir", str(tmp_path / "runs"),
+                 "--trainer.enable_progress_bar", "false", "--trainer.callbacks", json.dumps(callbacks)]) in (0, None)
+    templates = load_templates(TEMPLATES)
+    assert val_prompts and set(val_prompts) == {templates["caption"][0]}  # not the empty prompt
+    batches = [json.loads(line) for line in record.read_text().splitlines()]
+    instructions = [i for b in batches for i in b["instructions"]]
+    questions = [i for i in instructions if "?" in i]  # the VQA file's samples, its questions in a vqa template
+    assert questions and len(questions) < len(instructions)
+    assert all(i in templates["caption"] for i in instructions if i not in questions)
+    bert = load_tokenizer(stage1_export / "tokenizer")
+    for batch in batches:  # the Q-Former reads each sample's own instruction
+        tokens = instruction_tokens(bert, batch["instructions"])
+        expected = tokens["qformer_input_ids"].masked_fill(tokens["qformer_attention_mask"] == 0, -1).tolist()
+        assert batch["qformer_ids"] == expected
+    folder = tmp_path / "export"
+    export(str(tmp_path / "runs" / "last.ckpt"), out=str(folder))
+    assert load_stage2(folder)[0].config.qformer_text_input
+    capsys.readouterr()
+    image = str(data / json.loads((data / "test_vqa.json").read_text())[0]["image"])
+    assert main(["ask", "--model", str(folder), image, "what color is the circle?", "--max-new-tokens", "2"]) == 0
+    assert main(["eval", "vqa", "--model", str(folder), "--data", str(data / "test_vqa.json"), "--images", str(data),
+                 "--no-progress", "--max-new-tokens", "2", "--num-beams", "1"]) == 0
+    assert "accuracy" in capsys.readouterr().out

@@ -136,3 +136,26 @@ def test_a_vqa_file_needs_templates_with_a_vqa_task(data, tmp_path):
     blank = write(tmp_path, "blank.json", [{"image": "a.png", "question": " ", "answer": ["x"]}])
     with pytest.raises(AnnotationError, match="blank.json: entry 0: the question is empty"):
         read_samples(blank, load_templates(TEMPLATES), {})
+
+
+def test_a_feature_cache_gives_instruction_samples_their_drawn_template(tmp_path):
+    """Training from a feature cache (`data.features`) draws a sample's template as training from images does: the
+    same for the same (epoch, index), the first one in validation."""
+    from stages.data.feature_cache import CachedCaptionDataset
+    from stages.data.instructions import InstructionText
+
+    class Cache:  # the two calls the dataset makes of a FeatureCache
+        views = [0]
+
+        def unreadable(self, image):
+            return None
+
+        def tokens(self, image, view):
+            return torch.zeros(2, 4)
+
+    text = InstructionText(("red",), tuple(f"template {i}: {{}}" for i in range(10)), "what color is it?")
+    dataset = CachedCaptionDataset([("a.png", text, 0)] * 8, Cache(), train=True)
+    drawn = [dataset[(1, i)] for i in range(8)]
+    assert all(d["caption"] == "red" and d["instruction"].endswith(": what color is it?") for d in drawn)
+    assert len({d["instruction"] for d in drawn}) > 1 and dataset[(1, 3)]["instruction"] == drawn[3]["instruction"]
+    assert dataset[3]["instruction"] == "template 0: what color is it?"

@@ -30,6 +30,7 @@ import torch
 
 from qformer.files import weights_sha256
 from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, SkippedImages, UnreadableImage
+from stages.data.instructions import sample_text
 from stages.data.sampling import sample_key, sample_rng
 
 MANIFEST = "feature_cache.json"  # written last: a folder without it is not (yet) a cache
@@ -227,22 +228,22 @@ class CachedCaptionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key) -> dict:
         epoch, i = sample_key(key)
-        image, caption, image_index = self.samples[i]
+        image, text, image_index = self.samples[i]
         error = self.cache.unreadable(image)
         if error is not None:
             if self.strict:
                 raise error
             return {"skipped": error.path, "reason": error.reason}
-        view = self.views[0] if len(self.views) == 1 else self._random_view(epoch, i)
-        return {"pixel_values": self.cache.tokens(image, view), "caption": caption, "image_id": image_index, "sample_id": i,
+        if epoch is None:
+            view, fields = self._view(), sample_text(text, drawn=False)
+        else:  # as CaptionDataset: the view from (seed, epoch, index), then an instruction sample's text
+            with sample_rng(self.seed, epoch, i):
+                view, fields = self._view(), sample_text(text, drawn=True)
+        return {"pixel_values": self.cache.tokens(image, view), **fields, "image_id": image_index, "sample_id": i,
                 "epoch": epoch or 0}
 
-    def _random_view(self, epoch: int | None, i: int) -> int:
-        """Drawn from (seed, epoch, index) for a training key, else from the global RNG."""
-        if epoch is None:
-            return self.views[int(torch.randint(len(self.views), ()))]
-        with sample_rng(self.seed, epoch, i):
-            return self.views[int(torch.randint(len(self.views), ()))]
+    def _view(self) -> int:
+        return self.views[0] if len(self.views) == 1 else self.views[int(torch.randint(len(self.views), ()))]
 
 
 # --- part files -------------------------------------------------------------------------------------------

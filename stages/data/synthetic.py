@@ -119,16 +119,18 @@ def content_key(objects: list[dict]) -> tuple:
     return tuple((o["size"], o["color"], o["shape"]) for o in objects)
 
 
-def write_vocab(folder: Path, captions: list[str]) -> None:
-    words = sorted({w for c in captions for w in c.split()})
+def write_vocab(folder: Path, captions: list[str], extra_words: list[str] = ()) -> None:
+    words = sorted({w for c in captions for w in c.split()} | set(extra_words))
     (folder / "vocab.txt").write_text("\n".join(SPECIAL_TOKENS + words) + "\n")
 
 
 def make_dataset(folder: str | Path, num_images: int = 1000, seed: int = 0, image_size: int = 64,
-                 val_images: int | None = None, test_images: int | None = None) -> dict:
+                 val_images: int | None = None, test_images: int | None = None, instruct: bool = False) -> dict:
     """Write the dataset; returns {"train": n, "val": n, "test": n} image counts.
 
-    `val_images` and `test_images` default to 10% of `num_images` each; the rest is the training split.
+    `val_images` and `test_images` default to 10% of `num_images` each; the rest is the training split. With
+    `instruct`, also the instruction tasks and their templates (`stages.data.synthetic_tasks`), whose words the
+    vocabularies then hold too.
     """
     folder = Path(folder)
     n_val = num_images // 10 if val_images is None else val_images
@@ -160,13 +162,19 @@ def make_dataset(folder: str | Path, num_images: int = 1000, seed: int = 0, imag
     for split in ("val", "test"):
         (folder / f"{split}.json").write_text(json.dumps(splits[split], indent=1))
         (folder / f"{split}_vqa.json").write_text(json.dumps(vqa_entries(splits[split]), indent=1))
-    write_vocab(folder, all_captions)
-    write_lm_tokenizer(folder / "lm_tokenizer_decoder", all_captions, encoder_decoder=False)
-    write_lm_tokenizer(folder / "lm_tokenizer_t5", all_captions, encoder_decoder=True)
+    extra_words = []
+    if instruct:
+        from stages.data.synthetic_tasks import task_words, words_of, write_instruction_tasks
+
+        write_instruction_tasks(folder, splits)
+        extra_words = words_of(task_words())
+    write_vocab(folder, all_captions, extra_words)
+    write_lm_tokenizer(folder / "lm_tokenizer_decoder", all_captions, encoder_decoder=False, extra_words=extra_words)
+    write_lm_tokenizer(folder / "lm_tokenizer_t5", all_captions, encoder_decoder=True, extra_words=extra_words)
     return {split: len(entries) for split, entries in splits.items()}
 
 
-def write_lm_tokenizer(folder: str | Path, captions: list[str], encoder_decoder: bool) -> Path:
+def write_lm_tokenizer(folder: str | Path, captions: list[str], encoder_decoder: bool, extra_words: list[str] = ()) -> Path:
     """A word-level tokenizer for the demo's small language models, saved as a transformers folder.
 
     Decoder-only (OPT-like): ids <pad>=1, </s>=2 doubles as BOS (prepended); encoder-decoder (T5-like):
@@ -177,7 +185,7 @@ def write_lm_tokenizer(folder: str | Path, captions: list[str], encoder_decoder:
 
     folder = Path(folder)
     specials = ["<pad>", "</s>", "<unk>"] if encoder_decoder else ["<unk>", "<pad>", "</s>"]
-    words = sorted({w for c in captions for w in c.split()} | {"question", "answer", "short", ":", "?", "what", "is", "the", "color", "of", "shape", "object", "a", "photo"})
+    words = sorted({w for c in captions for w in c.split()} | {"question", "answer", "short", ":", "?", "what", "is", "the", "color", "of", "shape", "object", "a", "photo"} | set(extra_words))
     vocab = {token: i for i, token in enumerate(specials + words)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Lowercase()
@@ -193,7 +201,7 @@ def write_lm_tokenizer(folder: str | Path, captions: list[str], encoder_decoder:
 
 
 def make_data(folder: str, *, num_images: int = 1000, seed: int = 0, image_size: int = 64, val_images: int | None = None,
-              test_images: int | None = None) -> int:
+              test_images: int | None = None, instruct: bool = False) -> int:
     """Write the built-in synthetic dataset: PNGs, caption annotations, VQA questions, a BERT vocab.txt, LM tokenizers.
 
     Args:
@@ -203,7 +211,9 @@ def make_data(folder: str, *, num_images: int = 1000, seed: int = 0, image_size:
         image_size: pixels per side.
         val_images: validation images (default: 10% of --num-images).
         test_images: test images (default: 10% of --num-images).
+        instruct: also write the instruction tasks (colour, shape, count, position questions per split:
+            `{split}_{task}.json`) and their training and held-out templates (`templates.yaml`, `templates_heldout.yaml`).
     """
-    counts = make_dataset(folder, num_images, seed, image_size, val_images, test_images)
+    counts = make_dataset(folder, num_images, seed, image_size, val_images, test_images, instruct)
     print(f"wrote {sum(counts.values())} images to {folder}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0

@@ -71,6 +71,10 @@ def pretrain_language_model(settings: DemoSettings, data: Path, out: Path, slots
     auto = transformers.AutoModelForSeq2SeqLM if settings.encoder_decoder else transformers.AutoModelForCausalLM
     model = auto.from_config(config)
     samples = json.loads((data / "train.json").read_text())
+    if settings.instruct:  # captions and every task's questions, after the training templates
+        from stages.demo.instruct import pretraining_text as text_of
+    else:
+        text_of = pretraining_text
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     warmup = max(1, settings.lm_steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, settings.lm_steps, 0.03))
@@ -78,7 +82,7 @@ def pretrain_language_model(settings: DemoSettings, data: Path, out: Path, slots
     model.train()
     for _ in tqdm(range(settings.lm_steps), desc="LM pre-training on captions and questions", file=sys.stderr):
         batch_samples = rng.sample(samples, 64)
-        prefixes, texts = zip(*(pretraining_text(s, rng, settings.encoder_decoder) for s in batch_samples))
+        prefixes, texts = zip(*(text_of(s, rng, settings.encoder_decoder) for s in batch_samples))
         context = context_embeddings(model, tokenizer, [s["objects"] for s in batch_samples], slots, noise=0.3)
         ones = torch.ones(len(texts), slots, dtype=torch.long)
         if settings.encoder_decoder:

@@ -267,7 +267,14 @@ def demo(settings: DemoSettings = DemoSettings()) -> int:
     Writes data, configs, runs, exports, results.json, samples.png and losses.png under --out.
     """
     try:
-        run_demo(settings)
+        if settings.instruct:
+            if settings.lm != "opt":
+                raise ValueError(f"--instruct runs with the stand-in OPT (--lm opt), not --lm {settings.lm}")
+            from stages.demo.instruct import run_instruct_demo
+
+            run_instruct_demo(settings)
+        else:
+            run_demo(settings)
     except SystemExit as stop:  # a signal (`qformer` exits 128 + it): a stopped fit has said how to resume it
         if isinstance(stop.code, int) and stop.code > 128 and not getattr(stop, "told", False):
             print(f"qformer demo: stopped by a signal (exit status {stop.code}); its steps other than the fits do not "

@@ -40,6 +40,10 @@ class DemoSettings:
             (default 1000, the opt demo's).
         batch_size: training batch size of both stages.
         num_beams: beam width of the evaluation's generation.
+        instruct: instruction tuning instead (InstructBLIP): the scenes gain question tasks (colour, shape, how many,
+            left/right), stage 2 trains on the task mixture with the instruction-aware Q-Former and again with the
+            plain one (the paper's ablation, same steps), and both are evaluated per task with held-out templates
+            (--lm opt only).
     """
 
     out: str = "demo_out"
@@ -55,6 +59,7 @@ class DemoSettings:
     batch_size: int = 48
     num_beams: int = 3
     transfer_source_steps: int | None = None
+    instruct: bool = False
 
     @property
     def encoder_decoder(self) -> bool:

@@ -272,7 +272,11 @@ class Stage2Module(TrainingSkeleton):
         if not new:
             return
         settings = GenerationSettings(num_beams=self.hparams.val_num_beams, max_new_tokens=self.hparams.val_max_new_tokens)
-        texts = generate_text(self.model, self.lm_tokenizer, batch["pixel_values"][new], [self.hparams.prompt] * len(new), settings)
+        # With task templates a caption's prompt is its instruction (the caption task's first template in validation),
+        # as in training; without, the fixed prompt.
+        instructions = batch.get("instructions") or [None] * len(image_ids)
+        prompts = [self.hparams.prompt if instructions[n] is None else instructions[n] for n in new]
+        texts = generate_text(self.model, self.lm_tokenizer, batch["pixel_values"][new], prompts, settings)
         self.val_captions.update({image_ids[n]: t for n, t in zip(new, texts)})
 
     def on_validation_epoch_end(self) -> None:
