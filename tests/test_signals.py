@@ -184,7 +184,9 @@ def test_the_demo_stopped_outside_a_fit_says_it_starts_over(monkeypatch, capsys)
         raise SystemExit(128 + signal.SIGTERM)
 
     monkeypatch.setattr(pipeline, "run_demo", stopped)
+    from stages.demo.command import demo
+
     with pytest.raises(SystemExit) as exit:
-        pipeline.demo(DemoSettings())
+        demo(DemoSettings())
     assert exit.value.code == 128 + signal.SIGTERM
     assert "rerun qformer demo to start over" in capsys.readouterr().err

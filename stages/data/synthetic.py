@@ -167,7 +167,7 @@ def make_dataset(folder: str | Path, num_images: int = 1000, seed: int = 0, imag
         from stages.data.synthetic_tasks import task_words, words_of, write_instruction_tasks
 
         write_instruction_tasks(folder, splits)
-        extra_words = words_of(task_words())
+        extra_words = words_of(task_words(COLORS, SHAPES))
     write_vocab(folder, all_captions, extra_words)
     write_lm_tokenizer(folder / "lm_tokenizer_decoder", all_captions, encoder_decoder=False, extra_words=extra_words)
     write_lm_tokenizer(folder / "lm_tokenizer_t5", all_captions, encoder_decoder=True, extra_words=extra_words)

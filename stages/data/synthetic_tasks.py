@@ -60,9 +60,9 @@ def task_entries(entries: list[dict], task: str) -> list[dict]:
     return questions
 
 
-def task_words() -> str:
-    """All the text the tasks and templates add to the scenes' vocabularies."""
-    questions = {q + " " + a for o in _every_pair() for pairs in task_questions(o).values() for q, a in pairs}
+def task_words(colors, shapes) -> str:
+    """All the text the tasks and templates add to the vocabularies of scenes of these colours and shapes."""
+    questions = {q + " " + a for o in _every_pair(colors, shapes) for pairs in task_questions(o).values() for q, a in pairs}
     templates = [t for file in (TEMPLATES, HELDOUT_TEMPLATES) for ts in file.values() for t in ts]
     return " ".join(sorted(questions) + templates).replace("<Image>", " ").replace("{}", " ")
 
@@ -72,10 +72,8 @@ def words_of(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]", text.lower())
 
 
-def _every_pair() -> list[list[dict]]:
-    from stages.data.synthetic import COLORS, SHAPES
-
-    kinds = [{"color": c, "shape": s, "size": "small"} for c in COLORS for s in SHAPES]
+def _every_pair(colors, shapes) -> list[list[dict]]:
+    kinds = [{"color": c, "shape": s, "size": "small"} for c in colors for s in shapes]
     return [[a] for a in kinds] + [[a, b] for a in kinds for b in kinds if a != b]
 
 

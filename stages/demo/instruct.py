@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import sys
 import time
 from dataclasses import asdict
@@ -21,28 +20,12 @@ from pathlib import Path
 import yaml
 
 from qformer.generation import CAPTION_GENERATION, VQA_GENERATION
-from stages.data.synthetic_tasks import HELDOUT_TEMPLATES, QUESTION_TASKS, TEMPLATES, task_questions
+from stages.data.synthetic_tasks import HELDOUT_TEMPLATES, QUESTION_TASKS, TEMPLATES
 from stages.demo.settings import DemoSettings, feature_caches
 
 FITS = {"instruction-aware": "stage2", "plain": "stage2_plain"}  # the ablation's two stage-2 fits and their folders
 TASKS = ("caption",) + QUESTION_TASKS
 MAX_TEXT_LENGTH = 40  # LM tokens: the longest training template with a question and its answer, or a caption
-
-
-def _template(task: str, templates: dict, rng: random.Random) -> str:
-    return rng.choice(templates["caption" if task == "caption" else "vqa"]).replace("<Image>", "").strip()
-
-
-def pretraining_text(sample: dict, rng: random.Random, encoder_decoder: bool) -> tuple[str, str]:
-    """(prefix, text) of one stand-in LM pre-training text: half captions, half questions of any task, each after a
-    training template (the language a real LLM would know); decoder-only LMs get a space between the two."""
-    questions = [pair for pairs in task_questions(sample["objects"]).values() for pair in pairs]
-    if rng.random() < 0.5:
-        prefix, text = _template("caption", TEMPLATES, rng), sample["caption"]
-    else:
-        question, text = rng.choice(questions)
-        prefix = _template("vqa", TEMPLATES, rng).replace("{}", question)
-    return (prefix, text) if encoder_decoder else (prefix + " ", text)
 
 
 def instruct_configs(settings: DemoSettings, configs: dict[str, Path], out: Path, data: Path) -> dict[str, Path]:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from qformer.generation import CAPTION_PROMPT
 from stages.data.synthetic import questions_for
+from stages.data.synthetic_tasks import TEMPLATES, task_questions
 from stages.demo.settings import DemoSettings, lm_config
 from stages.train.optim import warmup_cosine
 
@@ -50,6 +51,22 @@ def pretraining_text(sample: dict, rng: random.Random, encoder_decoder: bool) ->
     return (f"{CAPTION_PROMPT} " if rng.random() < 0.5 else ""), sample["caption"]
 
 
+def instruction_pretraining_text(sample: dict, rng: random.Random, encoder_decoder: bool) -> tuple[str, str]:
+    """`demo --instruct`'s (prefix, text): half captions, half questions of any task, each after a training template
+    (the language a real LLM would know); decoder-only LMs get a space between the two."""
+    questions = [pair for pairs in task_questions(sample["objects"]).values() for pair in pairs]
+    if rng.random() < 0.5:
+        prefix, text = _template(TEMPLATES["caption"], rng), sample["caption"]
+    else:
+        question, text = rng.choice(questions)
+        prefix = _template(TEMPLATES["vqa"], rng).replace("{}", question)
+    return (prefix, text) if encoder_decoder else (prefix + " ", text)
+
+
+def _template(templates: list[str], rng: random.Random) -> str:
+    return rng.choice(templates).replace("<Image>", "").strip()
+
+
 def pretrain_language_model(settings: DemoSettings, data: Path, out: Path, slots: int) -> Path:
     """Train the small LM on caption text (what a pretrained LLM would know), save it as a local folder.
 
@@ -71,10 +88,7 @@ def pretrain_language_model(settings: DemoSettings, data: Path, out: Path, slots
     auto = transformers.AutoModelForSeq2SeqLM if settings.encoder_decoder else transformers.AutoModelForCausalLM
     model = auto.from_config(config)
     samples = json.loads((data / "train.json").read_text())
-    if settings.instruct:  # captions and every task's questions, after the training templates
-        from stages.demo.instruct import pretraining_text as text_of
-    else:
-        text_of = pretraining_text
+    text_of = instruction_pretraining_text if settings.instruct else pretraining_text
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     warmup = max(1, settings.lm_steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, settings.lm_steps, 0.03))
