@@ -4,6 +4,7 @@ import os
 import signal
 
 import pytorch_lightning as pl
+import torch
 
 
 class RecordSamples(pl.Callback):
@@ -80,3 +81,16 @@ class FailAt(pl.Callback):
     def on_before_backward(self, trainer, module, loss):
         if trainer.global_step == self.step:
             raise Killed(f"killed in step {self.step + 1}'s backward")
+
+
+def assert_same_training_state(expected: dict, got: dict) -> None:
+    """Two Lightning checkpoints hold the same weights, schedule and AdamW moments, bit for bit."""
+    assert expected["state_dict"].keys() == got["state_dict"].keys()
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(got["state_dict"][name], tensor), name
+    assert got["lr_schedulers"] == expected["lr_schedulers"]
+    moments, expected_moments = got["optimizer_states"][0]["state"], expected["optimizer_states"][0]["state"]
+    assert moments.keys() == expected_moments.keys()
+    for index, state in expected_moments.items():
+        for name, value in state.items():
+            assert torch.equal(moments[index][name], value), (index, name)

@@ -10,14 +10,15 @@ from safetensors.torch import load_file
 
 from qformer.bert import load_tokenizer
 from qformer.config import LanguageModelConfig, preset
-from qformer.folders import is_text_weight, load_stage2, save_stage1, save_stage2
+from qformer.folders import is_text_weight, load_stage2, save_stage2
 from qformer.generation import GenerationSettings, generate_text
 from qformer.instruction import instruction_tokens
 from qformer.lm_text import IGNORE, decoder_only_batch
-from qformer.stage1 import Stage1Model
 from qformer.stage2 import Stage2Model
 from stages.data.synthetic import make_dataset
 from stages.train.stage2 import Stage2Module
+
+from tiny_models import write_stage1
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TEMPLATES = CONFIGS / "instruct" / "templates.yaml"
@@ -34,11 +35,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stage1_export(data, tmp_path_factory):
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(data)
-    config = preset("tiny")
-    config.qformer_config.vocab_size = len(tokenizer)
-    return save_stage1(Stage1Model(config), tokenizer, tmp_path_factory.mktemp("stage1"))
+    return write_stage1(data, tmp_path_factory.mktemp("stage1"))
 
 
 def instruct_model(data, text_input=True, lm=OPT):

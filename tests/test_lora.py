@@ -12,18 +12,19 @@ import transformers
 
 pytest.importorskip("peft", reason="LoRA needs the peft package: pip install -e '.[lora]'")
 
-from qformer.bert import load_tokenizer  # noqa: E402
+from test_prompt_masking import llama_bpe  # noqa: E402
+
 from qformer.config import LanguageModelConfig, LoraSettings, preset  # noqa: E402
-from qformer.folders import load_stage2, save_stage1, save_stage2  # noqa: E402
+from qformer.folders import load_stage2, save_stage2  # noqa: E402
 from qformer.interop.hf import export_hf  # noqa: E402
 from qformer.lora import is_adapter_key  # noqa: E402
-from qformer.stage1 import Stage1Model  # noqa: E402
 from qformer.stage2 import Stage2Model  # noqa: E402
 from stages.cli import main  # noqa: E402
 from stages.data.synthetic import make_dataset  # noqa: E402
 from stages.train.optim import param_groups  # noqa: E402
 from stages.train.stage2 import Stage2Module  # noqa: E402
-from test_prompt_masking import llama_bpe  # noqa: E402
+
+from tiny_models import write_stage1  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LMS = {
@@ -43,11 +44,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stage1_export(data, tmp_path_factory):
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(data)
-    config = preset("tiny")
-    config.qformer_config.vocab_size = len(tokenizer)
-    return save_stage1(Stage1Model(config), tokenizer, tmp_path_factory.mktemp("stage1"))
+    return write_stage1(data, tmp_path_factory.mktemp("stage1"))
 
 
 def lm_tokenizer(data, lm: str):

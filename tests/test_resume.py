@@ -16,6 +16,8 @@ import torch
 from stages.data.synthetic import make_dataset
 from stages.train.resume import AtomicCheckpointIO, find_checkpoint
 
+from resume_helpers import assert_same_training_state
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "stage1" / "tiny.yaml"
 STEPS = 11  # 6 batches per epoch: the run crosses an epoch end, and both interruptions are mid-epoch
@@ -101,14 +103,7 @@ def test_stopped_then_killed_run_resumes_to_identical_weights(data, tmp_path):
     assert steps_seen(record) == steps_seen(tmp_path / "whole.txt")  # the data position survived both interruptions
     expected, got = final_weights(tmp_path / "whole"), final_weights(runs)
     assert got["global_step"] == expected["global_step"] == STEPS
-    for name, tensor in expected["state_dict"].items():
-        assert torch.equal(got["state_dict"][name], tensor), name
-    assert got["lr_schedulers"] == expected["lr_schedulers"]
-    moments, expected_moments = got["optimizer_states"][0]["state"], expected["optimizer_states"][0]["state"]
-    assert moments.keys() == expected_moments.keys()
-    for index, state in expected_moments.items():
-        for name, value in state.items():
-            assert torch.equal(moments[index][name], value), (index, name)
+    assert_same_training_state(expected, got)
 
 
 def test_ckpt_path_last_without_a_checkpoint_fails_and_auto_starts_fresh(data, tmp_path):

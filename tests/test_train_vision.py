@@ -76,8 +76,8 @@ def block_calls(model) -> list[int]:
 
 
 def test_gradient_checkpointing_recomputes_the_encoders_blocks_with_identical_gradients(tiny_config):
-    from test_speed_options import step
     from test_shared_image_kv import batch
+    from test_speed_options import step
 
     tiny_config.qformer_config.hidden_dropout_prob = 0.0
     tiny_config.qformer_config.attention_probs_dropout_prob = 0.0
@@ -197,11 +197,12 @@ def test_a_killed_fit_that_trains_the_encoder_resumes_to_identical_weights(data,
     """As tests/test_resume.py, in-process: killed in step 4's backward (last.ckpt: step 2), `--ckpt_path last`, on to
     step 5 (past an epoch end: 4 batches an epoch) -> the weights, encoder included, and the optimizer state of an
     uninterrupted run."""
-    from resume_helpers import Killed
     from test_resume import final_weights
 
     from qformer.files import read_safetensors
     from stages.train.resume import find_checkpoint
+
+    from resume_helpers import Killed, assert_same_training_state
 
     resume_fit(data, tmp_path / "whole")
     runs = tmp_path / "interrupted"
@@ -215,12 +216,4 @@ def test_a_killed_fit_that_trains_the_encoder_resumes_to_identical_weights(data,
     assert got["global_step"] == expected["global_step"] == 5
     qkv = "model.visual_encoder.model.blocks.0.attn.qkv.weight"
     assert not torch.equal(expected["state_dict"][qkv], read_safetensors(encoder_file(data))["blocks.0.attn.qkv.weight"])
-    assert expected["state_dict"].keys() == got["state_dict"].keys()
-    for name, tensor in expected["state_dict"].items():
-        assert torch.equal(got["state_dict"][name], tensor), name
-    assert got["lr_schedulers"] == expected["lr_schedulers"]
-    moments, expected_moments = got["optimizer_states"][0]["state"], expected["optimizer_states"][0]["state"]
-    assert moments.keys() == expected_moments.keys()
-    for index, state in expected_moments.items():
-        for name, value in state.items():
-            assert torch.equal(moments[index][name], value), (index, name)
+    assert_same_training_state(expected, got)
