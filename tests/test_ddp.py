@@ -1,10 +1,9 @@
 """Both stages under DDP with two CPU processes (gloo), through the real command line."""
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
+import processes
 import pytest
 
 from qformer.bert import load_tokenizer
@@ -25,12 +24,12 @@ def data(tmp_path_factory):
 
 def run(stage: str, config: str, data: Path, root: Path, *extra: str) -> list[dict]:
     command = [
-        sys.executable, "-m", "stages.cli", stage, "fit", "--config", str(ROOT / "configs" / stage / config),
+        "-m", "stages.cli", stage, "fit", "--config", str(ROOT / "configs" / stage / config),
         "--data.train", str(data / "train.json"), "--data.val", str(data / "val.json"), "--data.image_root", str(data),
         "--data.batch_size", "8", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "12",
         "--trainer.log_every_n_steps", "4", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root), *extra,
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = processes.run(command, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(next(root.rglob("metrics.csv"))) as f:
         return list(csv.DictReader(f))

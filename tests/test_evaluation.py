@@ -4,9 +4,9 @@ import json
 import os
 from pathlib import Path
 
+import processes
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torchmetrics.retrieval import RetrievalHitRate
 
 from qformer.bert import load_tokenizer
@@ -176,7 +176,7 @@ def test_two_process_retrieval_is_identical_to_one(tmp_path):
     export = save_stage1(Stage1Model(config), tokenizer, tmp_path / "export")
     os.environ["OMP_NUM_THREADS"] = "1"
     in_this_process(_eval_worker, 0, 1, "", str(export), str(data), str(tmp_path / "one.pt"))  # the one process: this one
-    mp.spawn(_eval_worker, args=(2, str(tmp_path / "init"), str(export), str(data), str(tmp_path / "two.pt")), nprocs=2)
+    processes.spawn(_eval_worker, (2, str(tmp_path / "init"), str(export), str(data), str(tmp_path / "two.pt")), nprocs=2)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert torch.equal(one["i2t"], two["i2t"]) and torch.equal(one["t2i"], two["t2i"])
     assert one["result"] == two["result"]
@@ -226,7 +226,7 @@ def test_two_process_vqa_is_identical_to_one(tmp_path, monkeypatch):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(name, "")  # recorded, so that what the one-process run below sets here is undone after
     in_this_process(_vqa_worker, 0, 1, port, str(tmp_path / "stage2"), str(data), str(tmp_path / "one.json"))
-    mp.spawn(_vqa_worker, args=(2, port, str(tmp_path / "stage2"), str(data), str(tmp_path / "two.json")), nprocs=2)
+    processes.spawn(_vqa_worker, (2, port, str(tmp_path / "stage2"), str(data), str(tmp_path / "two.json")), nprocs=2)
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     assert one["scores"]["questions"] == 11 and one["scores"]["skipped_images"] == 0
     assert one == two

@@ -5,11 +5,10 @@ import json
 import os
 import pickle
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 
@@ -175,7 +174,7 @@ def test_sigterm_during_export_removes_the_partial_folder(data, tmp_path):
         sys.exit(main(["export", {str(checkpoint)!r}, "--out", {str(out)!r}]))
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = processes.run(["-c", script], env=env, cwd=ROOT, timeout=300)
     assert result.returncode == 128 + 15, result.stderr
     assert not out.exists() and leftovers(tmp_path) == []
 

@@ -2,9 +2,9 @@
 
 import math
 
+import processes
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from qformer.losses import itc_loss, itg_loss, itg_targets, itm_loss, itm_pairs, sample_hard_negatives
@@ -169,7 +169,7 @@ def test_two_process_itc_gradients_equal_one_process(tmp_path):
     x, y = torch.randn(8, 3, 6), torch.randn(8, 6)
     W_img, W_txt = torch.randn(5, 6), torch.randn(5, 6)
     out = tmp_path / "grads.pt"
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), x, y, W_img, W_txt, str(out)), nprocs=2, join=True)
+    processes.spawn(_worker, (2, str(tmp_path / "init"), x, y, W_img, W_txt, str(out)), nprocs=2)
     out = torch.load(out)
 
     W_i, W_t = W_img.clone().requires_grad_(), W_txt.clone().requires_grad_()

@@ -6,10 +6,9 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 
@@ -34,36 +33,23 @@ def fit(data: Path, root: Path, record: Path, *extra: str, callbacks: tuple = ()
     return finish(start(data, root, record, *extra, callbacks=callbacks))
 
 
-def start(data: Path, root: Path, record: Path, *extra: str, callbacks: tuple = ()) -> subprocess.Popen:
+def start(data: Path, root: Path, record: Path, *extra: str, callbacks: tuple = ()) -> processes.Child:
     """The fit in a subprocess of one thread, left running: two of them share the 2 cores of a CI machine."""
     callbacks = [{"class_path": "resume_helpers.RecordSamples", "init_args": {"path": str(record)}}, *callbacks]
     argv = [
-        sys.executable, "-m", "stages.cli", "stage1", "fit", "--config", str(CONFIG), "--model.tokenizer", str(data),
+        "-m", "stages.cli", "stage1", "fit", "--config", str(CONFIG), "--model.tokenizer", str(data),
         "--data.train", str(data / "train.json"), "--data.val", str(data / "val.json"), "--data.image_root", str(data),
         "--data.batch_size", "8", "--data.hflip", "true", "--trainer.max_steps", str(STEPS),
         "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
         "--trainer.callbacks", json.dumps(callbacks), *extra,
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
-    # Output to files, not pipes: a pipe nobody reads while the other fits run would block the child once full.
-    stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115 (`finish` closes them)
-    process = subprocess.Popen(argv, env=env, stdout=stdout, stderr=stderr, text=True)
-    process.output_files = (stdout, stderr)
-    return process
+    return processes.start(argv, env=env)  # output to files: nobody reads the children's output while they run
 
 
-def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
-    try:
-        process.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise
-    output = []
-    for file in process.output_files:
-        file.seek(0)
-        output.append(file.read())
-        file.close()
-    return subprocess.CompletedProcess(process.args, process.returncode, *output)
+def finish(process: processes.Child) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def steps_seen(record: Path) -> dict[int, str]:

@@ -5,11 +5,11 @@ import csv
 import io
 import json
 import signal
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 from PIL import Image
@@ -171,7 +171,7 @@ def test_two_processes_read_disjoint_shares_of_a_fixed_epoch_and_stage1_learns(d
     callbacks = [{"class_path": "resume_helpers.RecordSamples", "init_args": {"path": str(record), "per_rank": True}}]
     epoch_samples, batch = 64, 8
     command = [
-        sys.executable, "-m", "stages.cli", "stage1", "fit", "--config", str(ROOT / "configs" / "stage1" / "tiny.yaml"),
+        "-m", "stages.cli", "stage1", "fit", "--config", str(ROOT / "configs" / "stage1" / "tiny.yaml"),
         "--model.tokenizer", str(data), "--data.train", str(shards / "{00000..00003}.tar"),
         "--data.val", str(shards.parent / "val" / "00000.tar"), "--data.image_root", "null",
         "--data.train_samples", str(epoch_samples), "--data.batch_size", str(batch), "--trainer.devices", "2",
@@ -180,7 +180,7 @@ def test_two_processes_read_disjoint_shares_of_a_fixed_epoch_and_stage1_learns(d
         "--trainer.callbacks", json.dumps(callbacks),
     ]
     env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
+    result = processes.run(command, env=env, cwd=ROOT, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     seen = [[line.split(" ", 1) for line in Path(f"{record}.rank{r}").read_text().splitlines()] for r in (0, 1)]
     per_epoch = epoch_samples // (batch * 2)

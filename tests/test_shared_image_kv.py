@@ -1,9 +1,9 @@
 """Image keys/values projected once per distinct image give the same losses, gradients and retrieval scores as
 projecting them again for every pass (`tests/reference_stage1.py`, the formulation before the change)."""
 
+import processes
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from qformer.losses import stage1_losses
 from qformer.retrieval import RetrievalFeatures, itc_similarity, rerank
@@ -122,7 +122,7 @@ def test_two_processes_share_negative_images_with_the_reference_gradients(tiny_c
     tiny_config.qformer_config.attention_probs_dropout_prob = 0.0
     inputs = batch(B=8, same_image=False)[:3]
     out = tmp_path / "results"
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), tiny_config, inputs, str(out)), nprocs=2, join=True)
+    processes.spawn(_ddp_worker, (2, str(tmp_path / "init"), tiny_config, inputs, str(out)), nprocs=2)
     for rank in range(2):
         results = torch.load(f"{out}.{rank}")
         (ours, our_grads), (reference, reference_grads) = results["ours"], results["reference"]

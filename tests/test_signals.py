@@ -8,11 +8,11 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import processes
 import pytest
 import torch
 
@@ -36,14 +36,14 @@ def fit(data: Path, root: Path, *extra: str, callbacks: tuple = ()) -> subproces
     """`qformer stage1 fit` on the tiny config, validation configured (no sanity check: it would only cost time)."""
     validations = {"class_path": "resume_helpers.RecordValidation", "init_args": {"path": str(root) + ".validations"}}
     argv = [
-        sys.executable, "-m", "stages.cli", "stage1", "fit", "--config", str(CONFIG), "--model.tokenizer", str(data),
+        "-m", "stages.cli", "stage1", "fit", "--config", str(CONFIG), "--model.tokenizer", str(data),
         "--data.train", str(data / "train.json"), "--data.val", str(data / "val.json"), "--data.image_root", str(data),
         "--data.batch_size", "8", "--trainer.max_steps", str(STEPS), "--trainer.num_sanity_val_steps", "0",
         "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
         "--trainer.callbacks", json.dumps([validations, *callbacks]), *extra,
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
+    return processes.run(argv, env=env, timeout=300)
 
 
 def sigterm_at(step: int, stamp: Path, times: int = 1) -> dict:

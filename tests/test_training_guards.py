@@ -4,9 +4,11 @@ too many in a row stop the run with a clear message before a bad update reaches 
 import json
 from pathlib import Path
 
+import processes  # noqa: F401 (its fork server preloads the heavy imports)
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import DDPStrategy
 
 from stages.cli import main
 from stages.data.captions import CaptionDataModule
@@ -122,7 +124,8 @@ class RecordingStage1(PoisonedStage1):
 def test_ddp_ranks_skip_together(data, tmp_path):
     out = str(tmp_path / "rank")
     module = RecordingStage1(tokenizer=str(data), lr=1e-3, warmup_steps=1, nan_steps=(1,), nan_ranks=(1,), out=out)
-    fit(module, data, tmp_path, max_steps=3, devices=2, strategy="ddp_spawn")
+    ddp = DDPStrategy(start_method="forkserver")  # children forked warm: see tests/processes.py
+    fit(module, data, tmp_path, max_steps=3, devices=2, strategy=ddp)
     ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
     assert ranks[0][:2] == ranks[1][:2] == [1, 2]  # rank 0's own step was fine, but it skipped it too
     assert ranks[0][2] == ranks[1][2]  # and the weights stayed identical across ranks
