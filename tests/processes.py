@@ -79,6 +79,8 @@ def start(argv: list[str], env: dict[str, str] | None = None, cwd: str | Path | 
         raise ValueError(f"argv must start with -m or -c, not {argv[0]!r}")
     folder = Path(tempfile.mkdtemp(prefix="child_"))
     stdout, stderr = folder / "stdout", folder / "stderr"
+    stdout.touch()
+    stderr.touch()  # there from the start, as a pipe would be
     environment = dict(os.environ if env is None else env)
     process = _context.Process(target=_run, args=(argv, environment, str(cwd or os.getcwd()), str(stdout), str(stderr)),
                                daemon=False)
