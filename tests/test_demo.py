@@ -22,7 +22,7 @@ def test_small_demo_writes_every_artefact_and_they_load(tmp_path, capsys, lm, re
     if lm != "opt":
         request.getfixturevalue("without_java")
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--lm", lm, "--num-images", "60", "--val-images", "8", "--test-images", "8", "--lm-steps", "10", "--stage1-steps", "12", "--stage2-steps", "12"]
+    argv = ["demo", "--out", str(out), "--lm", lm, "--num-images", "60", "--val-images", "8", "--test-images", "8", "--lm-steps", "10", "--stage1-steps", "12", "--stage2-steps", "12", "--batch-size", "8"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "text retrieval R@1" in printed and "attribute accuracy" in printed
@@ -87,7 +87,7 @@ def test_small_instruct_demo_reports_each_task_for_both_qformers(tmp_path, capsy
 
     out = tmp_path / "demo"
     argv = ["demo", "--instruct", "--out", str(out), "--num-images", "40", "--val-images", "4", "--test-images", "6",
-            "--lm-steps", "5", "--stage1-steps", "6", "--stage2-steps", "6", "--batch-size", "16", "--num-beams", "1"]
+            "--lm-steps", "5", "--stage1-steps", "6", "--stage2-steps", "6", "--batch-size", "8", "--num-beams", "1"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "held-out templates" in printed and all(task in printed for task in TASKS)
