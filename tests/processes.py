@@ -102,7 +102,8 @@ def spawn(function, args: tuple, nprocs: int) -> None:
     the test's: give them what differs as arguments."""
     import torch.multiprocessing
 
-    torch.multiprocessing.spawn(function, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+    # start_processes, not spawn: torch.multiprocessing.spawn ignores its start_method and always spawns cold
+    torch.multiprocessing.start_processes(function, args=args, nprocs=nprocs, join=True, start_method="forkserver")
 
 
 def _run(argv: list[str], env: dict[str, str], cwd: str, stdout: str, stderr: str) -> None:

@@ -4,8 +4,10 @@ pid, environment, working folder, arguments, output, exit status and signals."""
 import json
 import os
 import signal
+import sys
 import textwrap
 import time
+from pathlib import Path
 
 import processes
 
@@ -41,3 +43,16 @@ def test_a_child_runs_a_module_as_main_and_dies_of_the_signal_it_is_sent(tmp_pat
     child.send_signal(signal.SIGTERM)
     assert child.wait(30) == -signal.SIGTERM
     assert stdout.read_text() == "__main__ ['a']\n"
+
+
+def _note_preloaded(rank, folder):
+    (Path(folder) / f"rank{rank}").write_text(json.dumps("timm" in sys.modules))
+
+
+def test_spawned_groups_and_children_are_forked_warm_from_the_preloaded_server(tmp_path):
+    """Neither this module nor the child's code imports timm: a child that has it was forked from the fork server
+    (a cold spawn would be 5-8 s of imports per process, the cost these helpers exist to avoid)."""
+    processes.spawn(_note_preloaded, (str(tmp_path),), nprocs=2)
+    assert [json.loads((tmp_path / f"rank{r}").read_text()) for r in (0, 1)] == [True, True]
+    done = processes.run(["-c", "import sys; print('timm' in sys.modules)"], timeout=60)
+    assert done.stdout.strip() == "True", done.stderr
