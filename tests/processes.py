@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # Imported once by the fork server; everything else a child imports itself (our own code is cheap to import).
@@ -94,6 +95,31 @@ def run(argv: list[str], env: dict[str, str] | None = None, cwd: str | Path | No
     child = start(argv, env, cwd)
     stdout, stderr = child.communicate(timeout)
     return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+
+
+def torchrun(argv: list[str], nprocs: int, env: dict[str, str] | None = None, cwd: str | Path | None = None,
+             timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """`torchrun --nproc-per-node NPROCS ARGV...` on one node: one child per rank with the environment torchrun gives
+    it (Lightning reads it as launched from outside and starts no process of its own). Each rank's result, rank 0
+    first; when one fails, the others are killed rather than left waiting in a collective."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = dict(os.environ if env is None else env)
+    ranks = [start(argv, {**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0",
+                          "WORLD_SIZE": str(nprocs), "LOCAL_WORLD_SIZE": str(nprocs), "MASTER_ADDR": "127.0.0.1",
+                          "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "tests"}, cwd)
+             for rank in range(nprocs)]
+    deadline = time.monotonic() + timeout
+    while any(child.poll() is None for child in ranks):
+        if time.monotonic() > deadline or any(child.poll() not in (None, 0) for child in ranks):
+            for child in ranks:
+                if child.poll() is None:
+                    child.kill()
+        time.sleep(0.1)
+    return [subprocess.CompletedProcess(child.args, child.returncode, *child.communicate()) for child in ranks]
 
 
 def spawn(function, args: tuple, nprocs: int) -> None:
