@@ -50,6 +50,7 @@ def variant_config(demo: Path, variant: str, out: Path, overrides: list[str] = (
         model["stage1"] = str(demo / "exports" / "stage1")
     if variant in ("direct", "transfer"):
         model["projection_warmup_steps"] = 0
+        model.pop("projection_lr_scale", None)  # a warm-up setting: refused without a warm-up
     if variant == "lstsq":
         model["init_projection"] = "lstsq"
     config["trainer"]["default_root_dir"] = str(out / variant)
