@@ -17,6 +17,7 @@ import atexit
 import multiprocessing
 import os
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,7 +72,9 @@ class Child:
             self.kill()
             self.wait()
             raise
-        return tuple(path.read_text(errors="replace") for path in self.output_paths)
+        output = tuple(path.read_text(errors="replace") for path in self.output_paths)
+        shutil.rmtree(self.output_paths[0].parent, ignore_errors=True)
+        return output
 
 
 def start(argv: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None) -> Child:
