@@ -88,7 +88,9 @@ class AttributeProbe(pl.Callback):
         settings = dataclasses.replace(CAPTION_GENERATION, num_beams=1, max_new_tokens=20, min_new_tokens=3)
         was_training = module.model.training
         module.model.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=module.trainer.precision == "bf16-mixed"):
+        # No autocast, as `qformer eval caption` runs (and torch.stack of the cache's fp16 features fails under a CPU
+        # bf16 autocast: "Unexpected floating ScalarType in at::autocast::prioritize").
+        with torch.no_grad():
             captions = generate_for_images(module.model, module.lm_tokenizer, images, [[CAPTION_PROMPT]] * len(images),
                                            reader, settings, batch_size=50)
         module.model.train(was_training)
