@@ -97,7 +97,7 @@ def test_coco_and_lavis_formats(tmp_path):
 
 def test_a_samples_rng_seeds_the_cpu_generator_alone_and_restores_it(monkeypatch):
     """Seeding CUDA, XPU or MTIA per sample (as torch.manual_seed does) is not restored by the fork and, before CUDA
-    starts, formats a stack trace per call: most of a small-image batch's loading time."""
+    starts, formats a stack trace per call: about half of a 48-px demo batch's loading CPU time."""
     from stages.data.sampling import sample_rng
 
     def refused(*args, **kwargs):
