@@ -121,7 +121,7 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
 def shape_probe(model, data: Path, train: list[dict], test: list[dict]) -> float:
     """How well the query outputs tell the first object's shape: a linear probe's test accuracy (%)."""
     shapes = sorted({e["objects"][0]["shape"] for e in train + test})
-    label = lambda entries: torch.tensor([shapes.index(e["objects"][0]["shape"]) for e in entries])
+    label = lambda entries: torch.tensor([shapes.index(e["objects"][0]["shape"]) for e in entries])  # noqa: E731
     return linear_probe_accuracy(query_outputs(model, data, train), label(train), query_outputs(model, data, test), label(test))
 
 
