@@ -112,15 +112,40 @@ def test_the_demo_finetunes_differ_only_in_train_vision(tmp_path, monkeypatch):
     from stages.demo import finetune
 
     monkeypatch.setattr(finetune, "_image_size", lambda out: 48)
-    frozen, trained = (yaml.safe_load(finetune.finetune_config(tmp_path, name, name == "trained", 300, 1e-3, 0.9, 48, 0).read_text())
+    frozen, trained = (yaml.safe_load(finetune.finetune_config(tmp_path, name, name == "trained", 300, 1e-3, 0.9, 48, 0, 3.0).read_text())
                        for name in ("frozen", "trained"))
     for config in (frozen, trained):
         stage_parser().parse_object(config)  # valid stage-1 fit configs
     assert trained["model"].pop("train_vision") and not frozen["model"].pop("train_vision")
-    assert trained["model"].pop("vision_lr_decay") == 0.9
+    assert trained["model"].pop("vision_lr_decay") == 0.9 and trained["model"].pop("vision_lr_scale") == 3.0
     assert trained["model"] == frozen["model"] and trained["data"] == frozen["data"]
     assert trained["trainer"].pop("default_root_dir") != frozen["trainer"].pop("default_root_dir")
     assert trained["trainer"] == frozen["trainer"] and trained["trainer"]["max_steps"] == 300
+
+
+def test_the_demo_caption_finetunes_continue_the_stage2_export_with_its_lm_and_differ_only_in_train_vision(tmp_path, monkeypatch):
+    from stages.demo import finetune
+
+    monkeypatch.setattr(finetune, "_image_size", lambda out: 48)
+    (tmp_path / "configs").mkdir()
+    demo_model = {"stage1": "x/exports/stage1", "lm_path": "x/lm", "lm_precision": "fp32", "prompt": "a photo of ", "eos_text": "</s>",
+                  "max_text_length": 32, "lr": 2e-3}
+    demo = {"trainer": {"accelerator": "cpu", "max_steps": 1000, "val_check_interval": 500}, "model": demo_model,
+            "data": {"features": "x/features/train", "val": "x/val.json"}}
+    (tmp_path / "configs" / "stage2.yaml").write_text(yaml.safe_dump(demo))
+    frozen, trained = (yaml.safe_load(finetune.caption_config(tmp_path, name, name == "trained", 100, 1e-3, 3.0, 48, 0).read_text())
+                       for name in ("frozen", "trained"))
+    for config in (frozen, trained):
+        stage_parser(Stage2Module).parse_object(config)  # valid stage-2 fit configs
+    model = trained["model"]
+    assert model["init_from"] == str(tmp_path / "exports" / "stage2") and model["init_projection"] == "keep" and "stage1" not in model
+    assert {k: model[k] for k in ("lm_path", "prompt", "eos_text", "max_text_length")} == {
+        k: demo_model[k] for k in ("lm_path", "prompt", "eos_text", "max_text_length")}  # the demo's own LM and prompt
+    assert "features" not in trained["data"] and "val" not in trained["data"]  # images read by both, no validation
+    assert trained["trainer"]["max_steps"] == 100 and "val_check_interval" not in trained["trainer"]
+    assert trained["model"].pop("train_vision") and not frozen["model"].pop("train_vision")
+    assert trained["model"].pop("vision_lr_scale") == 3.0
+    assert trained["model"] == frozen["model"] and trained["data"] == frozen["data"]
 
 
 def test_the_shape_probe_reads_a_linearly_coded_label_and_not_noise():

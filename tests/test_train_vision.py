@@ -57,6 +57,32 @@ def test_layer_decay_groups_hold_every_parameter_once_with_the_specified_factors
     assert all(decay[n] == 0.05 for n in ("visual_encoder.model.blocks.0.attn.qkv.weight", "visual_encoder.model.patch_embed.proj.weight"))
 
 
+def test_vision_lr_scale_multiplies_the_encoders_groups_only(tiny_config):
+    model = Stage1Model(tiny_config, train_vision=True)
+    lr, scale = 1e-3, 30.0
+    groups = configure_adamw(model, lr, 1e-4, 0.05, 2, 10, vision_lr_decay=DECAY, vision_lr_scale=scale)["optimizer"].param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    placed = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(placed) == sorted(n for n, p in model.named_parameters() if p.requires_grad)  # each once, none missing
+    factor = {names[id(p)]: g["initial_lr"] / lr for g in groups for p in g["params"]}
+    expected = {"visual_encoder.model.blocks.1.attn.qkv.weight": scale * DECAY, "visual_encoder.model.blocks.0.norm1.weight": scale * DECAY ** 2,
+                "visual_encoder.model.pos_embed": scale * DECAY ** 3, "qformer.query_tokens": 1.0, "vision_proj.weight": 1.0}
+    for name, value in expected.items():
+        assert factor[name] == pytest.approx(value), name
+    alone = configure_adamw(model, lr, 1e-4, 0.05, 2, 10, vision_lr_scale=scale)["optimizer"].param_groups  # without decay
+    encoder_factors = [g["initial_lr"] / lr for g in alone for p in g["params"] if names[id(p)] in encoder_names(model)]
+    assert encoder_factors and encoder_factors == pytest.approx([scale] * len(encoder_factors))
+
+
+@pytest.mark.parametrize("options, message", [({"vision_lr_scale": 0.0}, "model.vision_lr_scale must be above 0"),
+                                              ({"vision_lr_scale": 10.0, "train_vision": False}, "model.vision_lr_scale applies to a trained")])
+def test_a_vision_lr_scale_that_cannot_apply_is_refused_in_one_line(options, message):
+    from stages.train.base import check_vision_options
+
+    with pytest.raises(ValueError, match=message):
+        check_vision_options(options.get("train_vision", True), 1.0, options["vision_lr_scale"])
+
+
 def test_a_frozen_encoder_keeps_the_two_groups_of_before(tiny_config):
     groups = configure_adamw(Stage1Model(tiny_config), 1e-3, 1e-4, 0.05, 2, 10)["optimizer"].param_groups
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0] and [g["initial_lr"] for g in groups] == [1e-3, 1e-3]

@@ -14,7 +14,10 @@ def sample_rng(seed: int, epoch: int, index: int):
     """torch's RNG seeded from (seed, epoch, index) inside the block, as it was outside it: a sample's augmentation
     is the same whichever worker draws it and whether or not the run was resumed in between."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63 - 1))
+        # The CPU generator only (augmentations draw from it): `torch.manual_seed` would also reseed every CUDA, XPU and
+        # MTIA generator, which fork_rng(devices=[]) does not restore, and while CUDA is not initialised each such call
+        # records its stack (traceback.format_stack) for later: about half of a 48-px demo batch's loading CPU time.
+        torch.default_generator.manual_seed(((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63 - 1))
         yield
 
 

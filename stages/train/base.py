@@ -38,11 +38,14 @@ def checkpoint_callbacks(metric: str | None, best_filename: str, every_n_steps: 
     return callbacks
 
 
-def check_vision_options(train_vision: bool, vision_lr_decay: float) -> None:
+def check_vision_options(train_vision: bool, vision_lr_decay: float, vision_lr_scale: float = 1.0) -> None:
     if not 0 < vision_lr_decay <= 1:
         raise ValueError(f"model.vision_lr_decay must be in (0, 1] (1: no layer-wise decay; BLIP-2 uses 0.95), got {vision_lr_decay}")
-    if vision_lr_decay != 1 and not train_vision:
-        raise ValueError("model.vision_lr_decay applies to a trained image encoder: set model.train_vision: true (or drop the decay)")
+    if not vision_lr_scale > 0:
+        raise ValueError(f"model.vision_lr_scale must be above 0 (1: the encoder at the Q-Former's lr), got {vision_lr_scale}")
+    for option, value in (("vision_lr_decay", vision_lr_decay), ("vision_lr_scale", vision_lr_scale)):
+        if value != 1 and not train_vision:
+            raise ValueError(f"model.{option} applies to a trained image encoder: set model.train_vision: true (or drop it)")
 
 
 class TrainingStopped(RuntimeError):
@@ -55,11 +58,13 @@ class TrainingSkeleton(pl.LightningModule):
     STEP_COUNTERS = ("skipped_steps", "consecutive_skips", "applied_steps", "last_skip_reason")
 
     def __init__(self, max_consecutive_skips: int = 25, compile: bool = False, gradient_checkpointing: bool = False,
-                 save_every_n_steps: int = 0, train_vision: bool = False, vision_lr_decay: float = 1.0):
+                 save_every_n_steps: int = 0, train_vision: bool = False, vision_lr_decay: float = 1.0,
+                 vision_lr_scale: float = 1.0):
         super().__init__()
-        check_vision_options(train_vision, vision_lr_decay)
+        check_vision_options(train_vision, vision_lr_decay, vision_lr_scale)
         self.train_vision = train_vision
         self.vision_lr_decay = vision_lr_decay
+        self.vision_lr_scale = vision_lr_scale
         if max_consecutive_skips < 0:
             raise ValueError(f"model.max_consecutive_skips must be >= 0 (0: never stop), got {max_consecutive_skips}")
         if save_every_n_steps < 0:
@@ -172,6 +177,7 @@ class TrainingSkeleton(pl.LightningModule):
         return configure_adamw(
             self.model, hp.lr, hp.min_lr, hp.weight_decay, hp.warmup_steps, self._planned_steps, fused=not clipped_mixed,
             head_start=self.optimizer_head_start(), vision_lr_decay=self.vision_lr_decay,
+            vision_lr_scale=self.vision_lr_scale,
         )
 
     def optimizer_head_start(self):

@@ -69,6 +69,8 @@ class Stage1Module(TrainingSkeleton):
             image encoder and tokenizer start the run (instead of config, bert and vision_weights).
         vision_lr_decay: layer-wise lr decay on the trained encoder: block i of L gets lr * decay ** (L - i), the
             patch/position/class embeddings lr * decay ** (L + 1); 1: one lr for all (BLIP-2 retrieval: 0.95).
+        vision_lr_scale: the trained encoder's lrs (after the decay) times this: above 1 for an encoder trained from
+            scratch (the demo's random one), below 1 to move a pretrained one less than the Q-Former.
     """
 
     def __init__(
@@ -89,9 +91,11 @@ class Stage1Module(TrainingSkeleton):
         save_every_n_steps: int = 0,
         train_vision: bool = False,
         vision_lr_decay: float = 1.0,
+        vision_lr_scale: float = 1.0,
         init_from: str | None = None,
     ):
-        super().__init__(max_consecutive_skips, compile, gradient_checkpointing, save_every_n_steps, train_vision, vision_lr_decay)
+        super().__init__(max_consecutive_skips, compile, gradient_checkpointing, save_every_n_steps, train_vision, vision_lr_decay,
+                         vision_lr_scale)
         self.save_hyperparameters()
         if val_retrieval not in ("itc", "itm", "off"):
             raise ValueError(f"model.val_retrieval must be itc, itm or off, got {val_retrieval!r}")

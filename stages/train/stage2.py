@@ -146,6 +146,8 @@ class Stage2Module(TrainingSkeleton):
             checkpoints and exports carry it. A feature cache cannot be used then.
         vision_lr_decay: layer-wise lr decay on the trained encoder: block i of L gets lr * decay ** (L - i), the
             patch/position/class embeddings lr * decay ** (L + 1); 1: one lr for all (BLIP-2 retrieval: 0.95).
+        vision_lr_scale: the trained encoder's lrs (after the decay) times this: above 1 for an encoder trained from
+            scratch (the demo's random one), below 1 to move a pretrained one less than the Q-Former.
     """
 
     def __init__(
@@ -179,8 +181,10 @@ class Stage2Module(TrainingSkeleton):
         qformer_text_input: bool = False,
         train_vision: bool = False,
         vision_lr_decay: float = 1.0,
+        vision_lr_scale: float = 1.0,
     ):
-        super().__init__(max_consecutive_skips, compile, gradient_checkpointing, save_every_n_steps, train_vision, vision_lr_decay)
+        super().__init__(max_consecutive_skips, compile, gradient_checkpointing, save_every_n_steps, train_vision, vision_lr_decay,
+                         vision_lr_scale)
         self.save_hyperparameters()
         self.val_captions: dict = {}
         self.val_references: dict = {}
