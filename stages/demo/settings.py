@@ -246,7 +246,10 @@ def transfer_config(settings: DemoSettings, source: dict, out: Path, target_lm: 
     # natively (a stage-2 step at batch 48 then takes 1.5 s instead of 2.3 s in fp32, measured on an AMX Xeon).
     # A new projection: the least-squares start (model.init_projection lstsq) reached 38.0 % attribute accuracy in
     # 200 steps, a new one 56.4 % in 300 (docs/performance.md); no run of both at one budget yet.
+    # val_caption off: a SmolLM2 validation captioning the 250 val images cost ~70 s, and eval_caption captions the
+    # test split anyway; the fit's validation is its loss alone.
     model.update(init_from=str(out / "exports" / "stage2_source"), lm_path=str(target_lm), lm_precision="auto", eos_text=None,
+                 val_caption=False,
                  warmup_steps=min(100, steps // 10), projection_warmup_steps=max(1, round(steps * PROJECTION_WARMUP_FRACTION)),
                  projection_lr_scale=PROJECTION_LR_SCALE)
     trainer = {**source["trainer"], "max_steps": steps, "default_root_dir": str(out / "runs" / "stage2"),
