@@ -278,8 +278,8 @@ def test_small_smollm2_demo_transfers_from_the_stand_ins_stage2_with_a_projectio
             "--num-beams", "1"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "stage2_source: stand-in OPT (transfer source), 4 steps" in printed
-    assert "stage2: SmolLM2 (transferred, projection warm-up), 4 steps, the first 1 the projection alone" in printed
+    assert "stage2_source: stand-in OPT (transfer source), 4 steps of batch 8" in printed
+    assert "stage2: SmolLM2 (transferred, projection warm-up), 4 steps of batch 4, the first 1 the projection alone" in printed
     results = json.loads((out / "results.json").read_text())
     assert [f["name"] for f in results["stage2_fits"]] == ["stage2_source", "stage2"]
     assert all(f["val_loss"] is not None for f in results["stage2_fits"])

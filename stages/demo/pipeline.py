@@ -234,7 +234,7 @@ def stage2_fits(out: Path) -> list[dict]:
     rows = []
     for name, lm in (("stage2_source", "stand-in OPT (transfer source)"), ("stage2", "SmolLM2 (transferred, projection warm-up)")):
         config = yaml.safe_load((out / "configs" / f"{name}.yaml").read_text())
-        rows.append({"name": name, "lm": lm, "steps": config["trainer"]["max_steps"],
+        rows.append({"name": name, "lm": lm, "steps": config["trainer"]["max_steps"], "batch_size": config["data"]["batch_size"],
                      "projection_warmup_steps": config["model"].get("projection_warmup_steps", 0),
                      "val_loss": last_logged(Path(config["trainer"]["default_root_dir"]), "val/loss_lm")})
     return rows
@@ -271,7 +271,8 @@ def print_summary(results: dict, out: Path) -> None:
     for fit in results.get("stage2_fits", []):  # the transfer route: what each stage 2 was
         loss = "n/a" if fit["val_loss"] is None else f"{fit['val_loss']:.3f}"
         warmup = f", the first {fit['projection_warmup_steps']} the projection alone" if fit["projection_warmup_steps"] else ""
-        print(f"  {fit['name']}: {fit['lm']}, {fit['steps']} steps{warmup}, {results['seconds'].get(fit['name'], 0)} s, val loss {loss}")
+        print(f"  {fit['name']}: {fit['lm']}, {fit['steps']} steps of batch {fit['batch_size']}{warmup}, "
+              f"{results['seconds'].get(fit['name'], 0)} s, val loss {loss}")
     rows = [
         ("text retrieval R@1 / R@5 / R@10", f"{r['txt_r1']:.1f} / {r['txt_r5']:.1f} / {r['txt_r10']:.1f}"),
         ("image retrieval R@1 / R@5 / R@10", f"{r['img_r1']:.1f} / {r['img_r5']:.1f} / {r['img_r10']:.1f}"),
