@@ -262,17 +262,24 @@ def tiny_llama_as_smollm2(tmp_path, monkeypatch):
     return folder
 
 
-def test_small_smollm2_demo_transfers_from_the_stand_ins_stage2_with_a_projection_warmup(tiny_llama_as_smollm2, tmp_path, capsys):
+def test_small_smollm2_demo_transfers_from_the_stand_ins_stage2_with_a_projection_warmup(tiny_llama_as_smollm2, tmp_path, capsys,
+                                                                                          monkeypatch):
     """A tiny run of the route: the stand-in OPT's stage 2, then stage 2 into the real LLM from that export with the
-    projection warm-up, both printed in the summary."""
+    projection warm-up, both printed in the summary. Nothing slow runs twice: the SmolLM2 fit validates by its loss
+    alone (eval_caption captions the test split), and the stage-2 export is loaded once for evaluation and examples."""
+    import qformer.folders
+
+    loaded = []
+    monkeypatch.setattr(qformer.folders, "load_stage2", lambda folder, *a, _load=qformer.folders.load_stage2, **k:
+                        loaded.append(str(folder)) or _load(folder, *a, **k))
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--lm", "smollm2", "--num-images", "40", "--val-images", "4", "--test-images", "4",
             "--lm-steps", "4", "--stage1-steps", "4", "--transfer-source-steps", "4", "--stage2-steps", "4", "--batch-size", "8",
             "--num-beams", "1"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "stage2_source: stand-in OPT (transfer source), 4 steps" in printed
-    assert "stage2: SmolLM2 (transferred, projection warm-up), 4 steps, the first 1 the projection alone" in printed
+    assert "stage2_source: stand-in OPT (transfer source), 4 steps of batch 8" in printed
+    assert "stage2: SmolLM2 (transferred, projection warm-up), 4 steps of batch 4, the first 1 the projection alone" in printed
     results = json.loads((out / "results.json").read_text())
     assert [f["name"] for f in results["stage2_fits"]] == ["stage2_source", "stage2"]
     assert all(f["val_loss"] is not None for f in results["stage2_fits"])
@@ -281,6 +288,8 @@ def test_small_smollm2_demo_transfers_from_the_stand_ins_stage2_with_a_projectio
     assert transfer["init_from"] == str(out / "exports" / "stage2_source") and "stage1" not in transfer
     assert transfer["lm_path"] == str(tiny_llama_as_smollm2)
     assert transfer["projection_warmup_steps"] == 1 and transfer["projection_lr_scale"] == 5.0
+    assert transfer["val_caption"] is False
+    assert loaded == [str(out / "exports" / "stage2")]
     source = load_file(str(out / "exports" / "stage2_source" / "model.safetensors"))
     final = load_file(str(out / "exports" / "stage2" / "model.safetensors"))
     assert source["language_projection.weight"].shape[0] == 128  # the stand-in OPT's width

@@ -99,9 +99,9 @@ def _cache_features(settings: DemoSettings, data: Path, model_config_file: Path,
     cache_features(data=[str(data / "val.json"), str(data / "test.json")], out=str(caches["eval"]), views=1, **common)
 
 
-def _evaluate(settings: DemoSettings, data: Path, exports: Path, out: Path, phase) -> tuple[dict, dict, dict, dict[str, str]]:
+def _evaluate(settings: DemoSettings, data: Path, exports: Path, out: Path, phase, stage2, lm_tokenizer) -> tuple[dict, dict, dict, dict[str, str]]:
     """Retrieval, captioning and zero-shot VQA on the test split, as `qformer eval retrieval|caption|vqa --features` compute them."""
-    from qformer.folders import load_stage1, load_stage2
+    from qformer.folders import load_stage1
     from stages.data.feature_cache import image_source
     from stages.eval.caption import evaluate_captions
     from stages.eval.common import EvalSet
@@ -115,7 +115,6 @@ def _evaluate(settings: DemoSettings, data: Path, exports: Path, out: Path, phas
     retrieval, _, _ = evaluate_retrieval(stage1, tokenizer, test, k_test=16)
     phase("eval_retrieval")
     _step("eval caption")
-    stage2, lm_tokenizer = load_stage2(exports / "stage2")
     generation = dataclasses.replace(CAPTION_GENERATION, num_beams=settings.num_beams, max_new_tokens=20, min_new_tokens=3)
     test = EvalSet.load(str(data / "test.json"), None, features=features, encoder=stage2.visual_encoder)
     caption, predictions, notices = evaluate_captions(stage2, lm_tokenizer, test, CAPTION_PROMPT, 64, generation)
@@ -134,14 +133,12 @@ def _evaluate(settings: DemoSettings, data: Path, exports: Path, out: Path, phas
     return retrieval, caption, vqa, predictions
 
 
-def _examples(settings: DemoSettings, data: Path, stage2_folder: Path, entries: list[dict]) -> list[dict]:
+def _examples(settings: DemoSettings, data: Path, model, tokenizer, entries: list[dict]) -> list[dict]:
     """Four test images, captioned and asked about as `qformer caption` and `qformer ask` do it."""
-    from qformer.folders import load_stage2
     from stages.apps.generate import generate_for_images
     from stages.data.images import ImageReader
 
     _step("caption and ask")
-    model, tokenizer = load_stage2(stage2_folder)
     questions = json.loads((data / "test_vqa.json").read_text())[:4]
     images = [str(data / e["image"]) for e in entries[:4]]
     captions = generate_for_images(model, tokenizer, images, [[CAPTION_PROMPT]] * len(images), ImageReader(),
@@ -157,6 +154,7 @@ def _examples(settings: DemoSettings, data: Path, stage2_folder: Path, entries: 
 
 def run_demo(settings: DemoSettings) -> dict:
     from qformer.bert import load_tokenizer
+    from qformer.folders import load_stage2
     from stages.data.synthetic import make_data
     from stages.tools.export import export
 
@@ -199,10 +197,12 @@ def run_demo(settings: DemoSettings) -> dict:
     export(str(_train("stage2", configs["stage2"])), out=str(exports / "stage2"), overwrite=True)
     phase("stage2")
 
-    retrieval, caption, vqa, predictions = _evaluate(settings, data, exports, out, phase)
+    # The stage-2 export is loaded once for the evaluation and the examples (SmolLM2's GGUF takes seconds to dequantise).
+    stage2, lm_tokenizer = load_stage2(exports / "stage2")
+    retrieval, caption, vqa, predictions = _evaluate(settings, data, exports, out, phase, stage2, lm_tokenizer)
     entries = json.loads((data / "test.json").read_text())
     caption["attribute_accuracy"] = 100 * attribute_accuracy(predictions, entries)
-    examples = _examples(settings, data, exports / "stage2", entries)
+    examples = _examples(settings, data, stage2, lm_tokenizer, entries)
     phase("examples")
 
     plot_samples(out, data, entries, predictions)
@@ -234,7 +234,7 @@ def stage2_fits(out: Path) -> list[dict]:
     rows = []
     for name, lm in (("stage2_source", "stand-in OPT (transfer source)"), ("stage2", "SmolLM2 (transferred, projection warm-up)")):
         config = yaml.safe_load((out / "configs" / f"{name}.yaml").read_text())
-        rows.append({"name": name, "lm": lm, "steps": config["trainer"]["max_steps"],
+        rows.append({"name": name, "lm": lm, "steps": config["trainer"]["max_steps"], "batch_size": config["data"]["batch_size"],
                      "projection_warmup_steps": config["model"].get("projection_warmup_steps", 0),
                      "val_loss": last_logged(Path(config["trainer"]["default_root_dir"]), "val/loss_lm")})
     return rows
@@ -271,7 +271,8 @@ def print_summary(results: dict, out: Path) -> None:
     for fit in results.get("stage2_fits", []):  # the transfer route: what each stage 2 was
         loss = "n/a" if fit["val_loss"] is None else f"{fit['val_loss']:.3f}"
         warmup = f", the first {fit['projection_warmup_steps']} the projection alone" if fit["projection_warmup_steps"] else ""
-        print(f"  {fit['name']}: {fit['lm']}, {fit['steps']} steps{warmup}, {results['seconds'].get(fit['name'], 0)} s, val loss {loss}")
+        print(f"  {fit['name']}: {fit['lm']}, {fit['steps']} steps of batch {fit['batch_size']}{warmup}, "
+              f"{results['seconds'].get(fit['name'], 0)} s, val loss {loss}")
     rows = [
         ("text retrieval R@1 / R@5 / R@10", f"{r['txt_r1']:.1f} / {r['txt_r5']:.1f} / {r['txt_r10']:.1f}"),
         ("image retrieval R@1 / R@5 / R@10", f"{r['img_r1']:.1f} / {r['img_r5']:.1f} / {r['img_r10']:.1f}"),
