@@ -112,6 +112,10 @@ def run_variant(demo: Path, variant: str, out: Path, every: int, images: int, ov
     return rows
 
 
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"  # None: the fit ended before its first validation
+
+
 def first_at(rows: list[dict], target: float) -> str:
     return next((f"{r['train_seconds']:.0f} (step {r['step']})" for r in rows if r["attribute_accuracy"] >= target), "-")
 
@@ -138,7 +142,7 @@ def main() -> None:
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     steps = [row["step"] for row in next(iter(results.values()))]
     header = ["variant", *[f"acc @{s}" for s in steps], "val loss", "s to 40 %", "s to 60 %", "train s"]
-    table = [[v, *[f"{r['attribute_accuracy']:.1f}" for r in rows], f"{rows[-1]['val_loss']:.3f}",
+    table = [[v, *[f"{r['attribute_accuracy']:.1f}" for r in rows], _loss(rows[-1]["val_loss"]),
               first_at(rows, 40), first_at(rows, 60), f"{rows[-1]['train_seconds']:.0f}"] for v, rows in results.items()]
     print_table(header, table)
 
