@@ -76,6 +76,11 @@ class Child:
         shutil.rmtree(self.output_paths[0].parent, ignore_errors=True)
         return output
 
+    def finish(self, timeout: float | None = None) -> subprocess.CompletedProcess:
+        """`communicate`, as the `subprocess.run(..., capture_output=True, text=True)` result."""
+        stdout, stderr = self.communicate(timeout)
+        return subprocess.CompletedProcess(self.args, self.returncode, stdout, stderr)
+
 
 def start(argv: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None) -> Child:
     """Start `python -m MODULE ARGS...` or `python -c CODE ARGS...` (argv without the interpreter) in a forked child."""
@@ -86,8 +91,7 @@ def start(argv: list[str], env: dict[str, str] | None = None, cwd: str | Path | 
     stdout.touch()
     stderr.touch()  # there from the start, as a pipe would be
     environment = dict(os.environ if env is None else env)
-    process = _context.Process(target=_run, args=(argv, environment, str(cwd or os.getcwd()), str(stdout), str(stderr)),
-                               daemon=False)
+    process = _context.Process(target=_run, args=(argv, environment, str(cwd or os.getcwd()), str(stdout), str(stderr)))
     process.start()
     return Child(process, [sys.executable, *argv], stdout, stderr)
 
@@ -95,9 +99,7 @@ def start(argv: list[str], env: dict[str, str] | None = None, cwd: str | Path | 
 def run(argv: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None,
         timeout: float = 300) -> subprocess.CompletedProcess:
     """`subprocess.run(..., capture_output=True, text=True)` for `start`'s children."""
-    child = start(argv, env, cwd)
-    stdout, stderr = child.communicate(timeout)
-    return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+    return start(argv, env, cwd).finish(timeout)
 
 
 def torchrun(argv: list[str], nprocs: int, env: dict[str, str] | None = None, cwd: str | Path | None = None,
@@ -122,7 +124,7 @@ def torchrun(argv: list[str], nprocs: int, env: dict[str, str] | None = None, cw
                 if child.poll() is None:
                     child.kill()
         time.sleep(0.1)
-    return [subprocess.CompletedProcess(child.args, child.returncode, *child.communicate()) for child in ranks]
+    return [child.finish() for child in ranks]
 
 
 def spawn(function, args: tuple, nprocs: int) -> None:

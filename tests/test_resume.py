@@ -30,7 +30,7 @@ def data(tmp_path_factory):
 
 
 def fit(data: Path, root: Path, record: Path, *extra: str, callbacks: tuple = ()) -> subprocess.CompletedProcess:
-    return finish(start(data, root, record, *extra, callbacks=callbacks))
+    return start(data, root, record, *extra, callbacks=callbacks).finish(timeout=300)
 
 
 def start(data: Path, root: Path, record: Path, *extra: str, callbacks: tuple = ()) -> processes.Child:
@@ -47,9 +47,6 @@ def start(data: Path, root: Path, record: Path, *extra: str, callbacks: tuple = 
     return processes.start(argv, env=env)  # output to files: nobody reads the children's output while they run
 
 
-def finish(process: processes.Child) -> subprocess.CompletedProcess:
-    stdout, stderr = process.communicate(timeout=300)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def steps_seen(record: Path) -> dict[int, str]:
@@ -83,7 +80,7 @@ def test_stopped_then_killed_run_resumes_to_identical_weights(data, tmp_path):
     resumed = fit(data, runs, record, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr
-    whole = finish(whole)
+    whole = whole.finish(timeout=300)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     assert steps_seen(record) == steps_seen(tmp_path / "whole.txt")  # the data position survived both interruptions
