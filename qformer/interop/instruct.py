@@ -13,7 +13,7 @@ import dataclasses
 
 from torch import Tensor
 
-from qformer.interop.names import hf_vision_fields, stage2_key_to_hf, vision_to_hf
+from qformer.interop.names import hf_vision_fields, stage2_key_to_hf, stage2_to_hf
 
 ARCHITECTURE = "InstructBlipForConditionalGeneration"
 
@@ -32,14 +32,7 @@ def instruct_key_to_hf(key: str) -> str:
 
 def instruct_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Our instruction-aware stage-2 state dict -> `InstructBlipForConditionalGeneration` state dict."""
-    hf, vision = {}, {}
-    for key, value in state.items():
-        if key.startswith("visual_encoder.model."):
-            vision[key[len("visual_encoder.model.") :]] = value
-        else:
-            hf[instruct_key_to_hf(key)] = value
-    hf.update({"vision_model." + k: v for k, v in vision_to_hf(vision).items()})
-    return hf
+    return stage2_to_hf(state, instruct_key_to_hf)
 
 
 def instruct_hf_config(model, image_token_index: int):

@@ -182,14 +182,15 @@ def stage2_key_to_hf(key: str) -> str:
     return hf_key
 
 
-def stage2_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Our stage-2 state dict -> `Blip2ForConditionalGeneration` state dict."""
+def stage2_to_hf(state: dict[str, Tensor], key_to_hf: Callable[[str], str] = stage2_key_to_hf) -> dict[str, Tensor]:
+    """Our stage-2 state dict -> `Blip2ForConditionalGeneration` state dict (`key_to_hf` names the non-vision keys:
+    InstructBLIP passes its own)."""
     hf, vision = {}, {}
     for key, value in state.items():
         if key.startswith("visual_encoder.model."):
             vision[key[len("visual_encoder.model.") :]] = value
         else:
-            hf[stage2_key_to_hf(key)] = value
+            hf[key_to_hf(key)] = value
     hf.update({"vision_model." + k: v for k, v in vision_to_hf(vision).items()})
     return hf
 
