@@ -33,9 +33,8 @@ PROBE_TRAIN_IMAGES = 2000  # training images the probe is fitted on (the test sp
 def finetune_config(out: Path, name: str, train_vision: bool, steps: int, lr: float, vision_lr_decay: float,
                     batch_size: int, seed: int, vision_lr_scale: float = 1.0) -> Path:
     """The stage-1 fine-tune's config file, written to OUT/configs/finetune_NAME.yaml for the user to reuse."""
-    data = out / "data"
-    model = {"init_from": str(out / "exports" / "stage1"), "lr": lr, "min_lr": lr / 10, "weight_decay": 0.05,
-             "warmup_steps": max(1, steps // 10), "val_retrieval": "off", "train_vision": train_vision}
+    model = {"init_from": str(out / "exports" / "stage1"), **_schedule(lr, steps), "val_retrieval": "off",
+             "train_vision": train_vision}
     if train_vision:
         model.update(vision_lr_decay=vision_lr_decay, vision_lr_scale=vision_lr_scale)
     config = {
@@ -44,10 +43,22 @@ def finetune_config(out: Path, name: str, train_vision: bool, steps: int, lr: fl
                     "gradient_clip_val": 1.0, "enable_model_summary": False, "num_sanity_val_steps": 0, "deterministic": True,
                     "default_root_dir": str(out / "runs" / f"finetune_{name}")},
         "model": model,
-        "data": {"train": str(data / "train.json"), "image_root": str(data), "image_size": _image_size(out),
-                 "batch_size": batch_size, "num_workers": 0, "hflip": False, "crop_scale": [1.0, 1.0]},
+        "data": _image_data(out, batch_size),
     }
     return _write_config(out, f"finetune_{name}", config)
+
+
+def _schedule(lr: float, steps: int) -> dict:
+    """Both fine-tunes' optimiser settings: warmup a tenth of the steps, cosine to lr / 10."""
+    return {"lr": lr, "min_lr": lr / 10, "weight_decay": 0.05, "warmup_steps": max(1, steps // 10)}
+
+
+def _image_data(out: Path, batch_size: int) -> dict:
+    """Both fine-tunes' data: the demo's training images read (no feature cache, so that an encoder can train), in
+    the demo's training view (no flip or crop: captions name left and right)."""
+    data = out / "data"
+    return {"train": str(data / "train.json"), "image_root": str(data), "image_size": _image_size(out),
+            "batch_size": batch_size, "num_workers": 0, "hflip": False, "crop_scale": [1.0, 1.0]}
 
 
 def _write_config(out: Path, name: str, config: dict) -> Path:
@@ -65,16 +76,13 @@ def caption_config(out: Path, name: str, train_vision: bool, steps: int, lr: flo
     demo = yaml.safe_load((out / "configs" / "stage2.yaml").read_text())
     lm_keys = ("lm_path", "lm_gguf_file", "lm_config", "lm_tokenizer", "lm_precision", "prompt", "eos_text", "max_text_length")
     model = {k: v for k, v in demo["model"].items() if k in lm_keys}
-    model.update(init_from=str(out / "exports" / "stage2"), init_projection="keep", lr=lr, min_lr=lr / 10,
-                 weight_decay=0.05, warmup_steps=max(1, steps // 10), train_vision=train_vision)
+    model.update(init_from=str(out / "exports" / "stage2"), init_projection="keep", **_schedule(lr, steps),
+                 train_vision=train_vision)
     if train_vision:
         model["vision_lr_scale"] = vision_lr_scale
     trainer = {k: v for k, v in demo["trainer"].items() if k not in ("val_check_interval", "check_val_every_n_epoch")}
     trainer.update(max_steps=steps, default_root_dir=str(out / "runs" / f"caption_{name}"))
-    data = out / "data"
-    config = {"seed_everything": seed, "trainer": trainer, "model": model,
-              "data": {"train": str(data / "train.json"), "image_root": str(data), "image_size": _image_size(out),
-                       "batch_size": batch_size, "num_workers": 0, "hflip": False, "crop_scale": [1.0, 1.0]}}
+    config = {"seed_everything": seed, "trainer": trainer, "model": model, "data": _image_data(out, batch_size)}
     return _write_config(out, f"caption_{name}", config)
 
 
