@@ -247,8 +247,8 @@ def transfer_config(settings: DemoSettings, source: dict, out: Path, target_lm: 
     model = {k: v for k, v in source["model"].items() if k != "stage1"}
     # The real LLM: its own end of caption (resolve_eos_text: "\n"), in bf16 under autocast where the CPU has it
     # natively (a stage-2 step at batch 48 then takes 1.5 s instead of 2.3 s in fp32, measured on an AMX Xeon).
-    # A new projection: the least-squares start (model.init_projection lstsq) reached 38.0 % attribute accuracy in
-    # 200 steps, a new one 56.4 % in 300 (docs/performance.md); no run of both at one budget yet.
+    # A new projection: the least-squares start (model.init_projection lstsq) led at 100 steps of batch 48 (39 % vs
+    # 26 % attribute accuracy, docs/performance.md) but is not measured at this stage's full length yet.
     # val_caption off: a SmolLM2 validation captioning the 250 val images cost ~70 s, and eval_caption captions the
     # test split anyway; the fit's validation is its loss alone.
     model.update(init_from=str(out / "exports" / "stage2_source"), lm_path=str(target_lm), lm_precision="auto", eos_text=None,

@@ -22,9 +22,8 @@ ENCODER_PREFIX = "visual_encoder.model."
 def vision_lr_scales(module: nn.Module, decay: float, scale: float = 1.0) -> dict[str, float]:
     """Layer-wise lr decay on a trained image encoder (BLIP-2's fine-tuning recipes, after BEiT): of its L blocks,
     block i (0-based) gets `decay ** (L - i)` (the last block `decay`), and what comes before the blocks (patch,
-    position and class embeddings) the lowest, `decay ** (L + 1)`; all of them times `scale` (an encoder trained from
-    scratch wants a larger lr than the Q-Former, a pretrained one a smaller). Parameters outside the encoder are not
-    listed (1).
+    position and class embeddings) the lowest, `decay ** (L + 1)`; all of them times `scale` (below 1: the encoder
+    moves less than the Q-Former). Parameters outside the encoder are not listed (1).
 
     LAVIS computes these scales (`lr_scale`) but its schedulers overwrite every group's lr, so it never applies
     them; here each group's lr is `lr * lr_scale` and the schedule multiplies that.

@@ -146,8 +146,8 @@ class Stage2Module(TrainingSkeleton):
             checkpoints and exports carry it. A feature cache cannot be used then.
         vision_lr_decay: layer-wise lr decay on the trained encoder: block i of L gets lr * decay ** (L - i), the
             patch/position/class embeddings lr * decay ** (L + 1); 1: one lr for all (BLIP-2 retrieval: 0.95).
-        vision_lr_scale: the trained encoder's lrs (after the decay) times this: above 1 for an encoder trained from
-            scratch (the demo's random one), below 1 to move a pretrained one less than the Q-Former.
+        vision_lr_scale: the trained encoder's lrs (after the decay) times this; below 1 moves the encoder less than
+            the Q-Former (on the demo's random encoder 3-30 made the Q-Former lose what it read: docs/finetuning.md).
     """
 
     def __init__(
