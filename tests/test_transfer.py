@@ -295,3 +295,24 @@ def test_small_smollm2_demo_transfers_from_the_stand_ins_stage2_with_a_projectio
     assert source["language_projection.weight"].shape[0] == 128  # the stand-in OPT's width
     assert final["language_projection.weight"].shape[0] == LLAMA["hidden_size"]  # the new LM's
     assert not torch.equal(final["qformer.query_tokens"], source["qformer.query_tokens"])  # trained on after the warm-up
+
+
+@pytest.mark.parametrize("lm, stage1, source, target", [("opt", 900, 1000, None), ("smollm2", 600, 2500, 300)])
+def test_the_demos_step_budgets_go_where_they_buy_the_most(tmp_path, lm, stage1, source, target):
+    """With SmolLM2 the demo moves stage-1 steps to the cheap stand-in stage 2 it transfers from; the opt demo keeps its
+    own budget, and an explicit --stage1-steps / --transfer-source-steps still wins."""
+    from stages.demo.settings import DemoSettings, write_configs
+
+    def fits(settings):
+        gguf = tmp_path / "smollm2.gguf" if settings.pretrained_lm else None
+        paths = write_configs(settings, tmp_path / lm, tmp_path / "data", 40, tmp_path / "lm", tmp_path / "w", gguf)
+        return {name: yaml.safe_load(path.read_text()) for name, path in paths.items() if name != "model"}
+
+    written = fits(DemoSettings(lm=lm))
+    assert written["stage1"]["trainer"]["max_steps"] == stage1
+    assert written["stage2_source" if target else "stage2"]["trainer"]["max_steps"] == source
+    if target:
+        assert written["stage2"]["trainer"]["max_steps"] == target
+    chosen = fits(DemoSettings(lm=lm, stage1_steps=7, transfer_source_steps=5, stage2_steps=3))
+    assert chosen["stage1"]["trainer"]["max_steps"] == 7
+    assert chosen["stage2"]["trainer"]["max_steps"] == 3
