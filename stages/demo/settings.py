@@ -34,10 +34,10 @@ class DemoSettings:
         image_size: pixels per side the encoder sees.
         lm_steps: pre-training steps of the stand-in language model.
         stage1_steps: stage-1 training steps (default 900; with smollm2 600, whose seconds go to the transfer source).
-        stage2_steps: stage-2 training steps (default 1000; with smollm2 the SmolLM2 stage's, default 300 of half the
+        stage2_steps: stage-2 training steps (default 1000; with smollm2 the SmolLM2 stage's, default 360 of half the
             batch: its steps cost ~20x more; the first tenth train the new projection alone at 5x lr).
         transfer_source_steps: with smollm2, the stage-2 steps against the stand-in LM whose Q-Former is transferred
-            (default 2500: a stand-in step costs a fifth of a stage-1 step and a sixteenth of a SmolLM2 one).
+            (default 3000: a stand-in step costs a fifth of a stage-1 step and a sixteenth of a SmolLM2 one).
         batch_size: training batch size of both stages (with smollm2 the SmolLM2 stage takes half of it).
         num_beams: beam width of the evaluation's generation.
         instruct: instruction tuning instead (InstructBLIP): the scenes gain question tasks (colour, shape, how many,
@@ -90,14 +90,14 @@ class DemoSettings:
         return self.transfer_source_steps if self.transfer_source_steps is not None else TRANSFER_SOURCE_STEPS
 
 
-STAGE1_STEPS, STANDIN_STAGE2_STEPS, SMOLLM2_STEPS = 900, 1000, 300
+STAGE1_STEPS, STANDIN_STAGE2_STEPS, SMOLLM2_STEPS = 900, 1000, 360
 # The transfer route (--lm smollm2) spends its seconds where they buy the most. The SmolLM2 stage ends higher when the
 # Q-Former it starts from trained longer against the stand-in: after 360 SmolLM2 steps, 54.8 % attribute accuracy from
-# 900 stage-1 + 1,000 stand-in steps, 65.6 % from 900 + 2,500, 70.4 % from 600 + 2,500 (greedy, 250 test images). A
-# stand-in step costs ~0.09 s, a stage-1 step ~0.43 s and a SmolLM2 step ~1.4 s, so stage 1 gives up 300 steps and
-# the SmolLM2 stage 60 to pay for the source (stage 1's retrieval falls a little: val text R@1 59.6 vs 64.8).
-# docs/performance.md has the runs.
-SMOLLM2_STAGE1_STEPS, TRANSFER_SOURCE_STEPS = 600, 2500
+# 900 stage-1 + 1,000 stand-in steps, 65.6 % from 900 + 2,500, 70.4 % from 600 + 2,500 (greedy, 250 test images), and
+# 300 SmolLM2 steps after 600 + 2,500 fell short (54.0 %, val loss 0.346). A stand-in step costs ~0.07-0.09 s, a
+# stage-1 step ~0.3-0.4 s and a SmolLM2 step ~1.5 s, so stage 1 gives up 300 steps to pay for a 3,000-step source
+# (stage 1's retrieval falls: test text R@1 ~52 instead of ~63). docs/performance.md has the runs.
+SMOLLM2_STAGE1_STEPS, TRANSFER_SOURCE_STEPS = 600, 3000
 # The SmolLM2 stage's batch is half the demo's: its loss falls about as fast per step at batch 24 as at 48 (measured
 # from the same transfer source), so twice the steps of half the batch buy more in the same seconds.
 SMOLLM2_BATCH_DIVISOR = 2
@@ -260,8 +260,8 @@ def transfer_config(settings: DemoSettings, source: dict, out: Path, target_lm: 
     model = {k: v for k, v in source["model"].items() if k != "stage1"}
     # The real LLM: its own end of caption (resolve_eos_text: "\n"), in bf16 under autocast where the CPU has it
     # natively (a stage-2 step at batch 48 then takes 1.5 s instead of 2.3 s in fp32, measured on an AMX Xeon).
-    # A new projection: the least-squares start (model.init_projection lstsq) led at 100 steps of batch 48 (39 % vs
-    # 26 % attribute accuracy, docs/performance.md) but is not measured at this stage's full length yet.
+    # A new projection: the least-squares start (model.init_projection lstsq) leads at 100 steps of batch 48 (39 % vs
+    # 26 % attribute accuracy) but ends lower after 360 steps of 24 (40.0 % vs 54.8 %): docs/performance.md.
     # val_caption off: a SmolLM2 validation captioning the 250 val images cost ~70 s, and eval_caption captions the
     # test split anyway; the fit's validation is its loss alone.
     model.update(init_from=str(out / "exports" / "stage2_source"), lm_path=str(target_lm), lm_precision="auto", eos_text=None,
