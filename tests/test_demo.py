@@ -1,10 +1,12 @@
 """The main job: `qformer demo` end to end (a very small setting here; the default one under `-m slow`)."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
 from qformer.folders import load_stage1, load_stage2
@@ -99,6 +101,30 @@ def test_small_instruct_demo_reports_each_task_for_both_qformers(tmp_path, capsy
     assert not load_stage2(out / "exports" / "stage2_plain")[0].config.qformer_text_input
     held_out = {t for ts in results["held_out_templates"].values() for t in ts}
     assert not held_out & {t for ts in results["training_templates"].values() for t in ts}
+    # the same models asked with the training templates too, a second table: the template gap
+    assert "training templates (held-in phrasings" in printed
+    assert {name: set(scores) for name, scores in results["tasks_training_templates"].items()} == {n: set(TASKS) for n in results["tasks"]}
+    # stage 2 trains on the training templates alone; only the stand-in LM's text pre-training reads the held-out ones
+    trained = yaml.safe_load((out / "data" / "templates.yaml").read_text())
+    assert {t for ts in trained.values() for t in ts} == {t for ts in results["training_templates"].values() for t in ts}
+
+
+def test_the_stand_in_lms_text_pretraining_reads_every_template_held_out_ones_too():
+    """The stand-in LM stands for an LLM that knows the language, the held-out phrasings too (a real one learnt them in
+    its own pre-training); each template, training or held-out, comes up in its instruction pre-training text."""
+    from stages.data.synthetic_tasks import HELDOUT_TEMPLATES, TEMPLATES, task_questions
+    from stages.demo.language_model import instruction_pretraining_text
+
+    objects = [{"color": "red", "shape": "circle", "size": "small"}, {"color": "blue", "shape": "square", "size": "large"}]
+    sample, rng = {"objects": objects, "caption": "a small red circle to the left of a large blue square"}, random.Random(0)
+    prefixes = {instruction_pretraining_text(sample, rng, encoder_decoder=False)[0] for _ in range(3000)}
+    questions = [q for pairs in task_questions(objects).values() for q, _ in pairs]
+    for templates in (TEMPLATES, HELDOUT_TEMPLATES):
+        for template in templates["caption"]:
+            assert template.replace("<Image>", "").strip() + " " in prefixes, template
+        for template in templates["vqa"]:
+            filled = {template.replace("<Image>", "").strip().replace("{}", q) + " " for q in questions}
+            assert filled & prefixes, template
 
 
 def test_instruct_demo_needs_the_stand_in_opt(capsys):

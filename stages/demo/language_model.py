@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from qformer.generation import CAPTION_PROMPT
 from stages.data.synthetic import questions_for
-from stages.data.synthetic_tasks import TEMPLATES, task_questions
+from stages.data.synthetic_tasks import HELDOUT_TEMPLATES, TEMPLATES, task_questions
 from stages.demo.settings import DemoSettings, lm_config
 from stages.train.optim import warmup_cosine
 
@@ -51,15 +51,21 @@ def pretraining_text(sample: dict, rng: random.Random, encoder_decoder: bool) ->
     return (f"{CAPTION_PROMPT} " if rng.random() < 0.5 else ""), sample["caption"]
 
 
+# The phrasings the stand-in LM's text pre-training knows: every template, the held-out ones too. They stand for the
+# language a real LLM (FlanT5, Vicuna) knows from its own text pre-training; stage 2, the image-grounded instruction
+# tuning, still trains on TEMPLATES alone, and the evaluation asks with HELDOUT_TEMPLATES.
+LANGUAGE_TEMPLATES = {task: TEMPLATES[task] + HELDOUT_TEMPLATES[task] for task in TEMPLATES}
+
+
 def instruction_pretraining_text(sample: dict, rng: random.Random, encoder_decoder: bool) -> tuple[str, str]:
-    """`demo --instruct`'s (prefix, text): half captions, half questions of any task, each after a training template
-    (the language a real LLM would know); decoder-only LMs get a space between the two."""
+    """`demo --instruct`'s (prefix, text): half captions, half questions of any task, each after one of every template
+    (`LANGUAGE_TEMPLATES`, the language a real LLM would know); decoder-only LMs get a space between the two."""
     questions = [pair for pairs in task_questions(sample["objects"]).values() for pair in pairs]
     if rng.random() < 0.5:
-        prefix, text = _template(TEMPLATES["caption"], rng), sample["caption"]
+        prefix, text = _template(LANGUAGE_TEMPLATES["caption"], rng), sample["caption"]
     else:
         question, text = rng.choice(questions)
-        prefix = _template(TEMPLATES["vqa"], rng).replace("{}", question)
+        prefix = _template(LANGUAGE_TEMPLATES["vqa"], rng).replace("{}", question)
     return (prefix, text) if encoder_decoder else (prefix + " ", text)
 
 
