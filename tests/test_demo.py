@@ -99,6 +99,12 @@ def test_small_instruct_demo_reports_each_task_for_both_qformers(tmp_path, capsy
         assert set(scores) == set(TASKS) and all(0 <= s["accuracy"] <= 100 and s["items"] > 0 for s in scores.values())
     assert load_stage2(out / "exports" / "stage2")[0].config.qformer_text_input
     assert not load_stage2(out / "exports" / "stage2_plain")[0].config.qformer_text_input
+    # both start from a captions-only stage 2 (as InstructBLIP from a finished BLIP-2), its projection kept
+    assert not load_stage2(out / "exports" / "stage2_captions")[0].config.qformer_text_input
+    for fit in ("stage2", "stage2_plain"):
+        model = yaml.safe_load((out / "configs" / f"{fit}.yaml").read_text())["model"]
+        assert (model["init_from"], model["init_projection"]) == (str(out / "exports" / "stage2_captions"), "keep")
+    assert (results["captions_stage2_steps"], results["stage2_steps"]) == (6, 5)
     held_out = {t for ts in results["held_out_templates"].values() for t in ts}
     assert not held_out & {t for ts in results["training_templates"].values() for t in ts}
     # the same models asked with the training templates too, a second table: the template gap

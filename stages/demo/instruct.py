@@ -1,7 +1,8 @@
 """`qformer demo --instruct`: instruction tuning (InstructBLIP) on the synthetic scenes, and the paper's ablation.
 
 The scenes gain four question tasks besides captions (`stages.data.synthetic_tasks`: colour, shape, how many, what is
-on the left/right). Stage 2 trains on their mixture (files drawn with p ~ sqrt(size), one training template drawn per
+on the left/right). As InstructBLIP starts from a finished BLIP-2, a captions-only stage 2 (the default demo's) comes
+first; from it, stage 2 trains on the task mixture (files drawn with p ~ sqrt(size), one training template drawn per
 sample) twice at the same step budget: with the instruction-aware Q-Former (`qformer_text_input`) and with the plain
 one, which gives the LM the same instructions but reads the image alone. Both are then evaluated per task on the
 test split with held-out templates, phrasings stage 2 never trained on, and again with the training templates (the
@@ -26,22 +27,38 @@ from stages.data.synthetic_tasks import HELDOUT_TEMPLATES, QUESTION_TASKS, TEMPL
 from stages.demo.settings import DemoSettings, feature_caches
 
 FITS = {"instruction-aware": "stage2", "plain": "stage2_plain"}  # the ablation's two stage-2 fits and their folders
+CAPTIONS_FIT = "stage2_captions"  # the default demo's captions-only stage 2, where both fits start (a finished BLIP-2)
 TASKS = ("caption",) + QUESTION_TASKS
 MAX_TEXT_LENGTH = 40  # LM tokens: the longest training template with a question and its answer, or a caption
+# Each instruction-tuning fit's steps, as a share of the captions stage's (--stage2-steps, default 1,000): 850 steps
+# of each fit after 1,000 captions-only ones keep the demo within 12 minutes on 2 cores.
+INSTRUCT_STEP_SHARE = 0.85
+
+
+def instruct_steps(settings: DemoSettings) -> int:
+    return max(1, round(INSTRUCT_STEP_SHARE * settings.stage2_step_count))
 
 
 def instruct_configs(settings: DemoSettings, configs: dict[str, Path], out: Path, data: Path) -> dict[str, Path]:
-    """The two stage-2 configs of the ablation, from the default demo's stage 2: the task mixture with templates, and
-    the switch on (`stage2`) or off (`stage2_plain`)."""
-    base = yaml.safe_load(configs["stage2"].read_text())
+    """The captions-only stage 2 (`stage2_captions`, the default demo's, validated once at the end), and the two
+    configs of the ablation starting from its export: the task mixture with templates, and the switch on (`stage2`)
+    or off (`stage2_plain`); the instruction-aware Q-Former's text weights, which a plain export lacks, come from
+    stage 1."""
+    captions = yaml.safe_load(configs["stage2"].read_text())
+    captions["trainer"].update(default_root_dir=str(out / "runs" / CAPTIONS_FIT), val_check_interval=captions["trainer"]["max_steps"])
+    paths = {CAPTIONS_FIT: configs["stage2"].with_name(f"{CAPTIONS_FIT}.yaml")}
+    paths[CAPTIONS_FIT].write_text(yaml.safe_dump(captions, sort_keys=False))
+    base = json.loads(json.dumps(captions))
     base["data"]["train"] = [str(data / "train.json")] + [str(data / f"train_{task}.json") for task in QUESTION_TASKS]
     base["data"]["templates"] = str(data / "templates.yaml")
-    base["model"].update(prompt="", max_text_length=MAX_TEXT_LENGTH)
-    base["trainer"]["val_check_interval"] = base["trainer"]["max_steps"]  # once, at the end
-    paths = {}
+    base["model"].update(prompt="", max_text_length=MAX_TEXT_LENGTH, init_from=str(out / "exports" / CAPTIONS_FIT),
+                         init_projection="keep")
+    base["trainer"].update(max_steps=instruct_steps(settings), val_check_interval=instruct_steps(settings))  # once, at the end
     for name, folder in FITS.items():
         fit = json.loads(json.dumps(base))
         fit["model"]["qformer_text_input"] = name == "instruction-aware"
+        if name == "plain":
+            del fit["model"]["stage1"]  # everything from the captions stage's export
         fit["trainer"]["default_root_dir"] = str(out / "runs" / folder)
         paths[folder] = configs["stage2"].with_name(f"{folder}.yaml")
         paths[folder].write_text(yaml.safe_dump(fit, sort_keys=False))
@@ -115,6 +132,8 @@ def run_instruct_demo(settings: DemoSettings) -> dict:
     phase("cache_features")
     export(str(_train("stage1", configs["stage1"])), out=str(exports / "stage1"), overwrite=True)
     phase("stage1")
+    export(str(_train("stage2", configs[CAPTIONS_FIT])), out=str(exports / CAPTIONS_FIT), overwrite=True)
+    phase(CAPTIONS_FIT)
     tasks, held_in = {}, {}
     for name, folder in FITS.items():
         export(str(_train("stage2", configs[folder])), out=str(exports / folder), overwrite=True)
@@ -126,7 +145,7 @@ def run_instruct_demo(settings: DemoSettings) -> dict:
     seconds["total"] = round(time.perf_counter() - start, 1)
     results = {"tasks": tasks, "tasks_training_templates": held_in, "held_out_templates": HELDOUT_TEMPLATES,
                "training_templates": TEMPLATES,
-               "stage2_steps": settings.stage2_step_count, "seconds": seconds, "encoder": ENCODER,
+               "captions_stage2_steps": settings.stage2_step_count, "stage2_steps": instruct_steps(settings), "seconds": seconds, "encoder": ENCODER,
                "lm": f"OPT stand-in pre-trained here for {settings.lm_steps} steps on captions and task questions under "
                      "every template, training and held-out (the language a real LLM knows; stage 2 trains on the "
                      "training templates only), then frozen", "settings": asdict(settings)}
@@ -150,7 +169,8 @@ def task_table(tasks: dict[str, dict]) -> list[str]:
 def print_instruct_summary(results: dict, out: Path) -> None:
     print()
     print(f"qformer demo --instruct — per task accuracy on the held-out test split, with held-out templates "
-          f"(both Q-Formers {results['stage2_steps']} stage-2 steps on the same task mixture):")
+          f"(both Q-Formers {results['stage2_steps']} stage-2 steps on the same task mixture, after "
+          f"{results['captions_stage2_steps']} captions-only ones):")
     for line in task_table(results["tasks"]):
         print(line)
     print("the same models asked with the training templates (held-in phrasings; the difference is the template gap):")

@@ -35,15 +35,16 @@ class DemoSettings:
         lm_steps: pre-training steps of the stand-in language model.
         stage1_steps: stage-1 training steps (default 900; with smollm2 600, whose seconds go to the transfer source).
         stage2_steps: stage-2 training steps (default 1000; with smollm2 the SmolLM2 stage's, default 360 of half the
-            batch: its steps cost ~20x more; the first tenth train the new projection alone at 5x lr).
+            batch: its steps cost ~20x more; the first tenth train the new projection alone at 5x lr; with --instruct
+            the captions-only stage's, and each instruction-tuning fit takes 0.85 of them).
         transfer_source_steps: with smollm2, the stage-2 steps against the stand-in LM whose Q-Former is transferred
             (default 3000: a stand-in step costs a fifth of a stage-1 step and a sixteenth of a SmolLM2 one).
         batch_size: training batch size of both stages (with smollm2 the SmolLM2 stage takes half of it).
         num_beams: beam width of the evaluation's generation.
         instruct: instruction tuning instead (InstructBLIP): the scenes gain question tasks (colour, shape, how many,
-            left/right), stage 2 trains on the task mixture with the instruction-aware Q-Former and again with the
-            plain one (the paper's ablation, same steps), and both are evaluated per task with held-out templates
-            (--lm opt only).
+            left/right); from a captions-only stage 2, stage 2 trains on the task mixture with the instruction-aware
+            Q-Former and again with the plain one (the paper's ablation, same steps), and both are evaluated per task
+            with held-out templates (--lm opt only).
     """
 
     out: str = "demo_out"
