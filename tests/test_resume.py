@@ -47,8 +47,6 @@ def start(data: Path, root: Path, record: Path, *extra: str, callbacks: tuple = 
     return processes.start(argv, env=env)  # output to files: nobody reads the children's output while they run
 
 
-
-
 def steps_seen(record: Path) -> dict[int, str]:
     """Step -> sample ids; a step run twice (killed, then redone after the resume) keeps its last record."""
     return dict(line.split(" ", 1) for line in record.read_text().splitlines())
