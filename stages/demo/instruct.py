@@ -53,7 +53,8 @@ def instruct_configs(settings: DemoSettings, configs: dict[str, Path], out: Path
     base["data"]["templates"] = str(data / "templates.yaml")
     base["model"].update(prompt="", max_text_length=MAX_TEXT_LENGTH, init_from=str(out / "exports" / CAPTIONS_FIT),
                          init_projection="keep")
-    base["trainer"].update(max_steps=instruct_steps(settings), val_check_interval=instruct_steps(settings))  # once, at the end
+    steps = instruct_steps(settings)
+    base["trainer"].update(max_steps=steps, val_check_interval=steps)  # validated once, at the end
     for name, folder in FITS.items():
         fit = json.loads(json.dumps(base))
         fit["model"]["qformer_text_input"] = name == "instruction-aware"
