@@ -143,6 +143,10 @@ def _run(argv: list[str], env: dict[str, str], cwd: str, stdout: str, stderr: st
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
+    # A child of the fork server inherits its start method ("forkserver"), so a DataLoader's workers would be forked
+    # by a second fork server instead of by the run itself: a SIGKILLed run then leaves them (and that server) alive,
+    # their parent never dying. `python ARGV` starts with the platform's default, and so does the child.
+    multiprocessing.set_start_method(None, force=True)
     # What the interpreter's start would have done with this environment: PYTHONPATH first on the path, the thread
     # count (OpenMP read OMP_NUM_THREADS when the fork server loaded it, with the pytest worker's value).
     sys.path[:0] = [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]
