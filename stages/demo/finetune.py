@@ -171,8 +171,8 @@ def distinct_images(entries: list[dict]) -> list[dict]:
     return kept
 
 
-def demo_finetune(out: str = "demo_out", *, steps: int = 300, lr: float = 1e-3, vision_lr_decay: float = 1.0,
-                  vision_lr_scale: float = 0.3, batch_size: int = 48, caption_steps: int = 300, caption_lr: float = 1e-3,
+def demo_finetune(out: str = "demo_out", *, steps: int = 750, lr: float = 1e-3, vision_lr_decay: float = 1.0,
+                  vision_lr_scale: float = 0.3, batch_size: int = 48, caption_steps: int = 750, caption_lr: float = 1e-3,
                   seed: int = 0) -> int:
     """Fine-tune a finished demo's stage-1 export for retrieval with the image encoder trained, and compare it with
     the frozen-encoder continuation at the same step budget (test R@1 both ways, and the shape probe); then likewise
