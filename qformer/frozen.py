@@ -35,6 +35,12 @@ class Frozen(nn.Module):
         self.precision = precision
         self.cuda_dtype = cuda_dtype
 
+    def set_precision(self, precision: str) -> None:
+        """Run in `precision` (auto, fp32, fp16 or bf16) from now on: the weights are cast the next time the tower runs."""
+        if precision not in (*DTYPES, "auto"):
+            raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {precision!r}")
+        self.precision = precision
+
     def freeze(self) -> None:
         self.requires_grad_(False)
         self.eval()

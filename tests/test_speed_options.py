@@ -73,6 +73,23 @@ def test_frozen_towers_follow_a_cpu_bf16_autocast(tiny_config):
         assert cpu_autocast_dtype() == torch.float32  # only bf16 is native on CPUs
 
 
+def test_a_frozen_tower_runs_in_the_precision_it_is_switched_to(tiny_config):
+    tiny_config.vision_config.precision = "auto"
+    encoder = Stage1Model(tiny_config).visual_encoder
+    pixels = torch.randn(2, 3, 32, 32)
+    reference = encoder(pixels)
+    encoder.set_precision("bf16")  # the demo's SmolLM2 generates so on a CPU with native bf16
+    switched = encoder(pixels)
+    assert next(encoder.model.parameters()).dtype == torch.bfloat16
+    assert switched.dtype == torch.float32 and not torch.equal(switched, reference)  # computed in bf16, handed on in fp32
+    torch.testing.assert_close(switched, reference, rtol=0.05, atol=0.05)
+    encoder.set_precision("auto")
+    encoder(pixels)
+    assert next(encoder.model.parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="precision must be auto, fp32, fp16 or bf16, got 'int8'"):
+        encoder.set_precision("int8")
+
+
 # --- both stages train under bf16-mixed on a CPU ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

@@ -30,6 +30,7 @@ from stages.demo.settings import (
     HFLIP,
     SMOLLM2,
     DemoSettings,
+    cpu_has_fast_bf16,
     feature_caches,
     lm_config,
     model_config,
@@ -199,6 +200,10 @@ def run_demo(settings: DemoSettings) -> dict:
 
     # The stage-2 export is loaded once for the evaluation and the examples (SmolLM2's GGUF takes seconds to dequantise).
     stage2, lm_tokenizer = load_stage2(exports / "stage2")
+    if target_lm is not None and cpu_has_fast_bf16():
+        # SmolLM2 generates in bf16, as its stage 2 trained (bf16-mixed): 1.6x faster than in fp32 on such a CPU
+        # (64 test images, beam 3: 12.3 s vs 20.1 s; 52 of the 64 captions identical, attribute accuracy 84.4 vs 85.9 %).
+        stage2.language_model.set_precision("bf16")
     retrieval, caption, vqa, predictions = _evaluate(settings, data, exports, out, phase, stage2, lm_tokenizer)
     entries = json.loads((data / "test.json").read_text())
     caption["attribute_accuracy"] = 100 * attribute_accuracy(predictions, entries)
@@ -217,6 +222,7 @@ def run_demo(settings: DemoSettings) -> dict:
         "seconds": seconds,
         "encoder": ENCODER,
         "lm": describe_lm(settings, vocab_size),
+        "lm_eval_precision": stage2.language_model.precision,
         "data": {split: len(json.loads((data / f'{split}.json').read_text())) for split in ("val", "test")} | {"train_captions": len(json.loads((data / 'train.json').read_text()))},
         "chance_r1": 100 / len(entries),
         "examples": examples,
