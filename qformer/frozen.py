@@ -30,15 +30,13 @@ class Frozen(nn.Module):
 
     def __init__(self, precision: str, field: str, cuda_dtype: torch.dtype = torch.float16):
         super().__init__()
-        if precision not in (*DTYPES, "auto"):
-            raise ValueError(f"{field} must be auto, fp32, fp16 or bf16, got {precision!r}")
-        self.precision = precision
+        self.set_precision(precision, field)
         self.cuda_dtype = cuda_dtype
 
-    def set_precision(self, precision: str) -> None:
+    def set_precision(self, precision: str, field: str = "precision") -> None:
         """Run in `precision` (auto, fp32, fp16 or bf16) from now on: the weights are cast the next time the tower runs."""
         if precision not in (*DTYPES, "auto"):
-            raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {precision!r}")
+            raise ValueError(f"{field} must be auto, fp32, fp16 or bf16, got {precision!r}")
         self.precision = precision
 
     def freeze(self) -> None:

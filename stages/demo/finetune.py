@@ -5,8 +5,10 @@ for captioning.
 The demo's encoder is a randomly initialised ViT: a linear probe of its patch tokens names the first object's shape
 about 67 % of the time, of the query outputs about 52-60 % (colour 99 %). Training the encoder is the way past that,
 given the steps: at the default 750 (about 4 minutes a run on 2 cores) the trained run leads the frozen one by 8-10
-points of text R@1 and 10 of shape probe, at 300 the two tied (docs/finetuning.md#on-the-demos-data). Both runs of a pair continue from the same export with the same data (images, read as the demo's training
-view: no feature cache in either), steps, learning rate and seed; they differ only in `model.train_vision` (and the
+points of text R@1 and 10 of shape probe, at 300 the two tied (docs/finetuning.md#on-the-demos-data).
+
+Both runs of a pair continue from the same export with the same data (images, read as the demo's training view: no
+feature cache in either), steps, learning rate and seed; they differ only in `model.train_vision` (and the
 encoder's own lr, `vision_lr_scale`). Measured on the test split: retrieval R@1 both ways (ITC top-16 re-ranked by
 ITM, as the demo evaluates) and the shape probe; the captions' attribute accuracy (as `qformer demo` scores it).
 
