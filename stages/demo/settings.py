@@ -95,9 +95,12 @@ STAGE1_STEPS, STANDIN_STAGE2_STEPS, SMOLLM2_STEPS = 900, 1000, 360
 # The transfer route (--lm smollm2) spends its seconds where they buy the most. The SmolLM2 stage ends higher when the
 # Q-Former it starts from trained longer against the stand-in: after 360 SmolLM2 steps, 54.8 % attribute accuracy from
 # 900 stage-1 + 1,000 stand-in steps, 65.6 % from 900 + 2,500, 70.4 % from 600 + 2,500 (greedy, 250 test images), and
-# 300 SmolLM2 steps after 600 + 2,500 fell short (54.0 %, val loss 0.346). A stand-in step costs ~0.07-0.09 s, a
-# stage-1 step ~0.3-0.4 s and a SmolLM2 step ~1.5 s, so stage 1 gives up 300 steps to pay for a 3,000-step source
-# (stage 1's retrieval falls: test text R@1 ~52 instead of ~63). docs/performance.md has the runs.
+# 300 SmolLM2 steps after 600 + 2,500 fell short (54.0 %, val loss 0.346). From 600 + 3,000: 81.6 % after 360 steps,
+# 76.4 % after 320, 72.8 % after 360 of batch 20, 59.2 % after 450 of 16; the whole demo with 320 ended at 65.2 %
+# (beam 3) in 900.6 s against 78.4 % in 969.9 s with 360, too close to the 60 % it is meant to clear.
+# A stand-in step costs ~0.07-0.09 s, a stage-1 step ~0.3-0.4 s and a SmolLM2 step ~1.25-1.5 s, so stage 1 gives up
+# 300 steps to pay for a 3,000-step source (stage 1's retrieval falls: test text R@1 ~52 instead of ~63); 300 stage-1
+# steps are too few (the SmolLM2 stage then ended at 12.4 %). docs/performance.md has the runs.
 SMOLLM2_STAGE1_STEPS, TRANSFER_SOURCE_STEPS = 600, 3000
 # The SmolLM2 stage's batch is half the demo's: its loss falls about as fast per step at batch 24 as at 48 (measured
 # from the same transfer source), so twice the steps of half the batch buy more in the same seconds.
