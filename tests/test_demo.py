@@ -37,6 +37,7 @@ def test_small_demo_writes_every_artefact_and_they_load(tmp_path, capsys, lm, re
     assert results["vqa"]["questions"] == 8 and 0 <= results["vqa"]["accuracy"] <= 100
     assert {"data", "lm_pretraining", "stage1", "stage2", "eval_retrieval", "eval_caption", "eval_vqa", "total"} <= set(results["seconds"])
     assert "randomly initialised" in results["encoder"]
+    assert results["lm_eval_precision"] == "fp32"  # the stand-in LM as configured: only SmolLM2 switches to bf16
     for name in ("samples.png", "losses.png", "configs/stage1.yaml", "configs/stage2.yaml", "configs/model.json"):
         assert (out / name).is_file(), name
     assert list((out / "runs" / "stage1").rglob("metrics.csv")) and list((out / "runs" / "stage2").rglob("*.ckpt"))

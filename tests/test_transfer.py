@@ -268,6 +268,7 @@ def test_small_smollm2_demo_transfers_from_the_stand_ins_stage2_with_a_projectio
     projection warm-up, both printed in the summary. Nothing slow runs twice: the SmolLM2 fit validates by its loss
     alone (eval_caption captions the test split), and the stage-2 export is loaded once for evaluation and examples."""
     import qformer.folders
+    from stages.demo.settings import cpu_has_fast_bf16
 
     loaded = []
     monkeypatch.setattr(qformer.folders, "load_stage2", lambda folder, *a, _load=qformer.folders.load_stage2, **k:
@@ -284,6 +285,7 @@ def test_small_smollm2_demo_transfers_from_the_stand_ins_stage2_with_a_projectio
     assert [f["name"] for f in results["stage2_fits"]] == ["stage2_source", "stage2"]
     assert all(f["val_loss"] is not None for f in results["stage2_fits"])
     assert {"lm_pretraining", "stage2_source", "stage2"} <= set(results["seconds"])
+    assert results["lm_eval_precision"] == ("bf16" if cpu_has_fast_bf16() else "auto")  # it generates as it trained
     transfer = yaml.safe_load((out / "configs" / "stage2.yaml").read_text())["model"]
     assert transfer["init_from"] == str(out / "exports" / "stage2_source") and "stage1" not in transfer
     assert transfer["lm_path"] == str(tiny_llama_as_smollm2)
