@@ -39,6 +39,12 @@ class Frozen(nn.Module):
             raise ValueError(f"{field} must be auto, fp32, fp16 or bf16, got {precision!r}")
         self.precision = precision
 
+    @property
+    def weight_precision(self) -> str:
+        """fp32, fp16 or bf16: what the weights are stored in now, hence what the tower last ran in ("auto" resolved)."""
+        dtype = next(self.model.parameters()).dtype
+        return next(name for name, stored in DTYPES.items() if stored == dtype)
+
     def freeze(self) -> None:
         self.requires_grad_(False)
         self.eval()

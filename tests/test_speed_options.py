@@ -80,12 +80,12 @@ def test_a_frozen_tower_runs_in_the_precision_it_is_switched_to(tiny_config):
     reference = encoder(pixels)
     encoder.set_precision("bf16")  # the demo's SmolLM2 generates so on a CPU with native bf16
     switched = encoder(pixels)
-    assert next(encoder.model.parameters()).dtype == torch.bfloat16
+    assert next(encoder.model.parameters()).dtype == torch.bfloat16 and encoder.weight_precision == "bf16"
     assert switched.dtype == torch.float32 and not torch.equal(switched, reference)  # computed in bf16, handed on in fp32
     torch.testing.assert_close(switched, reference, rtol=0.05, atol=0.05)
     encoder.set_precision("auto")
     encoder(pixels)
-    assert next(encoder.model.parameters()).dtype == torch.float32
+    assert next(encoder.model.parameters()).dtype == torch.float32 and encoder.weight_precision == "fp32"
     with pytest.raises(ValueError, match="precision must be auto, fp32, fp16 or bf16, got 'int8'"):
         encoder.set_precision("int8")
 

@@ -222,7 +222,7 @@ def run_demo(settings: DemoSettings) -> dict:
         "seconds": seconds,
         "encoder": ENCODER,
         "lm": describe_lm(settings, vocab_size),
-        "lm_eval_precision": stage2.language_model.precision,
+        "lm_eval_precision": stage2.language_model.weight_precision,
         "data": {split: len(json.loads((data / f'{split}.json').read_text())) for split in ("val", "test")} | {"train_captions": len(json.loads((data / 'train.json').read_text()))},
         "chance_r1": 100 / len(entries),
         "examples": examples,
