@@ -12,10 +12,15 @@ from qformer.config import LanguageModelConfig
 from qformer.files import read_gguf, read_tokenizer
 from qformer.frozen import Frozen
 from qformer.lora import add_adapter, base_state, is_adapter_key, load_adapter
+from qformer.packing import pack, plan_packing, right_padded_lengths, unpack
 
 # Causal LMs whose logits are exactly their output embedding applied to their base model's last hidden state (no
 # soft-capping or scaling after the head, as Gemma 2 and Cohere have): stage 2 runs their head on labelled positions only.
 PLAIN_HEAD_MODEL_TYPES = ("opt", "llama", "mistral", "qwen2", "gpt2")
+# Causal LMs whose positions come from `position_ids` and whose causal mask (transformers' `create_causal_mask`) starts
+# a new sequence where the positions restart: stage 2 packs two samples per row for them (`qformer.packing`). OPT is
+# not one: it derives its positions from the attention mask.
+PACKING_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 
 
 class FrozenLanguageModel(Frozen):
@@ -44,6 +49,7 @@ class FrozenLanguageModel(Frozen):
             self.model = auto.from_config(hf_config)
         self.is_encoder_decoder = encoder_decoder
         self.own_attention = self.model.config._attn_implementation  # SDPA where the model has it
+        self.packs_sequences = not encoder_decoder and self.model.config.model_type in PACKING_MODEL_TYPES
         self.freeze()
         self._add_lora(config)
 
@@ -120,8 +126,15 @@ class FrozenLanguageModel(Frozen):
     def has_plain_head(self) -> bool:
         return not self.is_encoder_decoder and self.model.config.model_type in PLAIN_HEAD_MODEL_TYPES
 
-    def last_hidden_state(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:  # (B, T, H), before the LM head
-        return self.model.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+    def last_hidden_state(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, T, H), before the LM head; a right-padded batch runs packed where the LM allows it (zeros at padding)."""
+        lengths = right_padded_lengths(attention_mask) if self.packs_sequences else None
+        if lengths is None:
+            return self.model.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        packing = plan_packing(lengths, embeds.shape[1])
+        hidden = self.model.base_model(inputs_embeds=pack(embeds, packing), position_ids=packing.position_ids,
+                                       attention_mask=None, use_cache=False).last_hidden_state
+        return unpack(hidden, packing, embeds.shape[0])
 
     def head(self, hidden: Tensor) -> Tensor:  # (..., H) -> (..., V)
         return self.model.get_output_embeddings()(hidden)
