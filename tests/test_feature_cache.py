@@ -350,6 +350,29 @@ def test_a_fit_from_a_one_view_cache_refuses_data_settings_it_cannot_apply(data,
     setup(image_size=32, hflip=False, crop_scale=(1.0, 1.0))  # what training from the eval view does
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_validation_can_take_the_first_captions_of_each_image(data, tmp_path, cached):
+    """data.val_captions_per_image: the first N captions of every image, read from images or from a feature cache."""
+    from stages.data.captions import CaptionDataModule
+
+    entries = json.loads((data / "val.json").read_text())
+    assert all(len(e["caption"]) >= 3 for e in entries)  # caption lists: something to leave out
+    source = dict(features=str(cache(data, tmp_path / "c", files=("train.json", "val.json")))) if cached else dict(image_root=str(data))
+
+    def val_texts(**settings) -> list[tuple[str, str]]:
+        module = CaptionDataModule(str(data / "train.json"), val=str(data / "val.json"), batch_size=4, image_size=32, hflip=False,
+                                   crop_scale=(1.0, 1.0), **source, **settings)
+        module.setup("fit")
+        return [(image, text) for image, text, _ in module.val_set.samples]
+
+    everything = val_texts()
+    assert len(everything) == sum(len(e["caption"]) for e in entries)
+    assert val_texts(val_captions_per_image=1) == [(e["image"], e["caption"][0]) for e in entries]
+    assert val_texts(val_captions_per_image=2) == [(e["image"], c) for e in entries for c in e["caption"][:2]]
+    with pytest.raises(ValueError, match=r"^data.val_captions_per_image must be at least 1, got 0"):
+        val_texts(val_captions_per_image=0)
+
+
 # --- damaged parts ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["truncated", "header", "empty", "foreign", "missing"])
 def test_a_damaged_part_is_named_and_the_command_that_made_the_cache_redoes_it(data, tmp_path, capsys, damage):

@@ -8,6 +8,7 @@ image that cannot be read is skipped, counted and reported (or fails at once wit
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,8 @@ class CaptionDataModule(pl.LightningDataModule):
             unless `val_features` is given): no image is read; each training sample takes one of the cache's
             training views at random (its eval view when it has none), validation the eval view.
         val_features: the validation split's feature cache, when it is not `features` (e.g. one of eval views only).
+        val_captions_per_image: validate on the first this many captions of each image (default: all of them), e.g.
+            1 for a large LM whose validation over COCO's five captions per image would take a fifth of the run.
         seed: the training order's and augmentations' seed (each epoch's shuffle, each sample's crop, flip or cached
             view); by default the run's seed (`seed_everything`). A resumed run keeps its checkpoint's.
         train_samples: samples in a training epoch from shards (default: the sum of the shards' `_stats.json`
@@ -100,6 +103,7 @@ class CaptionDataModule(pl.LightningDataModule):
         shuffle_buffer: int = 1000,
         caption_key: str = "caption",
         templates: str | None = None,
+        val_captions_per_image: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -110,7 +114,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self.train_sampler: ResumableSampler | None = None
         self.mixture: tuple[list[int], list[float]] | None = None  # (samples, probability) of each part of a mixture
         self.instruction_files: list[str] = []  # VQA and instruction files: only an instruction-taking text encoder reads them
-        for name in ("batch_size", "max_length", "max_words", "image_size"):
+        for name in ("batch_size", "max_length", "max_words", "image_size", "val_captions_per_image"):
             if getattr(self.hparams, name) is not None and getattr(self.hparams, name) < 1:
                 raise ValueError(f"data.{name} must be at least 1, got {getattr(self.hparams, name)}")
         if num_workers < 0:
@@ -125,6 +129,8 @@ class CaptionDataModule(pl.LightningDataModule):
         self.train_spec = self.parts[0].path if len(self.parts) == 1 else None  # a single file or spec: read as always
         if hp.features is not None and (any(is_shard_spec(p.path) for p in self.parts) or is_shard_spec(hp.val)):
             raise ValueError("data.features: a feature cache is read with annotation files, not with shards (data.train / data.val)")
+        if hp.val_captions_per_image is not None and hp.val is not None and is_shard_spec(hp.val):
+            raise ValueError("data.val_captions_per_image: shards hold one caption per sample; give it with an annotation file as data.val")
         reads_folder = hp.features is None and not (is_shard_spec(self.parts[0].path) and (hp.val is None or is_shard_spec(hp.val)))
         if reads_folder and hp.image_root is None:
             raise ValueError("data.image_root: give the image folder the annotation paths are relative to (or data.features)")
@@ -165,7 +171,7 @@ class CaptionDataModule(pl.LightningDataModule):
     def _cached_dataset(self, files: list[str], cache, train: bool):
         from stages.data.feature_cache import CachedCaptionDataset
 
-        samples = self._samples(files, remember=train)
+        samples = self._samples(files, remember=train) if train else self._val_samples(files)
         cache.require(list(dict.fromkeys(image for image, _, _ in samples)), ", ".join(files))
         return CachedCaptionDataset(samples, cache, train, self.hparams.strict)
 
@@ -179,6 +185,18 @@ class CaptionDataModule(pl.LightningDataModule):
             sizes = [len(samples) for samples in per_file]
             self.mixture = sizes, mixture_probabilities(self.parts, sizes)
         return [sample for samples in per_file for sample in samples]
+
+    def _val_samples(self, files: list[str]) -> list:
+        """The validation samples: with `val_captions_per_image`, the first that many of each image."""
+        samples, per_image = self._samples(files, remember=False), self.hparams.val_captions_per_image
+        if per_image is None:
+            return samples
+        kept, counts = [], Counter()
+        for sample in samples:  # (image path, text, image index)
+            if counts[sample[2]] < per_image:
+                counts[sample[2]] += 1
+                kept.append(sample)
+        return kept
 
     def _train_dataset(self, transform) -> CaptionDataset | ShardSplit:
         if self.train_spec is not None and is_shard_spec(self.train_spec):
@@ -225,7 +243,7 @@ class CaptionDataModule(pl.LightningDataModule):
             if option == "data.train" and samples is None:
                 raise ValueError(f"data.train_samples: give the samples per epoch (a shard of {annotations} has no _stats.json)")
             return ShardSplit(urls, samples)
-        samples = self._samples([annotations], remember=False)
+        samples = self._val_samples([annotations])  # train annotations go through _train_dataset
         return CaptionDataset(None, hp.image_root, transform, hp.max_words, hp.strict, hp.max_image_pixels, hp.allow_outside_root,
                               samples=samples)
 
