@@ -154,3 +154,14 @@ def test_a_finite_loss_with_a_nan_gradient_is_skipped_too(data, tmp_path):
     fit(module, data, tmp_path, max_steps=3)
     assert (module.skipped_steps, module.applied_steps, module.last_skip_reason) == (1, 2, "non-finite gradient")
     assert all(torch.isfinite(p).all() for p in module.model.parameters())
+
+
+def test_all_finite_finds_any_nan_or_inf_and_no_overflow_of_its_own():
+    from stages.train.base import all_finite
+
+    finite = [torch.randn(5, 3), torch.randn(7), torch.full((4,), 6e4, dtype=torch.float16)]  # fp16: its norm needs fp32
+    assert all_finite(finite)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = [t.clone() for t in finite]
+        broken[1][3] = bad
+        assert not all_finite(broken)

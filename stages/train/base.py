@@ -52,6 +52,16 @@ class TrainingStopped(RuntimeError):
     """Training cannot go on usefully (diverged, or nothing to learn from); the message says why."""
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value is finite, from one fp32 norm per tensor computed in one call.
+
+    A norm is finite exactly when its tensor is (short of values near 1e19, which would make gradient clipping's total
+    norm infinite anyway). An isfinite().all() per gradient took 2.5 ms a step on 2 CPU cores, 4 % of the demo's
+    stand-in stage-2 step; this takes 0.3 ms.
+    """
+    return bool(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).isfinite().all())
+
+
 class TrainingSkeleton(pl.LightningModule):
     """Subclasses build `self.model` and implement `training_loss(batch)` and `validation_step`."""
 
@@ -121,7 +131,7 @@ class TrainingSkeleton(pl.LightningModule):
         if self._step_problem is None and self._step_loss is not None and not torch.isfinite(self._step_loss):
             self._step_problem = f"loss is {self._step_loss.item()}"
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if self._step_problem is None and grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
+        if self._step_problem is None and grads and not all_finite(grads):
             self._step_problem = "non-finite gradient"
         if not self._any_rank(self._step_problem is not None):
             self.consecutive_skips = 0
