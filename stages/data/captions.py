@@ -8,7 +8,6 @@ image that cannot be read is skipped, counted and reported (or fails at once wit
 from __future__ import annotations
 
 import sys
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from qformer.transforms import eval_transform, train_transform
-from stages.data.dataset import CaptionDataset, Collate, caption_samples  # noqa: F401 (imported from here)
+from stages.data.dataset import CaptionDataset, Collate, caption_samples, first_captions  # noqa: F401 (caption_samples: imported from here)
 from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit
 from stages.data.instructions import load_templates, read_samples
 from stages.data.mixture import (MixtureSampler, ShardMixture, describe_mixture, mixture_probabilities, parse_mixture,
@@ -188,15 +187,7 @@ class CaptionDataModule(pl.LightningDataModule):
 
     def _val_samples(self, files: list[str]) -> list:
         """The validation samples: with `val_captions_per_image`, the first that many of each image."""
-        samples, per_image = self._samples(files, remember=False), self.hparams.val_captions_per_image
-        if per_image is None:
-            return samples
-        kept, counts = [], Counter()
-        for sample in samples:  # (image path, text, image index)
-            if counts[sample[2]] < per_image:
-                counts[sample[2]] += 1
-                kept.append(sample)
-        return kept
+        return first_captions(self._samples(files, remember=False), self.hparams.val_captions_per_image)
 
     def _train_dataset(self, transform) -> CaptionDataset | ShardSplit:
         if self.train_spec is not None and is_shard_spec(self.train_spec):

@@ -3,6 +3,7 @@ the Lightning data module (`stages.data.captions`) builds them."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -22,6 +23,18 @@ def caption_samples(entries: list[Entry], max_words: int = 50) -> list[tuple[str
         index = image_index.setdefault(entry.image_id, len(image_index))
         samples += [(entry.image, clean_caption(caption, max_words), index) for caption in entry.captions]
     return samples
+
+
+def first_captions(samples: list[tuple[str, str, int]], per_image: int | None) -> list[tuple[str, str, int]]:
+    """The first `per_image` (image path, text, image index) samples of each image, in order; all with None."""
+    if per_image is None:
+        return samples
+    kept, counts = [], Counter()
+    for sample in samples:
+        if counts[sample[2]] < per_image:
+            counts[sample[2]] += 1
+            kept.append(sample)
+    return kept
 
 
 class CaptionDataset(Dataset):
