@@ -315,6 +315,10 @@ def test_the_demos_step_budgets_go_where_they_buy_the_most(tmp_path, lm, stage1,
     assert written["stage2_source" if target else "stage2"]["trainer"]["max_steps"] == source
     if target:
         assert written["stage2"]["trainer"]["max_steps"] == target
+        # The SmolLM2 stage validates on one caption per val image; the stand-in's fits on all of them.
+        assert written["stage2"]["data"]["val_captions_per_image"] == 1
+    assert "val_captions_per_image" not in written["stage1"]["data"]
+    assert "val_captions_per_image" not in written["stage2_source" if target else "stage2"]["data"]
     chosen = fits(DemoSettings(lm=lm, stage1_steps=7, transfer_source_steps=5, stage2_steps=3))
     assert chosen["stage1"]["trainer"]["max_steps"] == 7
     assert chosen["stage2"]["trainer"]["max_steps"] == 3
