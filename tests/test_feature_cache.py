@@ -371,6 +371,10 @@ def test_validation_can_take_the_first_captions_of_each_image(data, tmp_path, ca
     assert val_texts(val_captions_per_image=2) == [(e["image"], c) for e in entries for c in e["caption"][:2]]
     with pytest.raises(ValueError, match=r"^data.val_captions_per_image must be at least 1, got 0"):
         val_texts(val_captions_per_image=0)
+    shards = CaptionDataModule(str(data / "train.json"), val=str(data / "val-{00000..00001}.tar"), image_root=str(data),
+                               val_captions_per_image=1)
+    with pytest.raises(ValueError, match=r"^data.val_captions_per_image: shards hold one caption per sample"):
+        shards.setup("fit")
 
 
 # --- damaged parts ------------------------------------------------------------------------------------------------

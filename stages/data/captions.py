@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from qformer.transforms import eval_transform, train_transform
-from stages.data.dataset import CaptionDataset, Collate, caption_samples, first_captions  # noqa: F401 (caption_samples: imported from here)
+from stages.data.dataset import CaptionDataset, Collate, first_captions
+from stages.data.dataset import caption_samples  # noqa: F401 (imported from here)
 from stages.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit
 from stages.data.instructions import load_templates, read_samples
 from stages.data.mixture import (MixtureSampler, ShardMixture, describe_mixture, mixture_probabilities, parse_mixture,
@@ -129,7 +130,7 @@ class CaptionDataModule(pl.LightningDataModule):
         if hp.features is not None and (any(is_shard_spec(p.path) for p in self.parts) or is_shard_spec(hp.val)):
             raise ValueError("data.features: a feature cache is read with annotation files, not with shards (data.train / data.val)")
         if hp.val_captions_per_image is not None and hp.val is not None and is_shard_spec(hp.val):
-            raise ValueError("data.val_captions_per_image: shards hold one caption per sample; give it with an annotation file as data.val")
+            raise ValueError("data.val_captions_per_image: shards hold one caption per sample; use it with an annotation file")
         reads_folder = hp.features is None and not (is_shard_spec(self.parts[0].path) and (hp.val is None or is_shard_spec(hp.val)))
         if reads_folder and hp.image_root is None:
             raise ValueError("data.image_root: give the image folder the annotation paths are relative to (or data.features)")
