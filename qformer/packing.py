@@ -57,13 +57,14 @@ def plan_packing(lengths: Tensor, padded_length: int) -> Packing:
     B, T = len(lengths), padded_length
     sizes = lengths.tolist()
     members = assign_rows(sizes, rows=-(-B // SAMPLES_PER_ROW))
-    row_of, start = [0] * B, [0] * B
+    row_of, start, length = [0] * B, [0] * B, 0
     for row, samples in enumerate(members):
         offset = 0
         for sample in samples:
             row_of[sample], start[sample] = row, offset
             offset += sizes[sample]
-    rows, length = len(members), max(sum(sizes[s] for s in samples) for samples in members)
+        length = max(length, offset)  # the rows are as long as the fullest one
+    rows = len(members)
     device = lengths.device
     step = torch.arange(T, device=device)
     real = step < lengths[:, None]  # (B, T)
